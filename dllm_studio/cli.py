@@ -1,0 +1,180 @@
+"""`dllm-studio`: the engine from a terminal.
+
+    dllm-studio info MODEL [--json]
+    dllm-studio generate MODEL --prompt TEXT [--gen-length N] [--steps N] [--block-length N] [--show-steps] [--json]
+
+MODEL is `demo` (the bundled model), a local folder, or a hub id such as GSAI-ML/LLaDA-8B-Instruct.
+Errors print one line and exit with status 1; set DLLM_DEBUG=1 for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from dllm_studio.errors import DllmError
+from dllm_studio.events import DenoiseStep, DownloadProgress, Event, LoadProgress
+
+EXAMPLES = """examples:
+  dllm-studio info demo
+  dllm-studio info GSAI-ML/LLaDA-8B-Instruct --json
+  dllm-studio generate demo --prompt "What is the capital of France?" --show-steps
+  dllm-studio generate ./my-llada --prompt "Write a haiku" --gen-length 64 --steps 64 --block-length 32
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dllm-studio", description="Quantize and chat with diffusion LLMs.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="describe a model: family, size, memory per bit-width")
+    _model_args(info)
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(run=cmd_info)
+
+    gen = commands.add_parser("generate", help="generate an answer by iterative unmasking")
+    _model_args(gen)
+    gen.add_argument("--prompt", required=True, help="the user's message (or raw text with --no-chat-template)")
+    gen.add_argument("--gen-length", type=int, default=64, help="answer length in tokens (default 64)")
+    gen.add_argument("--steps", type=int, help="denoising steps in all (default: gen-length)")
+    gen.add_argument("--block-length", type=int, help="semi-autoregressive block length (default: min(32, gen-length))")
+    gen.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
+                     help="which predictions to commit first (default low_confidence)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (doubles the cost)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give identical answers")
+    gen.add_argument("--forbid-eos", action="store_true", help="never end the answer early (EOS logits = -inf)")
+    gen.add_argument("--defer-eos", action="store_true", help="commit end-of-text tokens only after all others")
+    gen.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text (base models)")
+    gen.add_argument("--show-steps", action="store_true", help="print the answer after every step, masks visible")
+    gen.add_argument("--json", action="store_true", help="print text, stats and per-step commits as JSON")
+    gen.set_defaults(run=cmd_generate)
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="'demo', a local model folder, or a hub id (org/name)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weight precision to run at (default: the checkpoint's own)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow running Python code shipped in the model folder (only for families without a native port)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DllmError as exc:
+        if os.environ.get("DLLM_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace):
+    from dllm_studio.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      on_event=_print_progress)
+
+
+def _print_progress(event: Event) -> None:
+    if isinstance(event, DownloadProgress):
+        total = f"{event.total / 1e6:,.1f}" if event.total else "?"
+        print(f"\rdownloading {event.repo_id}: {event.downloaded / 1e6:,.1f} / {total} MB", end="", file=sys.stderr)
+    elif isinstance(event, LoadProgress):
+        print(event.stage, file=sys.stderr)
+
+
+# ---- info ---------------------------------------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    info = _load(args).info()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(info), indent=2))
+        return 0
+    rows = [("family", info.family), ("path", info.path), ("parameters", f"{info.parameters:,}"),
+            ("layers", info.layers), ("hidden size", info.hidden_size), ("vocabulary", f"{info.vocab_size:,}"),
+            ("mask token id", info.mask_token_id), ("context length", f"{info.context_length:,}"),
+            ("logits shifted", "yes" if info.shift_logits else "no"), ("loaded as", info.dtype)]
+    rows += [(f"memory {name}", _bytes(n)) for name, n in info.memory_bytes.items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dllm_studio import jobs
+    from dllm_studio.errors import InvalidSettingsError
+    from dllm_studio.sampling import GenerationConfig
+
+    if not args.prompt.strip():
+        raise InvalidSettingsError("The prompt is empty.")
+    config = GenerationConfig(
+        gen_length=args.gen_length, steps=args.steps or args.gen_length,
+        block_length=args.block_length or min(32, args.gen_length), remasking=args.remasking,
+        temperature=args.temperature, cfg_scale=args.cfg, seed=args.seed,
+        forbid_eos=args.forbid_eos, defer_eos=args.defer_eos)
+    config.validate()  # before loading: a bad flag should not cost a model load
+    model = _load(args)
+    if args.no_chat_template:
+        prompt_ids = model.tokenizer.encode(args.prompt)
+    else:
+        prompt_ids = model.chat_ids([{"role": "user", "content": args.prompt}])
+    on_step = _step_printer(model) if args.show_steps and not args.json else None
+    result = jobs.run(model.denoise(prompt_ids, config), on_step)
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "prompt": args.prompt, "text": result.text, "settings": vars(config),
+            "answer_token_ids": result.token_ids, "stats": result.stats.to_dict(),
+            "steps": [{"step": s.step, "block": s.block, "masked": len(s.masked),
+                       "committed": [vars(c) for c in s.committed]} for s in result.steps],
+        }, indent=2))
+        return 0
+    print(result.text)
+    s = result.stats
+    print(f"[{s.steps} steps, {s.forward_passes} forward passes, {s.ms_per_step:.1f} ms/step, "
+          f"{s.wall_time_s:.2f} s, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+MASK_GLYPH = "░"
+
+
+def _step_printer(model):
+    """Print the partly unmasked answer after every step, as llama.cpp's --diffusion-visual does."""
+    redraw = sys.stdout.isatty()
+
+    def on_event(event: Event) -> None:
+        if not isinstance(event, DenoiseStep):
+            return
+        text = "".join(MASK_GLYPH if i in set(event.masked) else piece
+                       for i, piece in enumerate(model.token_pieces(event.tokens)))
+        header = f"step {event.step}/{event.total_steps} (block {event.block}, {len(event.masked)} masked)"
+        print(("\x1b[H\x1b[J" if redraw else "") + f"{header}\n{text}", flush=True)
+
+    return on_event
+
+
+if __name__ == "__main__":
+    sys.exit(main())

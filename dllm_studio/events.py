@@ -1,0 +1,81 @@
+"""Typed events that long engine jobs emit, and the token that cancels them.
+
+Only plain, JSON-serialisable data crosses this seam (no tensors, no Qt types): the CLI prints the
+events, the GUI draws them from worker threads, tests assert on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+
+from dllm_studio.errors import Cancelled
+
+
+@dataclass(frozen=True)
+class Event:
+    def to_dict(self) -> dict:
+        return {"event": type(self).__name__, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class DownloadProgress(Event):
+    """Bytes of a hub download received so far (all files of the repository together)."""
+
+    repo_id: str
+    downloaded: int
+    total: int | None
+
+
+@dataclass(frozen=True)
+class LoadProgress(Event):
+    """A stage of loading a model: `stage` is a short human-readable phrase."""
+
+    stage: str
+    done: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One position of the answer revealed in a denoising step."""
+
+    position: int  # index into the answer span (0 = first generated token)
+    token_id: int
+    confidence: float  # the remasking score that chose it (probability for low_confidence)
+
+
+@dataclass(frozen=True)
+class DenoiseStep(Event):
+    """The state of the answer after one denoising step.
+
+    Positions index the answer span, which starts right after the prompt. `tokens` holds every
+    answer token id, with the mask id (or, for models without masks, the current draft) where
+    nothing is committed yet.
+    """
+
+    step: int  # 1-based, over the whole generation
+    total_steps: int
+    block: int  # 0-based semi-autoregressive block
+    tokens: tuple[int, ...]
+    committed: tuple[Commit, ...]
+    masked: tuple[int, ...]
+
+
+class CancelToken:
+    """Cooperative cancellation: jobs call `check()` between layers or steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("Cancelled by the user.")

@@ -1,0 +1,100 @@
+"""The model-family registry: config.json's `model_type` picks the family that loads a folder.
+
+    model = load_model("demo" | "path/to/folder" | "org/name")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dllm_studio.checkpoint import read_config
+from dllm_studio.errors import RemoteCodeRefusedError, UnsupportedModelError
+from dllm_studio.events import Event, LoadProgress
+from dllm_studio.models.base import DiffusionLM, LinearLayer, ModelInfo
+
+__all__ = ["DiffusionLM", "LinearLayer", "ModelInfo", "MODEL_TYPES", "family_for", "load_model"]
+
+
+# model_type (lower-cased; Dream's config says "Dream") -> the module and class of its family.
+# Families are imported only when a folder needs them (DiffusionGemma pulls in much of transformers).
+MODEL_TYPES = {
+    "llada": "llada:LLaDA",
+    "dream": "dream:Dream",
+    "modernbert": "modernbert_chat:ModernBertChat",
+    "diffusion_gemma": "diffusion_gemma:DiffusionGemma",
+}
+KNOWN_UNSUPPORTED = {
+    "lladamoe": "LLaDA-MoE uses a different (OLMoE-like) architecture that dLLM Studio does not implement yet",
+}
+
+
+def _family(key: str) -> type[DiffusionLM]:
+    import importlib
+
+    module, cls = MODEL_TYPES[key].split(":")
+    return getattr(importlib.import_module(f"dllm_studio.models.{module}"), cls)
+
+
+
+
+def family_for(config: dict, folder: Path, trust_remote_code: bool = False) -> type[DiffusionLM]:
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type in MODEL_TYPES:
+        return _family(model_type)
+    if model_type in KNOWN_UNSUPPORTED:
+        raise UnsupportedModelError(f"{folder}: {KNOWN_UNSUPPORTED[model_type]}.")
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            files = sorted({str(v).split(".")[0] + ".py" for v in _flat(config["auto_map"])})
+            raise RemoteCodeRefusedError(
+                f"{folder} (model_type {model_type!r}) needs the Python code in its folder ({', '.join(files)}) to run; "
+                "dLLM Studio runs it only if you agree: pass --trust-remote-code (trust_remote_code=True).")
+        from dllm_studio.models.remote import RemoteCodeModel
+
+        return RemoteCodeModel
+    supported = ", ".join(MODEL_TYPES)
+    raise UnsupportedModelError(
+        f"{folder}: model_type {config.get('model_type')!r} is not a dLLM family dLLM Studio supports ({supported}).")
+
+
+def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               trust_remote_code: bool = False, on_event: Callable[[Event], None] | None = None) -> DiffusionLM:
+    """Load `model` ("demo", a local folder or a hub id) as a ready-to-run DiffusionLM.
+
+    dtype "auto" keeps the checkpoint's own floating-point precision. Code from the model's folder
+    runs only when `trust_remote_code` is True (and only for families without a native port).
+    """
+    from dllm_studio import hub
+
+    emit = on_event or (lambda event: None)
+    folder = hub.resolve(str(model), emit)
+    config = read_config(folder)
+    family = family_for(config, folder, trust_remote_code)
+    emit(LoadProgress(f"loading {family.family} weights from {folder}"))
+    torch_dtype = _dtype(dtype, config)
+    loaded = family.load(folder, source=str(model), dtype=torch_dtype, device=torch.device(device))
+    emit(LoadProgress("ready"))
+    return loaded
+
+
+def _dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UnsupportedModelError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
+    return names[dtype]
+
+
+def _flat(value) -> list:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v) if x]
+    return [value] if value else []

@@ -1,0 +1,199 @@
+"""The one interface every dLLM family presents to the sampler, the quantizer, the CLI and the GUI."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dllm_studio.events import CancelToken, Event
+    from dllm_studio.sampling import GenerationConfig, GenerationResult
+
+# Bit-widths the memory estimate reports, with their display names.
+PRECISIONS = {16: "bf16", 8: "W8", 4: "W4", 3: "W3", 2: "W2"}
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """A linear layer the quantizer can replace, with the role it plays in its block."""
+
+    name: str  # qualified module name, e.g. "model.transformer.blocks.3.q_proj"
+    role: str  # q | k | v | o | gate | up | down | head (fused layers: qkv, gate_up)
+    block: int | None  # transformer block index; None for the LM head
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: str
+    source: str
+    path: str
+    parameters: int
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    mask_token_id: int | None
+    context_length: int
+    shift_logits: bool
+    dtype: str
+    memory_bytes: dict[str, int] = field(default_factory=dict)  # precision name -> estimated weight bytes
+
+
+class DiffusionLM:
+    """A loaded diffusion LM: its torch module, tokenizer and the facts the sampler needs.
+
+    Subclasses (one per family) set the class attributes and implement `load`. `forward` returns the
+    model's raw logits; the sampler applies Dream's one-position shift when `shift_logits` is set.
+    """
+
+    family: ClassVar[str]
+    shift_logits: ClassVar[bool] = False
+    linear_roles: ClassVar[dict[str, str]] = {}  # last module-name component -> role
+    head_names: ClassVar[tuple[str, ...]] = ()  # qualified names of LM-head linears
+    chat_template: ClassVar[str | None] = None  # used when the folder's tokenizer has none
+    override_chat_template: ClassVar[bool] = False  # True where the released template is known to be wrong
+
+    def __init__(self, module: nn.Module, tokenizer, *, config: dict, path: Path, source: str,
+                 mask_token_id: int | None, stop_token_ids: tuple[int, ...], context_length: int,
+                 hidden_size: int, num_layers: int, vocab_size: int) -> None:
+        self.module = module.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.path = Path(path)
+        self.source = source
+        self.mask_token_id = mask_token_id
+        self.stop_token_ids = stop_token_ids
+        self.context_length = context_length
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def load(cls, folder: Path, *, source: str, dtype: torch.dtype, device: torch.device) -> DiffusionLM:
+        raise NotImplementedError
+
+    # --- running -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), unshifted."""
+        return self.module(input_ids.to(self.device), attention_mask)
+
+    def denoise(self, prompt_ids: list[int], config: GenerationConfig,
+                cancel: CancelToken | None = None) -> Generator[Event, None, GenerationResult]:
+        """Generate an answer step by step; yields a `DenoiseStep` per step. See `sampling.denoise`."""
+        from dllm_studio.sampling import denoise
+
+        return denoise(self, prompt_ids, config, cancel)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    # --- text --------------------------------------------------------------------------------
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Prompt ids for a conversation ([{"role": "user", "content": ...}, ...]) in this family's template."""
+        from dllm_studio.tokenizer import render_chat
+
+        own = getattr(self.tokenizer, "chat_template", None)
+        template = self.chat_template if (self.override_chat_template or not own) else None
+        return render_chat(self.tokenizer, messages, template)
+
+    def decode(self, ids: list[int]) -> str:
+        """Answer text: everything before the first stop token, special tokens removed."""
+        for i, tid in enumerate(ids):
+            if tid in self.stop_token_ids:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_pieces(self, ids) -> list[str]:
+        """Each token's own text (stop and special tokens shown as empty), for step-by-step display."""
+        special = set(self.tokenizer.all_special_ids) | set(self.stop_token_ids)
+        return ["" if tid in special else self.tokenizer.decode([tid]) for tid in ids]
+
+    # --- structure ---------------------------------------------------------------------------
+    def linear_layers(self) -> list[LinearLayer]:
+        layers = []
+        for name, mod in self.module.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            role = "head" if name in self.head_names else self.linear_roles.get(name.rsplit(".", 1)[-1])
+            if role is None:
+                continue
+            block = re.search(r"\.(\d+)\.", name)
+            layers.append(LinearLayer(name, role, int(block.group(1)) if block and role != "head" else None,
+                                      mod.in_features, mod.out_features))
+        return layers
+
+    def num_parameters(self) -> int:
+        # Parameters are counted once even when shared (tied embeddings, DiffusionGemma's encoder/decoder).
+        return sum(p.numel() for p in {id(p): p for p in self.module.parameters()}.values())
+
+    def memory_estimate(self, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+        """Bytes the weights take when the block linears are stored at `bits` (16 = bf16 throughout).
+
+        Quantized linears cost `bits` per weight plus an fp16 scale and zero point per group;
+        embeddings, norms, biases and the LM head stay at 16 bits (the quantizer skips them by default).
+        """
+        total = self.num_parameters() * 2
+        if bits >= 16:
+            return total
+        for layer in self.linear_layers():
+            if layer.role == "head":
+                continue
+            weights = layer.in_features * layer.out_features
+            groups = layer.out_features * -(-layer.in_features // group_size)
+            total += weights * bits // 8 + groups * 4 - weights * 2
+        return total
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            family=self.family, source=self.source, path=str(self.path), parameters=self.num_parameters(),
+            layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+            mask_token_id=self.mask_token_id, context_length=self.context_length, shift_logits=self.shift_logits,
+            dtype=str(self.dtype).removeprefix("torch."),
+            memory_bytes={name: self.memory_estimate(bits) for bits, name in PRECISIONS.items()},
+        )
+
+
+def build_on_meta(factory):
+    """Construct a module without allocating its weights; `checkpoint.load_into` then assigns them."""
+    with torch.device("meta"):
+        return factory()
+
+
+def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build the module on the meta device, then load the folder's safetensors into it strictly."""
+    from dllm_studio.checkpoint import load_into
+
+    module = build_on_meta(factory)
+    load_into(module, folder, dtype)
+    return module.to(device)
+
+
+def special_ids(tokenizer, *tokens: str) -> tuple[int, ...]:
+    """Ids of those special tokens the tokenizer has (unknown ones are skipped)."""
+    from dllm_studio.tokenizer import token_id
+
+    return tuple(tid for tid in (token_id(tokenizer, t) for t in tokens) if tid is not None)
+
+
+def check_token_ids(folder: Path, vocab_size: int, **ids: int | None) -> None:
+    """Refuse a config whose special token ids fall outside the vocabulary."""
+    from dllm_studio.errors import ModelLoadError
+
+    for name, tid in ids.items():
+        if tid is not None and not 0 <= tid < vocab_size:
+            raise ModelLoadError(f"{folder}/config.json: {name}={tid} is outside the vocabulary (size {vocab_size}).")

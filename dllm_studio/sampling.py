@@ -1,0 +1,215 @@
+"""The masked-diffusion sampler: LLaDA's reference algorithm, generalised.
+
+The answer starts as `gen_length` mask tokens after the prompt. It is split into blocks decoded left
+to right (semi-autoregressive when block_length < gen_length); each block gets steps / num_blocks
+steps. At every step the model predicts all masked positions at once, and the k most confident
+predictions in the current block are committed for good, k following LLaDA's equal split.
+
+Reference: ML-GSAI/LLaDA generate.py (`generate`, `get_num_transfer_tokens`, `add_gumbel_noise`);
+Dream's `topk_margin`/`entropy` confidences; arXiv:2409.02908 for why Gumbel noise is float64.
+
+The model is called in exactly one place per step (`_step_logits`), with the current block known:
+that is the seam where prefix/dual KV caches will reuse attention state between steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from dllm_studio.errors import InvalidSettingsError
+from dllm_studio.events import CancelToken, Commit, DenoiseStep, Event
+
+if TYPE_CHECKING:
+    from dllm_studio.models.base import DiffusionLM
+
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+_DEFERRED = 1e6  # subtracted from a deferred EOS's score: it is committed only after every other token
+
+
+@dataclass
+class GenerationConfig:
+    gen_length: int = 64
+    steps: int = 64
+    block_length: int = 32
+    remasking: str = "low_confidence"  # one of REMASKING
+    temperature: float = 0.0  # 0 = greedy; otherwise Gumbel-max sampling at this temperature
+    cfg_scale: float = 0.0  # classifier-free guidance; > 0 doubles the forward cost
+    seed: int = 0
+    forbid_eos: bool = False  # EOS logits set to -inf: the answer never ends early (LLaDA `logits_eos_inf`)
+    defer_eos: bool = False  # EOS/EOT committed only after all other tokens (`confidence_eos_eot_inf`)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    def validate(self) -> None:
+        if self.gen_length < 1 or self.block_length < 1 or self.steps < 1:
+            raise InvalidSettingsError("gen_length, block_length and steps must all be at least 1.")
+        if self.gen_length % self.block_length:
+            raise InvalidSettingsError(
+                f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}.")
+        if self.steps % self.num_blocks:
+            raise InvalidSettingsError(
+                f"steps {self.steps} cannot be split evenly over {self.num_blocks} blocks "
+                f"(gen_length {self.gen_length} / block_length {self.block_length}); use a multiple of {self.num_blocks}.")
+        if self.remasking not in REMASKING:
+            raise InvalidSettingsError(f"remasking must be one of {', '.join(REMASKING)}, not {self.remasking!r}.")
+        if self.temperature < 0 or self.cfg_scale < 0:
+            raise InvalidSettingsError("temperature and cfg_scale must not be negative.")
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0
+    forward_passes: int = 0  # sequences evaluated by the model (2 per step with CFG)
+    wall_time_s: float = 0.0
+    forward_time_s: float = 0.0  # of wall_time_s, spent inside the model
+    tokens: int = 0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * self.wall_time_s / max(self.steps, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_time_s if self.wall_time_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ms_per_step": self.ms_per_step, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the whole answer span, stop tokens included
+    prompt_ids: list[int]
+    stats: GenerationStats
+    steps: list[DenoiseStep] = field(default_factory=list, repr=False)
+
+
+# ---- pure functions -----------------------------------------------------------------------------
+
+def transfer_counts(n_masked: int, steps: int) -> list[int]:
+    """Tokens to commit per step: an equal split, the first n_masked % steps steps one extra."""
+    base, extra = divmod(n_masked, steps)
+    return [base + (i < extra) for i in range(steps)]
+
+
+def shift_right(logits: torch.Tensor) -> torch.Tensor:
+    """Dream's shift: position i takes the logits computed at i - 1; position 0 keeps its own."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel-max sampling in float64: argmax(logits - T·log(-log U)).
+
+    This is LLaDA's `exp(logits) / (-log U)^T` taken in log space (same argmax, no overflow).
+    logits: (N, V) float64 -> token ids (N,).
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+    return (logits - temperature * torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+
+
+def confidence(logits: torch.Tensor, tokens: torch.Tensor, strategy: str,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """How sure the model is of each predicted position; higher is committed first.
+
+    low_confidence: p(token); random: U(0,1); margin: p1 - p2; entropy: sum p log p (negative entropy).
+    logits: (N, V) float64, tokens: (N,) -> (N,) float64.
+    """
+    if strategy == "random":
+        return torch.rand(tokens.shape, generator=generator, dtype=torch.float64).to(logits.device)
+    probs = torch.softmax(logits, dim=-1)
+    if strategy == "low_confidence":
+        return probs.gather(-1, tokens[:, None]).squeeze(-1)
+    if strategy == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if strategy == "entropy":
+        return (probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+    raise InvalidSettingsError(f"Unknown remasking strategy {strategy!r}.")
+
+
+# ---- the sampler --------------------------------------------------------------------------------
+
+def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
+            cancel: CancelToken | None = None) -> Generator[Event, None, GenerationResult]:
+    """Generate `config.gen_length` tokens after `prompt_ids`, yielding a `DenoiseStep` per step."""
+    config.validate()
+    _check_inputs(model, prompt_ids, config)
+    start = time.perf_counter()
+    mask_id, P = model.mask_token_id, len(prompt_ids)
+    x = torch.tensor([prompt_ids + [mask_id] * config.gen_length], device=model.device)  # (1, P + G)
+    generator = torch.Generator().manual_seed(config.seed)
+    stats, history = GenerationStats(), []
+    steps_per_block = config.steps // config.num_blocks
+    eos_ids = torch.tensor(model.stop_token_ids, device=x.device, dtype=torch.long)
+
+    for block in range(config.num_blocks):
+        lo, hi = P + block * config.block_length, P + (block + 1) * config.block_length
+        counts = transfer_counts(int((x[0, lo:hi] == mask_id).sum()), steps_per_block)
+        for k in counts:
+            if cancel is not None:
+                cancel.check()
+            commits = []
+            if k:
+                masked = (x[0, lo:hi] == mask_id).nonzero().squeeze(-1) + lo  # candidate positions
+                t0 = time.perf_counter()
+                logits = _step_logits(model, x, P, config, stats)[masked].double()  # (N, V)
+                stats.forward_time_s += time.perf_counter() - t0
+                if config.forbid_eos:
+                    logits[:, eos_ids] = -torch.inf
+                tokens = sample_tokens(logits, config.temperature, generator)
+                scores = confidence(logits, tokens, config.remasking, generator)
+                if config.defer_eos:
+                    scores = scores - _DEFERRED * torch.isin(tokens, eos_ids)
+                chosen = scores.topk(k).indices
+                x[0, masked[chosen]] = tokens[chosen]
+                commits = [Commit(int(masked[i]) - P, int(tokens[i]), float(scores[i])) for i in chosen.tolist()]
+            stats.steps += 1
+            answer = x[0, P:].tolist()
+            event = DenoiseStep(step=stats.steps, total_steps=config.steps, block=block, tokens=tuple(answer),
+                                committed=tuple(commits), masked=tuple(i for i, t in enumerate(answer) if t == mask_id))
+            history.append(event)
+            yield event
+
+    stats.wall_time_s = time.perf_counter() - start
+    stats.tokens = config.gen_length
+    answer = x[0, P:].tolist()
+    return GenerationResult(model.decode(answer), answer, list(prompt_ids), stats, history)
+
+
+def _step_logits(model: DiffusionLM, x: torch.Tensor, prompt_len: int, config: GenerationConfig,
+                 stats: GenerationStats) -> torch.Tensor:
+    """Logits (T, V) for the current sequence, with CFG and Dream's shift applied."""
+    if config.cfg_scale > 0:
+        unconditional = x.clone()
+        unconditional[:, :prompt_len] = model.mask_token_id  # the prompt hidden: what guidance contrasts against
+        cond, uncond = model.forward(torch.cat([x, unconditional])).float().chunk(2)
+        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+        stats.forward_passes += 2
+    else:
+        logits = model.forward(x).float()
+        stats.forward_passes += 1
+    if model.shift_logits:
+        logits = shift_right(logits)
+    return logits[0]
+
+
+def _check_inputs(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig) -> None:
+    if not prompt_ids:
+        raise InvalidSettingsError("The prompt is empty.")
+    if model.mask_token_id is None:
+        raise InvalidSettingsError(f"{model.family} models have no mask token; they generate with their own sampler.")
+    total = len(prompt_ids) + config.gen_length
+    if total > model.context_length:
+        raise InvalidSettingsError(
+            f"The prompt ({len(prompt_ids)} tokens) plus gen_length {config.gen_length} exceeds the model's "
+            f"context of {model.context_length} tokens.")

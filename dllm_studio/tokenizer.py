@@ -1,0 +1,38 @@
+"""Tokenizers and chat templates, loaded from the model folder without running its code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dllm_studio.errors import ModelLoadError
+
+
+def load_tokenizer(folder: Path):
+    """A transformers tokenizer for the folder: tokenizer.json, or a Qwen2-style vocab.json + merges.txt.
+
+    The folder's tokenizer_config.json (special tokens, chat template) is honoured, but a custom
+    tokenizer class it names (e.g. Dream's `DreamTokenizer`) is never imported: both layouts are
+    read by transformers' own fast tokenizers.
+    """
+    import transformers
+
+    try:
+        if (folder / "tokenizer.json").is_file():
+            return transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return transformers.Qwen2Tokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # transformers raises many types for a broken tokenizer file
+        raise ModelLoadError(f"The tokenizer in {folder} could not be loaded ({type(exc).__name__}: {exc}).") from None
+    raise ModelLoadError(f"{folder} has no tokenizer (expected tokenizer.json, or vocab.json with merges.txt).")
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of a special token by its text, or None if the vocabulary lacks it."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return None if tid is None or tid == tokenizer.unk_token_id and token != tokenizer.unk_token else int(tid)
+
+
+def render_chat(tokenizer, messages: list[dict], template: str | None) -> list[int]:
+    """Token ids of `messages` rendered with `template` (or the tokenizer's own), ready for an answer."""
+    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
