@@ -7,6 +7,7 @@ progress events; when offline, a cached copy is used, and a clear error names th
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,20 +43,55 @@ def resolve(model: str, on_event: Callable[[Event], None] | None = None) -> Path
 def download(repo_id: str, on_event: Callable[[Event], None] | None = None) -> Path:
     """Fetch `repo_id` into the HF cache, or use the cached copy when the hub is unreachable."""
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import errors
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    incomplete = getattr(errors, "IncompleteSnapshotError", ())  # newer huggingface_hub only
 
     kwargs = dict(allow_patterns=HUB_PATTERNS)
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, tqdm_class=_progress_class(repo_id, on_event), **kwargs))
+    except HFValidationError as exc:  # e.g. "org/a--b": looks like an id to HUB_ID, not to the hub
+        raise ModelNotFoundError(f"{repo_id} is not a valid hub id ({exc}).") from None
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login) to download it.") from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"The hub has no repository {repo_id} (or it is private).") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
-        pass  # offline or hub unreachable: fall back to the cache
+    except _network_errors():
+        # Offline (HF_HUB_OFFLINE raises LocalEntryNotFoundError here), no connection, the hub failing,
+        # or a download cut off midway: the cache may still hold a complete copy.
+        pass
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, local_files_only=True, **kwargs))
-    except Exception:
+    except incomplete:
         raise ModelNotFoundError(
-            f"Cannot download {repo_id}: the hub is unreachable and no copy is cached on this machine.") from None
+            f"The cached copy of {repo_id} is incomplete and the hub cannot be reached to finish it; "
+            "connect and run the command again.") from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub is unreachable"
+        raise ModelNotFoundError(
+            f"Cannot download {repo_id}: {why} and no copy is cached in {constants.HF_HUB_CACHE}.") from None
+
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    """What a failed download raises: OSError (the hub's HTTP and cache errors are OSErrors) and, for a
+    connection dropped mid-file, the HTTP client's own transport error."""
+    try:
+        from httpx2 import TransportError  # huggingface_hub 2.x's HTTP client
+    except ImportError:
+        try:
+            from httpx import TransportError  # huggingface_hub 1.x's
+        except ImportError:
+            return (OSError,)
+    return (OSError, TransportError)
+
+
+# snapshot_download counts bytes twice: received from the network (this bar, against an estimated
+# total) and written to disk (against the files' real sizes). Only the second is reported.
+_TRANSFER_BAR_DESC = "Downloading bytes"
 
 
 def _progress_class(repo_id: str, on_event: Callable[[Event], None] | None):
@@ -64,12 +100,19 @@ def _progress_class(repo_id: str, on_event: Callable[[Event], None] | None):
 
     class Progress(tqdm):
         def __init__(self, *args, **kwargs):
+            # Decide before tqdm sees the arguments: a disabled tqdm never stores `unit`.
+            self._reports = (on_event is not None and kwargs.get("unit") == "B"
+                             and kwargs.get("desc") != _TRANSFER_BAR_DESC)
+            self._count_lock = threading.Lock()
             kwargs["disable"] = True  # draw nothing; report through events
             super().__init__(*args, **kwargs)
 
         def update(self, n=1):
-            super().update(n)
-            if on_event is not None and self.unit == "B":
-                on_event(DownloadProgress(repo_id, int(self.n), int(self.total) if self.total else None))
+            # A disabled tqdm's update() does nothing, so count here; files download in parallel threads.
+            with self._count_lock:
+                self.n += n or 0
+                done, total = int(self.n), int(self.total) if self.total else None
+            if self._reports:
+                on_event(DownloadProgress(repo_id, done, total))
 
     return Progress
