@@ -152,8 +152,7 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tu
 
 def load_into(module: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
     """Load the folder's weights into `module` (built on the meta device) strictly, shapes checked."""
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    check_shapes(tensor_shapes(folder), expected, folder)
+    check_shapes(tensor_shapes(folder), {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
     for name, tensor in iter_tensors(folder, dtype):
         _assign(module, name, tensor)
 

@@ -59,7 +59,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="'demo', a local model folder, or a hub id (org/name)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight precision to run at (default: the checkpoint's own)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu; info reads no weights)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow running Python code shipped in the model folder (only for families without a native port)")
 
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device: str | None = None):
     from dllm_studio.models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      on_event=_print_progress)
+    return load_model(args.model, dtype=args.dtype, device=device or args.device,
+                      trust_remote_code=args.trust_remote_code, on_event=_print_progress)
 
 
 def _print_progress(event: Event) -> None:
@@ -98,14 +98,16 @@ def _print_progress(event: Event) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     import dataclasses
 
-    info = _load(args).info()
+    # Described from config.json and the safetensors headers alone: no weights are read, so even a
+    # model too large for this machine can be inspected before deciding to load or quantize it.
+    info = _load(args, device="meta").info()
     if args.json:
         print(json.dumps(dataclasses.asdict(info), indent=2))
         return 0
     rows = [("family", info.family), ("path", info.path), ("parameters", f"{info.parameters:,}"),
             ("layers", info.layers), ("hidden size", info.hidden_size), ("vocabulary", f"{info.vocab_size:,}"),
             ("mask token id", info.mask_token_id), ("context length", f"{info.context_length:,}"),
-            ("logits shifted", "yes" if info.shift_logits else "no"), ("loaded as", info.dtype)]
+            ("logits shifted", "yes" if info.shift_logits else "no"), ("weights dtype", info.dtype)]
     rows += [(f"memory {name}", _bytes(n)) for name, n in info.memory_bytes.items()]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

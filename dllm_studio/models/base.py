@@ -175,10 +175,17 @@ def build_on_meta(factory):
 
 
 def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build the module on the meta device, then load the folder's safetensors into it strictly."""
-    from dllm_studio.checkpoint import load_into
+    """Build the module on the meta device, then load the folder's safetensors into it strictly.
+
+    With device "meta" the weights are only checked against the safetensors headers, never read:
+    a model of any size can then be described (`info`, memory estimates) without the memory to load it.
+    """
+    from dllm_studio.checkpoint import check_shapes, load_into, tensor_shapes
 
     module = build_on_meta(factory)
+    if device.type == "meta":
+        check_shapes(tensor_shapes(folder), {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
+        return module.to(dtype)
     load_into(module, folder, dtype)
     return module.to(device)
 
