@@ -204,3 +204,37 @@ def check_token_ids(folder: Path, vocab_size: int, **ids: int | None) -> None:
     for name, tid in ids.items():
         if tid is not None and not 0 <= tid < vocab_size:
             raise ModelLoadError(f"{folder}/config.json: {name}={tid} is outside the vocabulary (size {vocab_size}).")
+
+
+def load_transformers_model(model_cls, folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Load a native transformers model from the folder's safetensors, refusing missing or misshapen tensors.
+
+    transformers would otherwise initialise absent weights at random, with only a warning. With device
+    "meta" the model is built from config.json and checked against the safetensors headers, no weight read.
+    """
+    from dllm_studio.checkpoint import check_shapes, tensor_shapes
+    from dllm_studio.errors import ModelLoadError
+
+    found = tensor_shapes(folder)  # the engine's own errors for missing, pickle-only, truncated or corrupt files
+    if device.type == "meta":
+        config = model_cls.config_class.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            module = model_cls(config).to(dtype)
+        # A tied tensor has several names but is saved under one; extra tensors are ignored, as transformers does.
+        tied: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            tied.setdefault(id(tensor), []).append((name, tuple(tensor.shape)))
+        expected: dict[str, tuple[int, ...]] = {}
+        for names in tied.values():
+            expected.update([(n, shape) for n, shape in names if n in found] or names[:1])
+        check_shapes({k: v for k, v in found.items() if k in expected}, expected, folder)
+        return module
+    try:
+        module, info = model_cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                                 local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"transformers could not load {model_cls.__name__} from {folder} ({exc}).") from None
+    bad = sorted(info["missing_keys"]) or sorted(str(k) for k in info["mismatched_keys"])
+    if bad:
+        raise ModelLoadError(f"{folder}: tensor {bad[0]} is missing from the weights or has the wrong shape.")
+    return module.to(device)
