@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 # Bit-widths the memory estimate reports, with their display names.
 PRECISIONS = {16: "bf16", 8: "W8", 4: "W4", 3: "W3", 2: "W2"}
 DEFAULT_GROUP_SIZE = 128
+# The Llama/Qwen/Gemma names of a block's linears (Dream, DiffusionGemma); LLaDA uses OLMo's names.
+LLAMA_LINEAR_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+                      "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
 @dataclass(frozen=True)

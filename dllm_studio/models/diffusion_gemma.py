@@ -29,14 +29,12 @@ import torch
 from dllm_studio.checkpoint import read_config
 from dllm_studio.errors import Cancelled, InvalidSettingsError
 from dllm_studio.events import CancelToken, Commit, DenoiseStep, Event
-from dllm_studio.models.base import DiffusionLM, LinearLayer, load_transformers_model, special_ids
+from dllm_studio.models.base import LLAMA_LINEAR_ROLES, DiffusionLM, LinearLayer, load_transformers_model, special_ids
 from dllm_studio.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from dllm_studio.sampling import GenerationConfig, GenerationResult
 
-LINEAR_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-                "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 # Gemma 4's turn format, used only if the folder's tokenizer ships no template of its own.
 CHAT_TEMPLATE = (
@@ -52,7 +50,7 @@ def _ids(value: int | list[int] | None) -> list[int]:
 
 class DiffusionGemma(DiffusionLM):
     family = "diffusion_gemma"
-    linear_roles = LINEAR_ROLES
+    linear_roles = LLAMA_LINEAR_ROLES
     head_names = ("lm_head",)
     chat_template = CHAT_TEMPLATE
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from dllm_studio.checkpoint import read_config
 from dllm_studio.errors import UnsupportedModelError
-from dllm_studio.models.base import DiffusionLM, check_token_ids, load_weights, special_ids
+from dllm_studio.models.base import LLAMA_LINEAR_ROLES, DiffusionLM, check_token_ids, load_weights, special_ids
 from dllm_studio.models.layers import RMSNorm, RopeCache, apply_rope, attention, merge_heads, split_heads
 from dllm_studio.tokenizer import load_tokenizer
 
@@ -132,8 +132,6 @@ class DreamModel(nn.Module):
         return F.linear(x, self.model.embed_tokens.weight) if self.config.tie_word_embeddings else self.lm_head(x)
 
 
-LINEAR_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-                "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
 # Qwen2.5's ChatML, which Dream's tokenizer ships; used only if a folder's tokenizer has no template.
@@ -147,7 +145,7 @@ CHAT_TEMPLATE = (
 class Dream(DiffusionLM):
     family = "dream"
     shift_logits = True
-    linear_roles = LINEAR_ROLES
+    linear_roles = LLAMA_LINEAR_ROLES
     head_names = ("lm_head",)
     chat_template = CHAT_TEMPLATE
 
