@@ -2,6 +2,7 @@
 
     dllm-studio info MODEL [--json]
     dllm-studio generate MODEL --prompt TEXT [--gen-length N] [--steps N] [--block-length N] [--show-steps] [--json]
+    dllm-studio eval MODEL --suite qa|math|code|text|all|PATH [--limit N] [--split test|train] [--json OUT]
 
 MODEL is `demo` (the bundled model), a local folder, or a hub id such as GSAI-ML/LLaDA-8B-Instruct.
 Errors print one line and exit with status 1; set DLLM_DEBUG=1 for the full traceback.
@@ -13,16 +14,34 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from dllm_studio.errors import DllmError
-from dllm_studio.events import DenoiseStep, DownloadProgress, Event, LoadProgress
+from dllm_studio.events import DenoiseStep, DownloadProgress, EvalProgress, Event, LoadProgress
 
 EXAMPLES = """examples:
   dllm-studio info demo
   dllm-studio info GSAI-ML/LLaDA-8B-Instruct --json
   dllm-studio generate demo --prompt "What is the capital of France?" --show-steps
   dllm-studio generate ./my-llada --prompt "Write a haiku" --gen-length 64 --steps 64 --block-length 32
+  dllm-studio eval ./my-llada --suite all --limit 20 --json results.json
+  dllm-studio eval ./my-llada --suite my_tasks.jsonl --steps 8
 """
+
+# The sampler's flags, shared by generate and eval: flag, argparse options, help, generate's default.
+SAMPLER_FLAGS = (
+    ("--gen-length", {"type": int, "default": 64}, "answer length in tokens", "default 64"),
+    ("--steps", {"type": int}, "denoising steps in all", "default: gen-length"),
+    ("--block-length", {"type": int}, "semi-autoregressive block length", "default: min(32, gen-length)"),
+    ("--remasking", {"default": "low_confidence", "choices": ["low_confidence", "random", "margin", "entropy"]},
+     "which predictions to commit first", "default low_confidence"),
+    ("--temperature", {"type": float, "default": 0.0}, "0 = greedy; > 0 samples", "default 0"),
+    ("--cfg", {"type": float, "default": 0.0}, "classifier-free guidance scale (doubles the cost)", ""),
+    ("--seed", {"type": int, "default": 0}, "random seed; equal seeds give identical answers", ""),
+    ("--forbid-eos", {"action": "store_true"}, "never end the answer early (EOS logits = -inf)", ""),
+    ("--defer-eos", {"action": "store_true"}, "commit end-of-text tokens only after all others", ""),
+)
+CONFIG_FIELDS = {"cfg": "cfg_scale"}  # argparse dest -> GenerationConfig field, where they differ
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,21 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate an answer by iterative unmasking")
     _model_args(gen)
     gen.add_argument("--prompt", required=True, help="the user's message (or raw text with --no-chat-template)")
-    gen.add_argument("--gen-length", type=int, default=64, help="answer length in tokens (default 64)")
-    gen.add_argument("--steps", type=int, help="denoising steps in all (default: gen-length)")
-    gen.add_argument("--block-length", type=int, help="semi-autoregressive block length (default: min(32, gen-length))")
-    gen.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
-                     help="which predictions to commit first (default low_confidence)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    gen.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (doubles the cost)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give identical answers")
-    gen.add_argument("--forbid-eos", action="store_true", help="never end the answer early (EOS logits = -inf)")
-    gen.add_argument("--defer-eos", action="store_true", help="commit end-of-text tokens only after all others")
+    _sampler_args(gen, per_suite=False)
     gen.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text (base models)")
     gen.add_argument("--show-steps", action="store_true", help="print the answer after every step, masks visible")
     gen.add_argument("--json", action="store_true", help="print text, stats and per-step commits as JSON")
     gen.set_defaults(run=cmd_generate)
+
+    ev = commands.add_parser("eval", help="score a model on task suites: accuracy, likelihood, speed, memory")
+    _model_args(ev)
+    ev.add_argument("--suite", required=True, metavar="SUITE",
+                    help="qa, math, code, text, all (the four shipped suites) or the path of a JSONL suite file")
+    ev.add_argument("--split", default="test", choices=["test", "train"], help="shipped suites' split (default test)")
+    ev.add_argument("--limit", type=int, metavar="N", help="score only each suite's first N items")
+    ev.add_argument("--json", metavar="OUT", help="also write every number and every item's answer to this JSON file")
+    _sampler_args(ev, per_suite=True)
+    ev.set_defaults(run=cmd_eval)
     return parser
+
+
+def _sampler_args(parser: argparse.ArgumentParser, per_suite: bool) -> None:
+    """Add SAMPLER_FLAGS. Per suite, an absent flag leaves no attribute, so only flags given override."""
+    for flag, options, text, default in SAMPLER_FLAGS:
+        if per_suite:
+            options, default = {**options, "default": argparse.SUPPRESS}, "default: per suite"
+        parser.add_argument(flag, **options, help=f"{text} ({default})" if default else text)
+
+
+def _sampler_overrides(args: argparse.Namespace) -> dict:
+    """GenerationConfig fields for the sampler flags present in `args`."""
+    dests = (flag.removeprefix("--").replace("-", "_") for flag, *_ in SAMPLER_FLAGS)
+    return {CONFIG_FIELDS.get(d, d): getattr(args, d) for d in dests if hasattr(args, d)}
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +210,82 @@ def _step_printer(model):
         print(("\x1b[H\x1b[J" if redraw else "") + f"{header}\n{text}", flush=True)
 
     return on_event
+
+
+# ---- eval ---------------------------------------------------------------------------------------
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dllm_studio import jobs
+    from dllm_studio.errors import InvalidSettingsError
+    from dllm_studio.eval.runner import evaluate, suite_config
+    from dllm_studio.eval.suites import SUITES, load_suite
+
+    # Suites, settings and the output folder are checked before loading: a typo should not cost a model load.
+    suites = [load_suite(name, args.split) for name in (SUITES if args.suite == "all" else (args.suite,))]
+    overrides = _sampler_overrides(args)
+    for suite in suites:
+        suite_config(suite.name, overrides)  # raises for settings the sampler would refuse
+    if args.limit is not None and args.limit < 1:
+        raise InvalidSettingsError(f"--limit must be at least 1, not {args.limit}.")
+    out = Path(args.json) if args.json else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        problem = "it is a folder" if out.is_dir() else f"the folder {out.parent} does not exist"
+        raise InvalidSettingsError(f"Cannot write {out}: {problem}.")
+    model = _load(args)
+    if args.suite == "all" and model.mask_token_id is None:
+        # The text suite's likelihood needs a mask token; such families still answer the other suites.
+        print(f"skipping the text suite: {model.family} models have no mask token", file=sys.stderr)
+        suites = [s for s in suites if s.name != "text"]
+    results = []
+    for suite in suites:
+        results.append(jobs.run(evaluate(model, suite, overrides, args.limit), _print_eval_progress))
+        if out is not None:  # after every suite, so an interrupted run keeps what it finished
+            _write_json(out, {"model": args.model, "split": args.split, "overrides": overrides,
+                              "suites": [r.to_dict() for r in results]})
+    _print_eval_table(results)
+    return 0
+
+
+def _print_eval_progress(event: Event) -> None:
+    if not isinstance(event, EvalProgress):
+        return
+    head = f"{event.suite} {event.done}/{event.total} {event.item_id}"
+    if event.accuracy is None:
+        mean = "-" if event.nll_per_token is None else f"{event.nll_per_token:.4f}"
+        print(f"{head} (mean nll/token {mean})", file=sys.stderr)
+    else:
+        print(f"{head}: {'correct' if event.correct else 'wrong'} (accuracy {event.accuracy:.3f})", file=sys.stderr)
+
+
+def _print_eval_table(results: list) -> None:
+    header = ("suite", "items", "score", "ms/step", "passes/answer", "s/answer", "peak RSS")
+    rows = [header] + [(r.suite, str(r.items), _score(r), "-" if r.ms_per_step is None else f"{r.ms_per_step:.1f}",
+                        f"{r.forward_passes_per_item:.1f}", f"{r.wall_time_per_item_s:.2f}", _bytes(r.peak_rss_bytes))
+                       for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def _score(result) -> str:
+    if result.nll_per_token is not None:
+        return f"nll {result.nll_per_token:.4f}"
+    return "-" if result.accuracy is None else f"acc {result.accuracy:.3f}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` atomically: a temporary file in the same folder, then os.replace."""
+    from dllm_studio.errors import InvalidSettingsError
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InvalidSettingsError(f"Cannot write {path} ({exc.strerror or exc}).") from None
 
 
 if __name__ == "__main__":

@@ -32,3 +32,7 @@ class InvalidSettingsError(DllmError):
 
 class Cancelled(DllmError):
     """A job was cancelled by the user; nothing it would have produced is kept."""
+
+
+class SuiteError(DllmError):
+    """A task-suite file is missing or malformed; the message names the file and the line."""

@@ -79,3 +79,16 @@ class CancelToken:
     def check(self) -> None:
         if self._event.is_set():
             raise Cancelled("Cancelled by the user.")
+
+
+@dataclass(frozen=True)
+class EvalProgress(Event):
+    """One task item scored: the running totals of a suite's evaluation."""
+
+    suite: str
+    done: int  # items finished so far, this one included
+    total: int
+    item_id: str
+    correct: bool | None  # None for the text suite, which scores likelihood, not answers
+    accuracy: float | None  # running share correct; None for the text suite
+    nll_per_token: float | None = None  # running mean over sentences; text suite only

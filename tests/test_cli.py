@@ -118,7 +118,6 @@ def test_bad_model_folders_get_one_line_errors(capsys, tmp_path, llada_dir, kind
     (["generate", "{dir}", "--prompt", "Hi", "--gen-length", 64, "--steps", 3], "steps 3 cannot be split evenly over 2 blocks"),
     (["generate", "{dir}", "--prompt", "  "], "The prompt is empty."),
     (["info", "/no/such/folder"], "No model folder at /no/such/folder"),
-    (["info", "demo"], "demo model is not part of this build yet"),
 ])
 def test_bad_arguments_get_one_line_errors(capsys, llada_dir, argv, message):
     code, _, err = run_cli(capsys, *[str(a).replace("{dir}", str(llada_dir)) for a in argv])
