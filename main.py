@@ -9,7 +9,7 @@ import sys
 
 from dllm_studio.cli import main
 
-DEMO = ["generate", "demo", "--prompt", "What is the capital of France?", "--show-steps"]
+DEMO = ["generate", "demo", "--prompt", "What is the capital of France?", "--gen-length", "32", "--show-steps"]
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:] or DEMO))

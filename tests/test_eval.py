@@ -93,7 +93,7 @@ def test_limit_and_overrides(llada, suite_files):
 
 
 def test_suite_config():
-    assert suite_config("code") == GenerationConfig(gen_length=64, steps=64, block_length=64)
+    assert suite_config("code") == GenerationConfig(gen_length=32, steps=32, block_length=32)
     assert suite_config("qa", {"steps": 8}) == GenerationConfig(gen_length=16, steps=8, block_length=16)
     assert suite_config("code", {"gen_length": 32, "block_length": 8}).steps == 32
     assert suite_config("qa", {"remasking": "margin", "cfg_scale": 1.0}).remasking == "margin"
@@ -211,13 +211,13 @@ def test_cli_eval_suite_path_writes_json(capsys, llada_dir, suite_files, tmp_pat
 
 def test_cli_eval_only_given_flags_override(capsys, llada_dir, suite_files, tmp_path):
     out_file = tmp_path / "out.json"
-    code, _, _ = run_cli(capsys, "eval", llada_dir, "--suite", suite_files["code"], "--limit", 1, "--steps", 32,
+    code, _, _ = run_cli(capsys, "eval", llada_dir, "--suite", suite_files["code"], "--limit", 1, "--steps", 16,
                          "--remasking", "margin", "--json", out_file)
     assert code == 0
     data = json.loads(out_file.read_text())
-    assert data["overrides"] == {"steps": 32, "remasking": "margin"}
+    assert data["overrides"] == {"steps": 16, "remasking": "margin"}
     settings = data["suites"][0]["settings"]
-    assert (settings["gen_length"], settings["steps"], settings["block_length"], settings["remasking"]) == (64, 32, 64, "margin")
+    assert (settings["gen_length"], settings["steps"], settings["block_length"], settings["remasking"]) == (32, 16, 32, "margin")
     assert settings["temperature"] == 0.0 and settings["forbid_eos"] is False
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 SUITE_DEFAULTS: dict[str, GenerationConfig] = {
     "qa": GenerationConfig(gen_length=16, steps=16, block_length=16),
     "math": GenerationConfig(gen_length=16, steps=16, block_length=16),
-    "code": GenerationConfig(gen_length=64, steps=64, block_length=64),
+    "code": GenerationConfig(gen_length=32, steps=32, block_length=32),
 }
 NLL_SAMPLES = 8  # mask ratios per sentence for the text suite's likelihood estimate
 

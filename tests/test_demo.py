@@ -1,0 +1,78 @@
+"""The bundled demo model and its task suites."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dllm_studio import jobs
+from dllm_studio.demo import tasks
+from dllm_studio.eval.runner import suite_config
+from dllm_studio.eval.scoring import score_code, score_math, score_qa
+from dllm_studio.eval.suites import TASKS_DIR, load_suite
+from dllm_studio.hub import DEMO_PATH
+
+
+def test_generators_are_deterministic_and_match_the_shipped_files(tmp_path):
+    first = tasks.write_suites(tmp_path / "a")
+    tasks.write_suites(tmp_path / "b")
+    for suite in tasks.GENERATORS:
+        for split in ("train", "test"):
+            name = f"{suite}.{split}.jsonl"
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+            assert (tmp_path / "a" / name).read_bytes() == (TASKS_DIR / name).read_bytes(), f"regenerate {name}"
+    assert first["qa"][1] >= 100 and first["math"][1] == tasks.MATH_TEST_ITEMS and first["code"][1] >= 40
+
+
+@pytest.mark.parametrize("suite", ["qa", "math", "code", "text"])
+def test_splits_are_disjoint(suite):
+    train, test = load_suite(suite, "train").items, load_suite(suite, "test").items
+    key = "text" if suite == "text" else "prompt"
+    assert not {x[key] for x in train} & {x[key] for x in test}  # no test question appears in training
+    assert not {(x["fact"], x["template"]) for x in train} & {(x["fact"], x["template"]) for x in test}
+    assert {x["fact"] for x in test} <= {x["fact"] for x in train}  # ...but every tested fact was taught
+
+
+def test_reference_answers_score_correct():
+    for item in load_suite("qa").items[:20]:
+        assert score_qa(item["answer"], item["answer"])
+    for item in load_suite("math").items[:20]:
+        assert score_math(f"The answer is {item['answer']}.", item["answer"])
+    for item in load_suite("code").items[:5]:
+        assert score_code(item["answer"], item).passed
+
+
+def test_demo_checkpoint_is_small_and_laid_out_like_llada():
+    files = {p.name for p in DEMO_PATH.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert sum(p.stat().st_size for p in DEMO_PATH.iterdir()) <= 25 * 1024 * 1024
+    config = json.loads((DEMO_PATH / "config.json").read_text())
+    assert config["model_type"] == "llada" and config["architectures"] == ["LLaDAModelLM"]
+    assert not any(p.suffix in (".bin", ".pt", ".pkl", ".py") for p in DEMO_PATH.iterdir())
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from dllm_studio.models import load_model
+
+    return load_model("demo")
+
+
+def test_demo_answers_held_out_items(demo):
+    """A handful of held-out items per suite; the full scores are in the model card."""
+    for suite, n, scorer in (("qa", 6, score_qa), ("math", 6, score_math)):
+        config = suite_config(suite)
+        correct = 0
+        for item in load_suite(suite).items[:n]:
+            ids = demo.chat_ids([{"role": "user", "content": item["prompt"]}])
+            correct += scorer(jobs.run(demo.denoise(ids, config)).text, item["answer"])
+        assert correct >= n - 1, suite
+    item = load_suite("code").items[0]
+    ids = demo.chat_ids([{"role": "user", "content": item["prompt"]}])
+    assert score_code(jobs.run(demo.denoise(ids, suite_config("code"))).text, item).passed
+
+
+def test_demo_info_works_offline(demo, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = demo.info()
+    assert info.family == "llada" and 4e6 < info.parameters < 8e6 and info.mask_token_id == demo.config["mask_token_id"]
