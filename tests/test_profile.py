@@ -1,0 +1,26 @@
+"""Activation outlier statistics."""
+
+import torch
+
+from dllm_studio.profile import activation_outliers, capture_linear_inputs, channel_absmax, outlier_ratio
+
+
+def test_channel_absmax_and_ratio():
+    x = torch.tensor([[[1.0, -2.0, 0.5, 1.0], [0.5, 1.0, -40.0, 1.0]]])  # (B, T, C)
+    assert channel_absmax(x).tolist() == [1.0, 2.0, 40.0, 1.0]
+    assert outlier_ratio(channel_absmax(x)) == 40.0 / 1.5  # median of [1, 1, 2, 40] is 1.5
+
+
+def test_capture_sees_the_inputs_of_named_layers_and_unhooks(llada):
+    name = "model.transformer.blocks.1.ff_out"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with capture_linear_inputs(llada, [name]) as seen:
+        llada.forward(ids)
+    assert seen[name].shape == (llada.config["mlp_hidden_size"],)
+    assert not llada.module.get_submodule(name)._forward_pre_hooks  # hooks removed afterwards
+
+
+def test_activation_outliers_per_block(llada):
+    rows = activation_outliers(llada, ["Hello there", "The capital of France is Paris."])
+    assert [(r.block, r.role) for r in rows] == [(0, "q"), (0, "down"), (1, "q"), (1, "down")]
+    assert all(r.outlier_ratio >= 1.0 and r.top_magnitude > 0 for r in rows)
