@@ -29,7 +29,8 @@ def load_tokenizer(folder: Path):
 def token_id(tokenizer, token: str) -> int | None:
     """The id of a special token by its text, or None if the vocabulary lacks it."""
     tid = tokenizer.convert_tokens_to_ids(token)
-    return None if tid is None or tid == tokenizer.unk_token_id and token != tokenizer.unk_token else int(tid)
+    unknown = tid == tokenizer.unk_token_id and token != tokenizer.unk_token  # tokenizers map misses to UNK
+    return None if tid is None or unknown else int(tid)
 
 
 def render_chat(tokenizer, messages: list[dict], template: str | None) -> list[int]:
