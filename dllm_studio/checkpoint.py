@@ -117,6 +117,27 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def load_bytes(folder: Path, itemsize: int) -> int:
+    """Bytes the folder's tensors take once loaded with floating-point weights at `itemsize` bytes each.
+
+    Packed quantized tensors (integers, and the fp16 scales that go with them) keep their stored size.
+    """
+    total = 0
+    for path in weight_files(folder):
+        header = read_header(path)
+        for name, entry in header.items():
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= dim
+            stored = entry["data_offsets"][1] - entry["data_offsets"][0]
+            quantized = name.endswith((".scales", ".qweight", ".qzeros", ".g_idx"))
+            total += numel * itemsize if entry["dtype"] in FLOAT_DTYPES and not quantized else stored
+    return total
+
+
 def iter_tensors(folder: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time, so a loader never holds two copies of the model."""
     from safetensors import SafetensorError, safe_open
@@ -150,10 +171,21 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tu
         raise ModelLoadError(f"{folder}: tensor {unexpected[0]} in the weights is not part of this architecture.")
 
 
-def load_into(module: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
-    """Load the folder's weights into `module` (built on the meta device) strictly, shapes checked."""
-    check_shapes(tensor_shapes(folder), {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
-    for name, tensor in iter_tensors(folder, dtype):
+def load_into(module: torch.nn.Module, folder: Path, dtype: torch.dtype, *, shapes: Mapping | None = None,
+              convert=None, keep_dtype=None) -> None:
+    """Load the folder's weights into `module` (built on the meta device) strictly, shapes checked.
+
+    For quantized checkpoints: `shapes` are the tensors' shapes once `convert(name, tensor)` (which may
+    drop a tensor by returning None) has mapped them to the module's layout, and tensors for which
+    `keep_dtype(name)` holds keep their stored dtype (packed codes, fp16 scales).
+    """
+    check_shapes(tensor_shapes(folder) if shapes is None else shapes,
+                 {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
+    for name, tensor in iter_tensors(folder):
+        if convert is not None and (tensor := convert(name, tensor)) is None:
+            continue
+        if tensor.is_floating_point() and not (keep_dtype is not None and keep_dtype(name)):
+            tensor = tensor.to(dtype)
         _assign(module, name, tensor)
 
 

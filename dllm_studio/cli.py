@@ -3,6 +3,7 @@
     dllm-studio info MODEL [--json]
     dllm-studio generate MODEL --prompt TEXT [--gen-length N] [--steps N] [--block-length N] [--show-steps] [--json]
     dllm-studio eval MODEL --suite qa|math|code|text|all|PATH [--limit N] [--split test|train] [--json OUT]
+    dllm-studio quantize MODEL --method rtn|gptq|awq --wbits 8|4|3|2 --out DIR [--format native|gptq] ...
 
 MODEL is `demo` (the bundled model), a local folder, or a hub id such as GSAI-ML/LLaDA-8B-Instruct.
 Errors print one line and exit with status 1; set DLLM_DEBUG=1 for the full traceback.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from dllm_studio.errors import DllmError
 from dllm_studio.events import DenoiseStep, DownloadProgress, EvalProgress, Event, LoadProgress
+from dllm_studio.memory import human
 
 EXAMPLES = """examples:
   dllm-studio info demo
@@ -26,6 +28,9 @@ EXAMPLES = """examples:
   dllm-studio generate ./my-llada --prompt "Write a haiku" --gen-length 64 --steps 64 --block-length 32
   dllm-studio eval ./my-llada --suite all --limit 20 --json results.json
   dllm-studio eval ./my-llada --suite my_tasks.jsonl --steps 8
+  dllm-studio quantize demo --method gptq --wbits 4 --out demo-gptq-w4
+  dllm-studio quantize ./my-llada --method awq --wbits 3 --calib corpus.txt --format gptq --out llada-awq-w3
+  dllm-studio eval demo-gptq-w4 --suite all
 """
 
 # The sampler's flags, shared by generate and eval: flag, argparse options, help, generate's default.
@@ -72,6 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="OUT", help="also write every number and every item's answer to this JSON file")
     _sampler_args(ev, per_suite=True)
     ev.set_defaults(run=cmd_eval)
+
+    from dllm_studio.quant.recipe import FORMATS, METHODS, QuantRecipe
+
+    d = QuantRecipe()
+    qu = commands.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ, AWQ) and save the result",
+                             description="Quantize block by block, printing one line per block, then save to --out.")
+    _model_args(qu)
+    qu.add_argument("--method", required=True, choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    qu.add_argument("--wbits", type=int, default=d.wbits, help=f"weight bits: 8, 4, 3 or 2 (default {d.wbits})")
+    qu.add_argument("--group-size", type=int, default=d.group_size, metavar="G",
+                    help=f"input columns sharing a scale (default {d.group_size}; 0 = one per output channel)")
+    qu.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric, with zero points)")
+    qu.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing importance")
+    qu.add_argument("--calib", default=d.calib, metavar="TEXTFILE",
+                    help="calibration text: 'builtin' (the demo tasks and sentences) or a UTF-8 text file")
+    qu.add_argument("--calib-samples", type=int, default=d.calib_samples, metavar="N", help=f"default {d.calib_samples}")
+    qu.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N", help=f"tokens per sample (default {d.seq_len})")
+    qu.add_argument("--no-masked-calib", action="store_true",
+                    help="calibrate on clean text (the seed study's setting) instead of masked inputs")
+    qu.add_argument("--skip", nargs="*", default=list(d.skip), metavar="ROLE|GLOB",
+                    help="layers left in full precision: roles (q k v o gate up down head) or name globs (default: head)")
+    qu.add_argument("--seed", type=int, default=d.seed)
+    qu.add_argument("--format", default="native", choices=list(FORMATS),
+                    help="native: dLLM Studio's packed layout; gptq: the GPTQ checkpoint format other tools load")
+    qu.add_argument("--out", required=True, metavar="DIR", help="folder to create (refused if it exists, unless --force)")
+    qu.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    qu.add_argument("--profile-json", metavar="FILE", help="also write every event (layer statistics, errors, memory) here")
+    qu.set_defaults(run=cmd_quantize)
     return parser
 
 
@@ -96,6 +129,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu; info reads no weights)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow running Python code shipped in the model folder (only for families without a native port)")
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="run even when the memory estimate exceeds the free RAM/VRAM")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +151,8 @@ def _load(args: argparse.Namespace, device: str | None = None):
     from dllm_studio.models import load_model
 
     return load_model(args.model, dtype=args.dtype, device=device or args.device,
-                      trust_remote_code=args.trust_remote_code, on_event=_print_progress)
+                      trust_remote_code=args.trust_remote_code, on_event=_print_progress,
+                      check_memory=not args.no_memory_check)
 
 
 def _print_progress(event: Event) -> None:
@@ -142,19 +178,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("layers", info.layers), ("hidden size", info.hidden_size), ("vocabulary", f"{info.vocab_size:,}"),
             ("mask token id", info.mask_token_id), ("context length", f"{info.context_length:,}"),
             ("logits shifted", "yes" if info.shift_logits else "no"), ("weights dtype", info.dtype)]
-    rows += [(f"memory {name}", _bytes(n)) for name, n in info.memory_bytes.items()]
+    if info.quantization:
+        rows.append(("quantization", info.quantization))
+    rows += [(f"memory {name}", human(n)) for name, n in info.memory_bytes.items()]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 # ---- generate -----------------------------------------------------------------------------------
@@ -260,7 +290,7 @@ def _print_eval_progress(event: Event) -> None:
 def _print_eval_table(results: list) -> None:
     header = ("suite", "items", "score", "ms/step", "passes/answer", "s/answer", "peak RSS")
     rows = [header] + [(r.suite, str(r.items), _score(r), "-" if r.ms_per_step is None else f"{r.ms_per_step:.1f}",
-                        f"{r.forward_passes_per_item:.1f}", f"{r.wall_time_per_item_s:.2f}", _bytes(r.peak_rss_bytes))
+                        f"{r.forward_passes_per_item:.1f}", f"{r.wall_time_per_item_s:.2f}", human(r.peak_rss_bytes))
                        for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -271,6 +301,53 @@ def _score(result) -> str:
     if result.nll_per_token is not None:
         return f"nll {result.nll_per_token:.4f}"
     return "-" if result.accuracy is None else f"acc {result.accuracy:.3f}"
+
+
+# ---- quantize -----------------------------------------------------------------------------------
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dllm_studio import jobs
+    from dllm_studio.errors import ExportError
+    from dllm_studio.quant.export import save_quantized
+    from dllm_studio.quant.pipeline import quantize, working_set
+    from dllm_studio.quant.recipe import QuantRecipe
+    from dllm_studio.memory import preflight
+
+    # Everything that can be refused is refused before the model is loaded.
+    skip = tuple(s for s in args.skip if s != "none")
+    recipe = QuantRecipe(method=args.method, wbits=args.wbits, group_size=args.group_size or None, symmetric=args.sym,
+                         act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
+                         seq_len=args.seq_len, masked_calib=not args.no_masked_calib, skip=skip, seed=args.seed).validate()
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ExportError(f"{out} already exists; choose another --out or pass --force to replace it.")
+    profile_out = Path(args.profile_json) if args.profile_json else None
+    described = _load(args, device="meta")
+    preflight(f"Quantizing {args.model}", working_set(described, recipe), args.device, force=args.no_memory_check)
+    model = _load(args)
+    events = []
+
+    def on_event(event: Event) -> None:
+        events.append(event.to_dict())
+        if type(event).__name__ == "BlockQuantized":
+            print(f"block {event.block:>3}/{event.blocks}  max outlier {event.max_outlier_ratio:7.1f}x  "
+                  f"error {event.mean_relative_error:.4f}  RSS {human(event.rss_bytes)}  "
+                  f"{event.elapsed_s:6.1f} s  ETA {event.eta_s:5.1f} s", flush=True)
+
+    result = jobs.run(quantize(model, recipe), on_event)
+    profile = {"summary": result.summary, "layers": result.layers}
+    save_quantized(result.model, out, fmt=args.format, force=args.force, profile=profile)
+    if profile_out is not None:
+        _write_json(profile_out, {**profile, "recipe": recipe.to_dict(), "events": events})
+    s = result.summary
+    print(f"{recipe.label}: {s['quantized_layers']} layers in {s['seconds']:.1f} s, peak RSS {human(s['peak_rss_bytes'])}")
+    print(f"quantized linears {human(s['linear_bytes_before'])} -> {human(s['linear_bytes_after'])} "
+          f"= {s['linear_bytes_after'] / s['linear_bytes_bf16']:.1%} of their bf16 size "
+          f"({s['bits_per_weight']:.3f} bits per weight; storage theory {s['theory_bits_per_weight']:.3f})")
+    print(f"whole model {human(s['model_bytes_before'])} -> {human(s['model_bytes_after'])} "
+          f"(bf16 would be {human(s['model_bytes_before_bf16'])})")
+    print(f"saved {out} ({args.format} format)")
+    return 0
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -36,3 +36,15 @@ class Cancelled(DllmError):
 
 class SuiteError(DllmError):
     """A task-suite file is missing or malformed; the message names the file and the line."""
+
+
+class InsufficientMemoryError(DllmError):
+    """A job would need more RAM or VRAM than is free; the message gives the estimate and what is free."""
+
+
+class QuantizationError(DllmError):
+    """A quantization recipe that cannot run on this model (a bit-width a method cannot do, a bad group size)."""
+
+
+class ExportError(DllmError):
+    """A quantized model cannot be written (existing folder, full disk, unwritable place)."""

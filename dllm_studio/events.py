@@ -92,3 +92,67 @@ class EvalProgress(Event):
     correct: bool | None  # None for the text suite, which scores likelihood, not answers
     accuracy: float | None  # running share correct; None for the text suite
     nll_per_token: float | None = None  # running mean over sentences; text suite only
+
+
+@dataclass(frozen=True)
+class MemorySample(Event):
+    """Process memory, sampled several times a second by `memory.MemorySampler` while a job runs."""
+
+    seconds: float  # since the sampler started
+    rss_bytes: int
+    peak_rss_bytes: int
+    cuda_allocated_bytes: int | None = None  # None without CUDA
+
+
+@dataclass(frozen=True)
+class LayerStats(Event):
+    """Statistics of one linear layer's input over the calibration tokens, as the quantizer sees it.
+
+    `masked_*` / `unmasked_*` split the tokens by whether the calibration input had a mask token
+    there (dLLM activations shift with the mask ratio); None when no token of that kind was seen.
+    """
+
+    name: str
+    role: str
+    block: int | None
+    tokens: int
+    outlier_ratio: float  # max channel |x| over the median channel |x|
+    kurtosis: float  # of the per-channel RMS (≈ 1 with no outlier features, large when few channels dominate)
+    massive: int  # activations with |x| > 100 and > 1000x the median |x| of their token (Sun et al. 2024)
+    top_channels: tuple[tuple[int, float], ...]  # (channel, max |x|), largest first
+    top_tokens: tuple[tuple[int, float], ...]  # (position in the calibration sequence, max |x|), largest first
+    channel_absmax: tuple[float, ...]  # per input channel, for charts
+    masked_outlier_ratio: float | None
+    unmasked_outlier_ratio: float | None
+    masked_absmax: float | None
+    unmasked_absmax: float | None
+
+
+@dataclass(frozen=True)
+class LayerQuantized(Event):
+    """One linear layer replaced by its quantized form."""
+
+    name: str
+    role: str
+    block: int | None
+    bits: int
+    relative_error: float  # ||X Wq^T - X W^T|| / ||X W^T|| on the calibration inputs
+    seconds: float  # this layer
+    layer: int  # 1-based, over every layer the recipe quantizes
+    layers: int
+    elapsed_s: float  # since the job started
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class BlockQuantized(Event):
+    """Progress: block `block` (1-based) of `blocks` done."""
+
+    block: int
+    blocks: int
+    elapsed_s: float
+    eta_s: float
+    max_outlier_ratio: float
+    mean_relative_error: float
+    rss_bytes: int
+    peak_rss_bytes: int

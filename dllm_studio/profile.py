@@ -69,3 +69,67 @@ def activation_outliers(model: DiffusionLM, texts: list[str], roles: tuple[str, 
         top = int(absmax.argmax())
         result.append(LayerOutliers(layer.name, layer.role, layer.block, outlier_ratio(absmax), top, float(absmax[top])))
     return result
+
+
+MASSIVE_ABS = 100.0  # Sun et al. 2024 (arXiv:2402.17762): |x| > 100 ...
+MASSIVE_RATIO = 1000.0  # ... and > 1000x the median |x| of the token's own hidden state
+TOP_K = 8
+
+
+class InputStats:
+    """Streaming statistics of a linear layer's input, batch by batch, split by masked/unmasked tokens.
+
+    Feeds `LayerStats` events: per-channel max |x| (overall and per token kind), the kurtosis of the
+    per-channel RMS, the count of massive activations, and the top channels and token positions.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.absmax = torch.zeros(channels)
+        self.absmax_masked = torch.zeros(channels)
+        self.absmax_unmasked = torch.zeros(channels)
+        self.sumsq = torch.zeros(channels, dtype=torch.float64)
+        self.tokens = self.masked_tokens = self.massive = 0
+        self.top_tokens: list[tuple[float, int]] = []  # (max |x|, position in its sequence)
+
+    def add(self, x: torch.Tensor, masked: torch.Tensor | None = None) -> None:
+        """x (B, T, C) or (N, C); masked (B, T) or (N,) bool: which tokens were mask tokens."""
+        a = x.detach().abs().reshape(-1, x.shape[-1]).float().cpu()
+        positions = torch.arange(x.shape[-2]).repeat(a.shape[0] // x.shape[-2]) if x.dim() == 3 else torch.arange(a.shape[0])
+        m = torch.zeros(a.shape[0], dtype=torch.bool) if masked is None else masked.reshape(-1).cpu()
+        self.absmax = torch.maximum(self.absmax, a.amax(0))
+        if m.any():
+            self.absmax_masked = torch.maximum(self.absmax_masked, a[m].amax(0))
+        if (~m).any():
+            self.absmax_unmasked = torch.maximum(self.absmax_unmasked, a[~m].amax(0))
+        self.sumsq += a.double().pow(2).sum(0)
+        self.tokens += a.shape[0]
+        self.masked_tokens += int(m.sum())
+        token_max = a.amax(1)
+        median = a.median(1).values
+        self.massive += int(((a > MASSIVE_ABS) & (a > MASSIVE_RATIO * median[:, None])).sum())
+        k = min(TOP_K, token_max.numel())
+        values, index = token_max.topk(k)
+        merged = self.top_tokens + list(zip(values.tolist(), positions[index].tolist()))
+        self.top_tokens = sorted(merged, reverse=True)[:TOP_K]
+
+    def kurtosis(self) -> float:
+        """mean(s^4) / mean(s^2)^2 of the per-channel RMS s (He et al. 2024): ~1 without outlier features."""
+        s2 = self.sumsq / max(self.tokens, 1)
+        return float((s2.pow(2).mean() / s2.mean().pow(2).clamp_min(1e-30)))
+
+    def event(self, name: str, role: str, block: int | None):
+        from dllm_studio.events import LayerStats
+
+        values, channels = self.absmax.topk(min(TOP_K, self.absmax.numel()))
+        unmasked = self.tokens - self.masked_tokens
+        return LayerStats(
+            name=name, role=role, block=block, tokens=self.tokens, outlier_ratio=outlier_ratio(self.absmax),
+            kurtosis=self.kurtosis(), massive=self.massive,
+            top_channels=tuple(zip(channels.tolist(), [round(v, 4) for v in values.tolist()])),
+            top_tokens=tuple((p, round(v, 4)) for v, p in self.top_tokens),
+            channel_absmax=tuple(round(v, 5) for v in self.absmax.tolist()),
+            masked_outlier_ratio=outlier_ratio(self.absmax_masked) if self.masked_tokens else None,
+            unmasked_outlier_ratio=outlier_ratio(self.absmax_unmasked) if unmasked else None,
+            masked_absmax=float(self.absmax_masked.max()) if self.masked_tokens else None,
+            unmasked_absmax=float(self.absmax_unmasked.max()) if unmasked else None,
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from dllm_studio.errors import InvalidSettingsError
 from dllm_studio.eval.scoring import final_number, normalize, score_code, score_math, score_qa
 from dllm_studio.eval.suites import Suite, load_suite
 from dllm_studio.events import CancelToken, EvalProgress
+from dllm_studio.memory import peak_rss_bytes
 from dllm_studio.sampling import GenerationConfig, shift_right
 
 if TYPE_CHECKING:
@@ -227,16 +227,3 @@ def _summary(suite: Suite, records: list[ItemRecord], config: GenerationConfig, 
 
 def _mean(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far, in bytes."""
-    try:
-        import resource
-    except ImportError:  # Windows: psutil reports the peak working set there
-        import psutil
-
-        info = psutil.Process().memory_info()
-        return int(getattr(info, "peak_wset", info.rss))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB

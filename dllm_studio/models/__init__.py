@@ -61,7 +61,8 @@ def family_for(config: dict, folder: Path, trust_remote_code: bool = False) -> t
 
 
 def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               trust_remote_code: bool = False, on_event: Callable[[Event], None] | None = None) -> DiffusionLM:
+               trust_remote_code: bool = False, on_event: Callable[[Event], None] | None = None,
+               check_memory: bool = True) -> DiffusionLM:
     """Load `model` ("demo", a local folder or a hub id) as a ready-to-run DiffusionLM.
 
     dtype "auto" keeps the checkpoint's own floating-point precision. Code from the model's folder
@@ -75,7 +76,20 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     family = family_for(config, folder, trust_remote_code)
     emit(LoadProgress(f"loading {family.family} weights from {folder}"))
     torch_dtype = _dtype(dtype, config)
+    if check_memory and torch.device(device).type != "meta":
+        from dllm_studio.checkpoint import load_bytes
+        from dllm_studio.memory import preflight
+
+        # Weights plus a quarter again for activations, caches and the tokenizer: refuse early, not mid-load.
+        weights = load_bytes(folder, torch_dtype.itemsize)
+        preflight(f"Loading {model}", {"weights": weights, "activations and buffers": weights // 4}, device)
     loaded = family.load(folder, source=str(model), dtype=torch_dtype, device=torch.device(device))
+    if config.get("quantization_config") and (folder / "recipe.json").is_file():
+        import json
+
+        from dllm_studio.quant.recipe import QuantRecipe
+
+        loaded.quantization = QuantRecipe.from_dict(json.loads((folder / "recipe.json").read_text()))
     emit(LoadProgress("ready"))
     return loaded
 

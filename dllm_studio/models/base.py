@@ -48,6 +48,7 @@ class ModelInfo:
     shift_logits: bool
     dtype: str
     memory_bytes: dict[str, int] = field(default_factory=dict)  # precision name -> estimated weight bytes
+    quantization: str | None = None  # e.g. "gptq 4-bit g128" for a quantized checkpoint
 
 
 class DiffusionLM:
@@ -61,7 +62,11 @@ class DiffusionLM:
     shift_logits: ClassVar[bool] = False
     linear_roles: ClassVar[dict[str, str]] = {}  # last module-name component -> role
     head_names: ClassVar[tuple[str, ...]] = ()  # qualified names of LM-head linears
+    # AWQ: the module (inside a block) whose output the linears of a stage read, by the stage's first
+    # role, so channel scales can be folded into it exactly: {"q": "attn_norm", "o": "v_proj", ...}.
+    scale_producers: ClassVar[dict[str, str]] = {}
     chat_template: ClassVar[str | None] = None  # used when the folder's tokenizer has none
+    quantization = None  # the QuantRecipe that made this model, when it is a quantized one
     override_chat_template: ClassVar[bool] = False  # True where the released template is known to be wrong
 
     def __init__(self, module: nn.Module, tokenizer, *, config: dict, path: Path, source: str,
@@ -140,6 +145,22 @@ class DiffusionLM:
                                       mod.in_features, mod.out_features))
         return layers
 
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order: the units the quantizer works through one at a time."""
+        own = getattr(self.module, "blocks", None)
+        if isinstance(own, nn.ModuleList):
+            return own
+        lists = [m for m in self.module.modules() if isinstance(m, nn.ModuleList)
+                 and any(isinstance(x, nn.Linear) for x in m.modules())]
+        if not lists:
+            raise NotImplementedError(f"{self.family}: no list of transformer blocks found")
+        return max(lists, key=len)
+
+    def weight_bytes(self) -> int:
+        """Bytes the model's tensors occupy as held now (packed quantized buffers at their packed size)."""
+        tensors = {id(t): t for t in (*self.module.parameters(), *self.module.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def num_parameters(self) -> int:
         # Parameters are counted once even when shared (tied embeddings, DiffusionGemma's encoder/decoder).
         return sum(p.numel() for p in {id(p): p for p in self.module.parameters()}.values())
@@ -162,12 +183,18 @@ class DiffusionLM:
         return total
 
     def info(self) -> ModelInfo:
+        quant = self.config.get("quantization_config")
+        if quant:  # a quantized model: what it holds, not what it would take at each precision
+            memory = {"as stored": self.weight_bytes()}
+            label = f"{quant.get('method', quant.get('quant_method'))} {quant.get('bits')}-bit"
+            label += f" g{quant['group_size']}" if int(quant.get("group_size", -1)) > 0 else " per-channel"
+        else:
+            memory, label = {name: self.memory_estimate(bits) for bits, name in PRECISIONS.items()}, None
         return ModelInfo(
             family=self.family, source=self.source, path=str(self.path), parameters=self.num_parameters(),
             layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
             mask_token_id=self.mask_token_id, context_length=self.context_length, shift_logits=self.shift_logits,
-            dtype=str(self.dtype).removeprefix("torch."),
-            memory_bytes={name: self.memory_estimate(bits) for bits, name in PRECISIONS.items()},
+            dtype=str(self.dtype).removeprefix("torch."), memory_bytes=memory, quantization=label,
         )
 
 
@@ -182,14 +209,27 @@ def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device
 
     With device "meta" the weights are only checked against the safetensors headers, never read:
     a model of any size can then be described (`info`, memory estimates) without the memory to load it.
+    A config.json with a `quantization_config` gets `QuantLinear` layers where the checkpoint holds
+    packed weights (dLLM Studio's own layout, or the GPTQ format converted on the way in).
     """
-    from dllm_studio.checkpoint import check_shapes, load_into, tensor_shapes
+    from dllm_studio.checkpoint import check_shapes, load_into, read_config, tensor_shapes
 
     module = build_on_meta(factory)
+    shapes = tensor_shapes(folder)
+    convert = keep_dtype = None
+    qconfig = read_config(folder).get("quantization_config")
+    if qconfig:
+        from dllm_studio.quant import storage
+
+        storage.install_shells(module, qconfig, shapes)
+        keep_dtype = lambda name: storage.keeps_dtype(module, name)  # noqa: E731
+        if storage.quant_format(qconfig) == "gptq":
+            shapes = storage.gptq_shapes(shapes, qconfig)
+            convert = lambda name, tensor: storage.from_gptq(name, tensor, qconfig)  # noqa: E731
     if device.type == "meta":
-        check_shapes(tensor_shapes(folder), {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
+        check_shapes(shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
         return module.to(dtype)
-    load_into(module, folder, dtype)
+    load_into(module, folder, dtype, shapes=shapes, convert=convert, keep_dtype=keep_dtype)
     return module.to(device)
 
 
@@ -219,6 +259,9 @@ def load_transformers_model(model_cls, folder: Path, dtype: torch.dtype, device:
     from dllm_studio.errors import ModelLoadError
 
     found = tensor_shapes(folder)  # the engine's own errors for missing, pickle-only, truncated or corrupt files
+    if any(name.endswith(".qweight") for name in found):
+        raise ModelLoadError(f"{folder} holds a quantized {model_cls.__name__}; dLLM Studio reloads quantized LLaDA and "
+                             "Dream checkpoints so far (quantize this model in the session that uses it instead).")
     if device.type == "meta":
         config = model_cls.config_class.from_pretrained(str(folder), local_files_only=True)
         with torch.device("meta"):

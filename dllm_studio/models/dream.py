@@ -147,6 +147,8 @@ class Dream(DiffusionLM):
     shift_logits = True
     linear_roles = LLAMA_LINEAR_ROLES
     head_names = ("lm_head",)
+    scale_producers = {"q": "input_layernorm", "o": "self_attn.v_proj", "gate": "post_attention_layernorm",
+                       "down": "mlp.up_proj"}
     chat_template = CHAT_TEMPLATE
 
     @classmethod

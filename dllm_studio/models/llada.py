@@ -184,6 +184,7 @@ class LLaDA(DiffusionLM):
     family = "llada"
     linear_roles = LINEAR_ROLES
     head_names = ("model.transformer.ff_out",)
+    scale_producers = {"q": "attn_norm", "o": "v_proj", "gate": "ff_norm", "down": "up_proj"}
     chat_template = CHAT_TEMPLATE
     override_chat_template = True
 

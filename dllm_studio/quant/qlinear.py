@@ -1,0 +1,99 @@
+"""`QuantLinear`: a linear layer that holds its weight as packed b-bit integers.
+
+Buffers (what the native checkpoint stores, under the layer's name):
+    qweight  uint8 (out, packed in)      b-bit codes packed along the input dimension
+    scales   fp16  (out, groups)         one scale per row and group of `group_size` input columns
+    qzeros   uint8 (out, packed groups)  the groups' zero points, packed the same way
+    g_idx    int32 (in,)                 group of each input column; only with act-order, where
+                                         GPTQ's column order makes groups non-contiguous
+    bias     (out,)                      as the original layer had it
+The forward pass dequantizes the weight to the activations' dtype and runs one matmul; the layer's
+memory is the packed bytes, never a float copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dllm_studio.quant.packing import pack, packed_size, unpack
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, *,
+                 bias: bool = False, act_order: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size or in_features
+        groups = -(-in_features // self.group_size)
+        empty = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.register_buffer("qweight", empty(out_features, packed_size(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", empty(out_features, groups, dtype=torch.float16))
+        self.register_buffer("qzeros", empty(out_features, packed_size(groups, bits), dtype=torch.uint8))
+        self.register_buffer("g_idx", empty(in_features, dtype=torch.int32) if act_order else None)
+        self.bias = nn.Parameter(empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   group_size: int | None, *, g_idx: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> QuantLinear:
+        """Build from integer codes q (out, in), per-group scales and zeros (out, groups) and, for
+        act-order, each column's group."""
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, act_order=g_idx is not None,
+                    dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
+        layer.qweight.copy_(pack(q, bits))
+        layer.scales.copy_(scales.to(torch.float16))
+        layer.qzeros.copy_(pack(zeros.round().to(torch.uint8), bits))
+        if g_idx is not None:
+            layer.g_idx.copy_(g_idx.to(torch.int32))
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` would round the fp16 scales through another float type; keep them, move them only.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = scales.to(self.scales.device)
+        return self
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes, (out, in) uint8."""
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def zeros(self) -> torch.Tensor:
+        return unpack(self.qzeros, self.bits, self.groups)
+
+    def column_groups(self) -> torch.Tensor:
+        """Group index of every input column."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (out, in) as the grid represents it: (q - zero) * scale."""
+        q = self.codes().to(dtype)
+        if self.g_idx is None and self.in_features % self.group_size == 0:  # the common case: a reshape, no gather
+            shape = (self.out_features, self.groups, self.group_size)
+            return ((q.view(shape) - self.zeros().to(dtype)[..., None]) * self.scales.to(dtype)[..., None]).view_as(q)
+        cols = self.column_groups()
+        return (q - self.zeros().to(dtype)[:, cols]) * self.scales.to(dtype)[:, cols]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, act_order={self.g_idx is not None}, bias={self.bias is not None}")

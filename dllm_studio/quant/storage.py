@@ -1,0 +1,119 @@
+"""Quantized checkpoints on disk: the native layout and the GPTQ format, written and read back.
+
+Native (`quant_method: "dllm_studio"`): each quantized linear's `QuantLinear` buffers as they are held
+in memory (uint8 codes packed along the input dimension, fp16 scales, packed zero points, g_idx only
+with act-order); every other tensor as the original model had it.
+
+GPTQ (`quant_method: "gptq"`, `checkpoint_format: "gptq"`), the layout transformers, GPTQModel, vLLM
+and SGLang read: `qweight` int32 (in * bits / 32, out) packed along the input dimension, `qzeros`
+int32 (groups, out * bits / 32) holding zero - 1 (the v1 convention) packed along the output
+dimension, `scales` fp16 (groups, out) and `g_idx` int32 (in,). Both pack one little-endian bit
+stream (see `packing`), so converting between them is a transpose and a reinterpretation of bytes.
+A group whose weights are all >= 0 has zero point 0, which v1 stores as -1; that wraps to 2^bits - 1,
+as GPTQ's own packer writes it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dllm_studio.errors import ModelLoadError
+from dllm_studio.quant.packing import pack, packed_size, unpack
+from dllm_studio.quant.qlinear import QuantLinear
+
+QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
+
+
+def quant_format(qconfig: dict) -> str:
+    method = str(qconfig.get("quant_method", "")).lower()
+    if method == "dllm_studio":
+        return "native"
+    if method == "gptq":
+        if str(qconfig.get("checkpoint_format", "gptq")).lower() != "gptq":
+            raise ModelLoadError(f"GPTQ checkpoint format {qconfig.get('checkpoint_format')!r} is not supported "
+                                 "(only the v1 'gptq' layout).")
+        return "gptq"
+    raise ModelLoadError(f"quantization method {qconfig.get('quant_method')!r} in config.json is not one dLLM "
+                         "Studio reads (it reads its own checkpoints and the GPTQ format).")
+
+
+def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Replace every nn.Linear whose checkpoint holds a `qweight` by an empty QuantLinear of the right shape."""
+    fmt = quant_format(qconfig)
+    bits = int(qconfig["bits"])
+    group = int(qconfig.get("group_size", -1))
+    desc_act = bool(qconfig.get("desc_act", False))
+    for name in [n[: -len(".qweight")] for n in shapes if n.endswith(".qweight")]:
+        try:
+            linear = module.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"quantized tensor {name}.qweight names no layer of this architecture.") from None
+        if not isinstance(linear, nn.Linear):
+            raise ModelLoadError(f"quantized tensor {name}.qweight belongs to {type(linear).__name__}, not a linear layer.")
+        act_order = f"{name}.g_idx" in shapes if fmt == "native" else desc_act
+        shell = QuantLinear(linear.in_features, linear.out_features, bits, group if group > 0 else None,
+                            bias=linear.bias is not None, act_order=act_order, device="meta")
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, shell)
+
+
+def keeps_dtype(module: nn.Module, name: str) -> bool:
+    """Quantized buffers keep their stored dtypes (uint8, fp16, int32); other tensors take the model's."""
+    owner, _, attr = name.rpartition(".")
+    return attr in QUANT_BUFFERS and isinstance(module.get_submodule(owner), QuantLinear)
+
+
+# ---- GPTQ format ---------------------------------------------------------------------------------
+
+def to_gptq(layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """The layer's tensors in the GPTQ v1 layout (names relative to the layer)."""
+    bits = layer.bits
+    if layer.in_features * bits % 32 or layer.out_features * bits % 32:
+        raise ValueError(f"GPTQ packing needs in/out features whose bit count divides into 32-bit words "
+                         f"({layer.in_features}x{layer.out_features} at {bits} bits)")
+    qweight = layer.qweight.contiguous().view(torch.int32).T.contiguous()  # same bit stream, int32 words
+    zeros_v1 = (layer.zeros().T.to(torch.int32) - 1) & ((1 << bits) - 1)
+    qzeros = pack(zeros_v1, bits).contiguous().view(torch.int32)
+    tensors = {"qweight": qweight, "qzeros": qzeros, "scales": layer.scales.T.contiguous(),
+               "g_idx": layer.column_groups().to(torch.int32)}
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.detach()  # at the model's dtype, so a reload computes exactly the same
+    return tensors
+
+
+def gptq_shapes(shapes: dict[str, tuple[int, ...]], qconfig: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes a GPTQ checkpoint's tensors take once converted to the native layout."""
+    bits, desc_act = int(qconfig["bits"]), bool(qconfig.get("desc_act", False))
+    native = {}
+    for name, shape in shapes.items():
+        owner, _, attr = name.rpartition(".")
+        if attr == "qweight":
+            native[name] = (shape[1], shape[0] * 4)
+        elif attr == "qzeros":
+            groups, words = shape
+            native[name] = (words * 32 // bits, packed_size(groups, bits))
+        elif attr == "scales":
+            native[name] = (shape[1], shape[0])
+        elif attr == "g_idx" and not desc_act:
+            continue
+        else:
+            native[name] = shape
+    return native
+
+
+def from_gptq(name: str, tensor: torch.Tensor, qconfig: dict) -> torch.Tensor | None:
+    """One GPTQ tensor in the native layout (None: a tensor the native layout does not keep)."""
+    bits, desc_act = int(qconfig["bits"]), bool(qconfig.get("desc_act", False))
+    attr = name.rpartition(".")[2]
+    if attr == "qweight":
+        return tensor.T.contiguous().view(torch.uint8)
+    if attr == "qzeros":
+        out_features = tensor.shape[1] * 32 // bits
+        zeros = (unpack(tensor.contiguous().view(torch.uint8), bits, out_features).to(torch.int32) + 1) & ((1 << bits) - 1)
+        return pack(zeros.T.contiguous(), bits)
+    if attr == "scales":
+        return tensor.T.contiguous()
+    if attr == "g_idx" and not desc_act:
+        return None
+    return tensor
