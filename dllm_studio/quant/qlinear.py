@@ -3,7 +3,8 @@
 Buffers (what the native checkpoint stores, under the layer's name):
     qweight  uint8 (out, packed in)      b-bit codes packed along the input dimension
     scales   fp16  (out, groups)         one scale per row and group of `group_size` input columns
-    qzeros   uint8 (out, packed groups)  the groups' zero points, packed the same way
+    qzeros   uint8 (packed out*groups,)  the zero points, row by row, packed as one stream (per-row
+                                         packing would pad every row to whole bytes)
     g_idx    int32 (in,)                 group of each input column; only with act-order, where
                                          GPTQ's column order makes groups non-contiguous
     bias     (out,)                      as the original layer had it
@@ -31,7 +32,7 @@ class QuantLinear(nn.Module):
         empty = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.register_buffer("qweight", empty(out_features, packed_size(in_features, bits), dtype=torch.uint8))
         self.register_buffer("scales", empty(out_features, groups, dtype=torch.float16))
-        self.register_buffer("qzeros", empty(out_features, packed_size(groups, bits), dtype=torch.uint8))
+        self.register_buffer("qzeros", empty(packed_size(out_features * groups, bits), dtype=torch.uint8))
         self.register_buffer("g_idx", empty(in_features, dtype=torch.int32) if act_order else None)
         self.bias = nn.Parameter(empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
@@ -46,7 +47,7 @@ class QuantLinear(nn.Module):
                     dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
         layer.qweight.copy_(pack(q, bits))
         layer.scales.copy_(scales.to(torch.float16))
-        layer.qzeros.copy_(pack(zeros.round().to(torch.uint8), bits))
+        layer.qzeros.copy_(pack(zeros.round().to(torch.uint8).reshape(-1), bits))
         if g_idx is not None:
             layer.g_idx.copy_(g_idx.to(torch.int32))
         if bias is not None:
@@ -70,7 +71,8 @@ class QuantLinear(nn.Module):
         return unpack(self.qweight, self.bits, self.in_features)
 
     def zeros(self) -> torch.Tensor:
-        return unpack(self.qzeros, self.bits, self.groups)
+        """Zero points, (out, groups) uint8."""
+        return unpack(self.qzeros, self.bits, self.out_features * self.groups).view(self.out_features, self.groups)
 
     def column_groups(self) -> torch.Tensor:
         """Group index of every input column."""

@@ -92,7 +92,7 @@ def gptq_shapes(shapes: dict[str, tuple[int, ...]], qconfig: dict) -> dict[str, 
             native[name] = (shape[1], shape[0] * 4)
         elif attr == "qzeros":
             groups, words = shape
-            native[name] = (words * 32 // bits, packed_size(groups, bits))
+            native[name] = (packed_size(words * 32 // bits * groups, bits),)
         elif attr == "scales":
             native[name] = (shape[1], shape[0])
         elif attr == "g_idx" and not desc_act:
@@ -111,7 +111,7 @@ def from_gptq(name: str, tensor: torch.Tensor, qconfig: dict) -> torch.Tensor | 
     if attr == "qzeros":
         out_features = tensor.shape[1] * 32 // bits
         zeros = (unpack(tensor.contiguous().view(torch.uint8), bits, out_features).to(torch.int32) + 1) & ((1 << bits) - 1)
-        return pack(zeros.T.contiguous(), bits)
+        return pack(zeros.T.contiguous().reshape(-1), bits)
     if attr == "scales":
         return tensor.T.contiguous()
     if attr == "g_idx" and not desc_act:
