@@ -18,6 +18,7 @@ the blocks) and owns the quantized blocks. Cancelling discards the copies and le
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -107,8 +108,12 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
             cancel.check()
             prefix = _prefix(model, block)
             work = copy.deepcopy(block)
-            layers = {l.name[len(prefix):]: l for l in by_block.get(index, []) if not recipe.skips(l.name, l.role)}
-            for event in _quantize_block(model, work, layers, states, masks, grid, recipe, cancel, progress):
+            in_block = {l.name[len(prefix):]: l for l in by_block.get(index, [])}  # local name -> layer
+            layers = {n: l for n, l in in_block.items() if not recipe.skips(l.name, l.role)}
+            steps = [_quantize_block(work, layers, states, masks, grid, recipe, cancel, progress)]
+            if recipe.method == "awq" and layers:  # scales first: they change what the rounding sees
+                steps.insert(0, _apply_awq_scales(model, work, in_block, layers, states, masks, grid, recipe))
+            for event in itertools.chain(*steps):
                 records.setdefault(event.name, {}).update(_record(event))
                 yield event
             states = [((_run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]  # next block's inputs
@@ -143,17 +148,11 @@ class _Progress:
         return self.done, round(elapsed, 2), round(elapsed / self.done * (self.total - self.done), 1)
 
 
-def _quantize_block(model, work, layers, states, masks, grid, recipe, cancel, progress) -> Generator[Event, None, None]:
+def _quantize_block(work, layers, states, masks, grid, recipe, cancel, progress) -> Generator[Event, None, None]:
     """Quantize the linears of one block copy in place, yielding their events."""
     if not layers:
         return
-    stats_done = set()
-    if recipe.method == "awq":
-        taps = _collect(work, layers, states, masks, stats=True)
-        for name, tap in taps.items():
-            yield tap.stats.event(layers[name].name, layers[name].role, layers[name].block)
-        stats_done = set(taps)
-        _apply_awq_scales(model, work, layers, taps, grid, recipe)
+    stats_done = recipe.method == "awq"  # AWQ reported them before its scales changed the inputs
     stages = [[n for n, l in layers.items() if l.role in roles] for roles in STAGES] if recipe.method == "gptq" else [list(layers)]
     stages.append([n for n in layers if not any(n in s for s in stages)])  # roles outside the known stages
     for stage in filter(None, stages):
@@ -191,38 +190,30 @@ def _quantize_linear(linear: nn.Linear, layer: LinearLayer, tap: _Tap, grid: Gri
     return qlinear
 
 
-def _apply_awq_scales(model, work, layers, taps, grid, recipe) -> None:
-    """Search each stage's channel scales on the block's inputs and fold them into producer and consumers."""
+def _apply_awq_scales(model, work, in_block, layers, states, masks, grid, recipe) -> Generator[Event, None, None]:
+    """AWQ's first pass: report the block's input statistics, then search each stage's channel scales on
+    the full-precision inputs and fold them into producer and consumers."""
+    taps = _collect(work, layers, states, masks, stats=True)
+    for name, tap in taps.items():
+        yield tap.stats.event(layers[name].name, layers[name].role, layers[name].block)
     for first_role, producer_name in model.scale_producers.items():
         stage = next(roles for roles in STAGES if first_role in roles)
-        readers = {n: l for n, l in layers.items() if l.role in stage}
+        readers = [n for n, l in layers.items() if l.role in stage]
         if not readers:
             continue
         # Every linear reading the producer gets the scale, skipped ones too (exactly, in full precision).
-        consumers = [work.get_submodule(n) for n, l in _block_linears(model, work).items() if l in stage]
+        consumers = [work.get_submodule(n) for n, l in in_block.items() if l.role in stage]
         producer = work.get_submodule(producer_name)
         width = consumers[0].in_features
-        rows = producer.weight.shape[0]
-        if rows != width or any(c.in_features != width for c in consumers):
+        if producer.weight.shape[0] != width or any(c.in_features != width for c in consumers):
             continue  # e.g. v -> o under grouped-query attention: shapes do not line up, no exact fold
-        x = next(iter(taps[n] for n in readers)).inputs()
-        s = awq.search_scale(x, [c.weight for c in consumers], grid, recipe.group_size).to(producer.weight.dtype)
+        s = awq.search_scale(taps[readers[0]].inputs(), [c.weight for c in consumers], grid, recipe.group_size)
+        s = s.to(producer.weight.dtype)
         producer.weight.div_(s.view(-1, *([1] * (producer.weight.dim() - 1))))
         if getattr(producer, "bias", None) is not None:
             producer.bias.div_(s)
         for c in consumers:
             c.weight.mul_(s.to(c.weight.dtype))
-
-
-def _block_linears(model: DiffusionLM, work: nn.Module) -> dict[str, str]:
-    """Local name -> role of every linear in a block the family knows a role for."""
-    roles = {}
-    for name, module in work.named_modules():
-        if isinstance(module, nn.Linear):
-            role = model.linear_roles.get(name.rsplit(".", 1)[-1])
-            if role is not None:
-                roles[name] = role
-    return roles
 
 
 def _collect(work, layers, states, masks, *, stats: bool = False, hessian: bool = False) -> dict[str, _Tap]:
