@@ -309,7 +309,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from dllm_studio import jobs
     from dllm_studio.errors import ExportError
     from dllm_studio.quant.export import save_quantized
-    from dllm_studio.quant.pipeline import quantize, working_set
+    from dllm_studio.quant.pipeline import check_supported, quantize, working_set
     from dllm_studio.quant.recipe import QuantRecipe
     from dllm_studio.memory import preflight
 
@@ -323,6 +323,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ExportError(f"{out} already exists; choose another --out or pass --force to replace it.")
     profile_out = Path(args.profile_json) if args.profile_json else None
     described = _load(args, device="meta")
+    check_supported(described)
     preflight(f"Quantizing {args.model}", working_set(described, recipe), args.device, force=args.no_memory_check)
     model = _load(args)
     events = []

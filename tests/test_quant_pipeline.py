@@ -261,3 +261,27 @@ def test_calibration_errors_are_specific(llada, tmp_path):
         jobs.run(quantize(llada, QuantRecipe(method="gptq", calib=str(tmp_path / "nope.txt"))))
     with pytest.raises(QuantizationError, match="skips every linear"):
         jobs.run(quantize(llada, QuantRecipe(method="rtn", skip=("q", "k", "v", "o", "gate", "up", "down"))))
+
+
+def test_modernbert_chat_quantizes_with_every_method(tmp_path):
+    from test_modernbert_chat import make_modernbert_chat
+
+    model = load_model(make_modernbert_chat(tmp_path / "mb"), dtype="float32")
+    ids = _prompt(model)
+    ref = model.forward(ids)
+    for method in ("rtn", "gptq", "awq"):
+        result = jobs.run(quantize(model, QuantRecipe(method=method, wbits=8, **FAST)))
+        assert sum(isinstance(m, QuantLinear) for m in result.model.module.modules()) == len(
+            [l for l in model.linear_layers() if l.role != "head"])
+        assert float((result.model.forward(ids) - ref).norm() / ref.norm()) < 0.05
+
+
+def test_diffusion_gemma_is_refused_with_the_reason(tmp_path, capsys):
+    from dllm_studio.errors import QuantizationError
+    from test_diffusion_gemma import make_diffusion_gemma
+
+    folder = make_diffusion_gemma(tmp_path / "dg")
+    with pytest.raises(QuantizationError, match="share their weights"):
+        jobs.run(quantize(load_model(folder, dtype="float32"), QuantRecipe(method="rtn", **FAST)))
+    assert main(["quantize", str(folder), "--method", "rtn", "--out", str(tmp_path / "o")]) == 1
+    assert "share their weights" in capsys.readouterr().err

@@ -67,6 +67,7 @@ class DiffusionLM:
     scale_producers: ClassVar[dict[str, str]] = {}
     chat_template: ClassVar[str | None] = None  # used when the folder's tokenizer has none
     quantization = None  # the QuantRecipe that made this model, when it is a quantized one
+    not_quantizable: ClassVar[str | None] = None  # why the block-by-block quantizer cannot take this family
     override_chat_template: ClassVar[bool] = False  # True where the released template is known to be wrong
 
     def __init__(self, module: nn.Module, tokenizer, *, config: dict, path: Path, source: str,

@@ -53,6 +53,8 @@ class DiffusionGemma(DiffusionLM):
     linear_roles = LLAMA_LINEAR_ROLES
     head_names = ("lm_head",)
     chat_template = CHAT_TEMPLATE
+    not_quantizable = ("its encoder and decoder stacks share their weights, so a block cannot be replaced in one "
+                       "stack alone; quantizing DiffusionGemma is not supported yet")
 
     @classmethod
     def load(cls, folder: Path, *, source: str, dtype: torch.dtype, device: torch.device) -> DiffusionGemma:

@@ -83,6 +83,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
              ) -> Generator[Event, None, QuantizationResult]:
     """The quantization job. Yields LayerStats, LayerQuantized, BlockQuantized and MemorySample events."""
     recipe.validate()
+    check_supported(model)
     cancel = cancel or CancelToken()
     grid = Grid(recipe.wbits, recipe.symmetric)
     blocks = model.blocks()
@@ -133,6 +134,12 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
         yield from memory.drain()
     summary = summarize(model, quantized, recipe, seconds=time.perf_counter() - started, peak_rss=memory.peak)
     return QuantizationResult(quantized, recipe, summary, list(records.values()))
+
+
+def check_supported(model: DiffusionLM) -> None:
+    """Refuse, before any work, a family the block-by-block quantizer cannot take."""
+    if model.not_quantizable:
+        raise QuantizationError(f"{model.source} ({model.family}) cannot be quantized: {model.not_quantizable}.")
 
 
 @dataclass
