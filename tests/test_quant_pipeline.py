@@ -285,3 +285,10 @@ def test_diffusion_gemma_is_refused_with_the_reason(tmp_path, capsys):
         jobs.run(quantize(load_model(folder, dtype="float32"), QuantRecipe(method="rtn", **FAST)))
     assert main(["quantize", str(folder), "--method", "rtn", "--out", str(tmp_path / "o")]) == 1
     assert "share their weights" in capsys.readouterr().err
+
+
+def test_the_head_is_rounded_when_not_skipped(llada):
+    result = jobs.run(quantize(llada, QuantRecipe(method="gptq", skip=(), **FAST)))
+    head = result.model.module.get_submodule("model.transformer.ff_out")
+    assert isinstance(head, QuantLinear) and head.bits == 4
+    assert isinstance(llada.module.get_submodule("model.transformer.ff_out"), torch.nn.Linear)

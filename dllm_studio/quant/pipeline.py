@@ -94,7 +94,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
     targets = [l for layers in by_block.values() for l in layers if not recipe.skips(l.name, l.role)]
     if not targets:
         raise QuantizationError(f"The recipe skips every linear layer of {model.source} (skip: {', '.join(recipe.skip)}).")
-    _check_shapes(targets, recipe)
+    _check_shapes(targets)
 
     ids, masked = calibration_batch(model, recipe)
     ids, masked = ids.to(model.device), masked.to(model.device)
@@ -173,7 +173,7 @@ def _quantize_block(work, layers, states, masks, grid, recipe, cancel, progress)
                 yield tap.stats.event(layer.name, layer.role, layer.block)
             t0 = time.perf_counter()
             linear = work.get_submodule(name)
-            qlinear = _quantize_linear(linear, layer, tap, grid, recipe)
+            qlinear = _quantize_linear(linear, layer.role, tap, grid, recipe)
             error = _relative_error(linear, qlinear, tap.inputs())
             _set_submodule(work, name, qlinear)
             done, elapsed, eta = progress.advance()
@@ -181,20 +181,20 @@ def _quantize_block(work, layers, states, masks, grid, recipe, cancel, progress)
                                  round(time.perf_counter() - t0, 3), done, progress.total, elapsed, eta)
 
 
-def _quantize_linear(linear: nn.Linear, layer: LinearLayer, tap: _Tap, grid: Grid, recipe: QuantRecipe) -> QuantLinear:
+def _quantize_linear(linear: nn.Linear, role: str, tap: _Tap | None, grid: Grid, recipe: QuantRecipe) -> QuantLinear:
+    """The method's codes for one layer; without calibration inputs (`tap` None) it rounds to nearest."""
     w = linear.weight.detach().float()
     g_idx = None
-    if recipe.method == "gptq":
+    if recipe.method == "gptq" and tap is not None:
         q, scales, zeros, g_idx = gptq(w, tap.hessian.H, grid, recipe.group_size, damp=recipe.damp,
                                        act_order=recipe.act_order)
-    elif recipe.method == "awq" and layer.role not in awq.NO_CLIP_ROLES:
+    elif recipe.method == "awq" and tap is not None and role not in awq.NO_CLIP_ROLES:
         clip = awq.search_clip(tap.inputs(), w, grid, recipe.group_size, torch.Generator(w.device).manual_seed(recipe.seed))
         q, scales, zeros = rtn(w, grid, recipe.group_size, clip)
     else:
         q, scales, zeros = rtn(w, grid, recipe.group_size)
-    qlinear = QuantLinear.from_codes(q, scales, zeros, recipe.wbits, recipe.group_size, g_idx=g_idx,
-                                     bias=None if linear.bias is None else linear.bias.detach())
-    return qlinear
+    return QuantLinear.from_codes(q, scales, zeros, recipe.wbits, recipe.group_size, g_idx=g_idx,
+                                  bias=None if linear.bias is None else linear.bias.detach())
 
 
 def _apply_awq_scales(model, work, in_block, layers, states, masks, grid, recipe) -> Generator[Event, None, None]:
@@ -277,14 +277,8 @@ def _relative_error(linear: nn.Linear, qlinear: QuantLinear, x: torch.Tensor) ->
 
 def _quantize_head(model: DiffusionLM, grid: Grid, recipe: QuantRecipe) -> dict[str, QuantLinear]:
     """LM-head linears the recipe does not skip, rounded to nearest (their inputs lie outside the blocks)."""
-    heads = {}
-    for layer in model.linear_layers():
-        if layer.role == "head" and not recipe.skips(layer.name, layer.role):
-            linear = model.module.get_submodule(layer.name)
-            q, scales, zeros = rtn(linear.weight.detach().float(), grid, recipe.group_size)
-            heads[layer.name] = QuantLinear.from_codes(q, scales, zeros, recipe.wbits, recipe.group_size,
-                                                       bias=None if linear.bias is None else linear.bias.detach())
-    return heads
+    return {layer.name: _quantize_linear(model.module.get_submodule(layer.name), "head", None, grid, recipe)
+            for layer in model.linear_layers() if layer.role == "head" and not recipe.skips(layer.name, layer.role)}
 
 
 def _assemble(model: DiffusionLM, blocks: nn.ModuleList, qblocks: list[nn.Module],
@@ -350,7 +344,7 @@ def theory_bits(recipe: QuantRecipe, in_features: int | None = None) -> float:
     return recipe.wbits + ((16 + recipe.wbits) / group if group else 0.0)
 
 
-def _check_shapes(targets: list[LinearLayer], recipe: QuantRecipe) -> None:
+def _check_shapes(targets: list[LinearLayer]) -> None:
     for layer in targets:
         if layer.in_features % 8:
             raise QuantizationError(f"{layer.name} has {layer.in_features} input features; packed storage needs a "
