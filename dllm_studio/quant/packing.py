@@ -46,9 +46,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     *lead, size = packed.shape
     if bits == 8:
         return packed[..., :n]
-    if nbytes == 1:  # 2 and 4 bits: shift each byte, staying in uint8
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    if nbytes == 1:  # 2 and 4 bits: one shift per slot, staying in uint8 (faster than a broadcast shift)
+        mask = (1 << bits) - 1
+        values = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1)
         return values.reshape(*lead, -1)[..., :n]
     chunks = packed.view(*lead, size // nbytes, nbytes).to(torch.int32)
     byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=packed.device) * 8

@@ -81,13 +81,15 @@ class QuantLinear(nn.Module):
         return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight (out, in) as the grid represents it: (q - zero) * scale."""
+        """The weight (out, in) as the grid represents it: (q - zero) * scale, as one fused q * s - z * s."""
         q = self.codes().to(dtype)
+        scales = self.scales.to(dtype)
+        offsets = -self.zeros().to(dtype) * scales
         if self.g_idx is None and self.in_features % self.group_size == 0:  # the common case: a reshape, no gather
             shape = (self.out_features, self.groups, self.group_size)
-            return ((q.view(shape) - self.zeros().to(dtype)[..., None]) * self.scales.to(dtype)[..., None]).view_as(q)
+            return torch.addcmul(offsets[..., None], q.view(shape), scales[..., None]).view_as(q)
         cols = self.column_groups()
-        return (q - self.zeros().to(dtype)[:, cols]) * self.scales.to(dtype)[:, cols]
+        return torch.addcmul(offsets[:, cols], q, scales[:, cols])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
