@@ -26,6 +26,14 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far, in bytes."""
+    try:  # Linux: the high-water mark of this process's own memory (getrusage's ru_maxrss carries a forking
+        # parent's peak into the child, so a process started from a large one would report the parent's size)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows: psutil reports the peak working set there
