@@ -1,4 +1,9 @@
+import os
+
 import pytest
+
+# Qt windows render offscreen in tests unless a display is chosen explicitly (e.g. Xvfb's xcb).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from checkpoints import make_dream, make_llada
 
@@ -25,3 +30,44 @@ def dream(dream_dir):
     from dllm_studio.models import load_model
 
     return load_model(dream_dir, dtype="float32")
+
+
+# ---- the desktop app ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def demo_model():
+    from dllm_studio.models import load_model
+
+    return load_model("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_rtn4(demo_model):
+    """The demo quantized RTN W4 (about a second), as the result the Quantize page hands on."""
+    from dllm_studio import jobs
+    from dllm_studio.quant.pipeline import quantize
+    from dllm_studio.quant.recipe import QuantRecipe
+
+    return jobs.run(quantize(demo_model, QuantRecipe(method="rtn", wbits=4, calib_samples=4, seq_len=64)))
+
+
+@pytest.fixture
+def studio_settings(tmp_path):
+    """QSettings redirected to a fresh folder, so tests never read or write the user's settings."""
+    from PySide6.QtCore import QSettings
+
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    from ui.settings import Settings
+
+    return Settings()
+
+
+@pytest.fixture
+def session(qtbot, demo_model):
+    """A studio session holding the demo model; waits for any job a test leaves running."""
+    from ui.session import Session
+
+    s = Session()
+    s.set_model(demo_model)
+    yield s
+    s.shutdown()

@@ -1,4 +1,5 @@
-"""The PySide6 desktop front end: thin widgets over the engine's public API and event streams.
+"""dLLM Studio's desktop face: PySide6 windows that drive the engine (`dllm_studio`) from worker threads.
 
-It arrives with the issue "The desktop studio"; the engine (`dllm_studio`) never imports from here.
+Nothing here computes: pages collect settings, start engine jobs through `Session`, and draw the events
+those jobs emit. The engine never imports this package.
 """

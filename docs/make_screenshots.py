@@ -1,0 +1,107 @@
+"""Take the README's screenshots from a real window: every page in a realistic state on the demo model.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py [--theme light|dark]
+
+The window runs on an X server (Xvfb) and each shot is grabbed from the screen, as a person would see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from PySide6.QtCore import QCoreApplication, QEventLoop, QSettings, QTimer
+from PySide6.QtWidgets import QApplication
+
+OUT = Path(__file__).parent / "screenshots"
+
+
+def wait(condition, timeout_s: float = 600) -> None:
+    """Run the event loop until `condition()` holds."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the window did not reach the expected state")
+        settle(50)
+
+
+def settle(ms: int = 400) -> None:
+    loop = QEventLoop()
+    QTimer.singleShot(ms, loop.quit)
+    loop.exec()
+
+
+def shoot(window, name: str, suffix: str) -> None:
+    settle()
+    g = window.frameGeometry()
+    pixmap = QApplication.primaryScreen().grabWindow(0, g.x(), g.y(), g.width(), g.height())
+    path = OUT / f"{name}{suffix}.png"
+    pixmap.save(str(path))
+    print(f"saved {path} ({pixmap.width()}x{pixmap.height()})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--theme", default="light", choices=("light", "dark"))
+    args = parser.parse_args()
+    suffix = "" if args.theme == "light" else "-dark"
+    tmp = Path(tempfile.mkdtemp(prefix="dllm-shots-"))
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp / "settings"))
+
+    from ui import theme
+    from ui.app import create_window
+    from ui.settings import APPLICATION, ORGANIZATION, Settings
+
+    app = QApplication(sys.argv[:1])
+    app.setOrganizationName(ORGANIZATION)
+    app.setApplicationName(APPLICATION)
+    theme.apply(app, args.theme)
+    window = create_window("demo", Settings())
+    window.resize(1440, 900)
+    window.move(0, 0)
+    window.show()
+    wait(lambda: window.session.model is not None and not window.session.busy)
+    OUT.mkdir(exist_ok=True)
+    shoot(window, "models", suffix)
+
+    window.show_page("quantize")
+    q = window.quantize
+    q.method.setCurrentIndex(q.method.findData("gptq"))
+    q.bits.setCurrentIndex(q.bits.findData(4))
+    q.start()
+    wait(lambda: not window.session.busy)
+    shoot(window, "quantize", suffix)
+
+    window.show_page("chat")
+    chat = window.chat
+    chat.input.setPlainText("Sara read 8 pages on Monday and 5 pages on Tuesday. How many pages did she read?")
+    finished = []
+    chat.answer_finished.connect(lambda pane, text: finished.append(pane))
+    chat.send()
+    wait(lambda: len(finished) == 2 and not window.session.busy)
+    chat.input.setPlainText("What is the capital of Italy?")
+    chat.send()
+    wait(lambda: len(finished) == 4 and not window.session.busy)
+    shoot(window, "chat", suffix)
+
+    window.show_page("compare")
+    window.compare.limit.setValue(20)
+    window.compare.run()
+    wait(lambda: not window.session.busy)
+    shoot(window, "compare", suffix)
+
+    window.show_page("export")
+    window.export.path.setText(str(tmp / "demo-gptq-w4"))
+    window.export.export()
+    wait(lambda: not window.session.busy)
+    shoot(window, "export", suffix)
+    window.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

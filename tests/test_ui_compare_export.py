@@ -1,0 +1,177 @@
+"""The Compare and Export pages on the demo model and its RTN W4 variant (offscreen Qt)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+pytestmark = pytest.mark.gui
+
+TIMEOUT_MS = 120_000  # two cores shared with other work: generous, but never a sleep
+
+
+@pytest.fixture
+def variant(session, demo_rtn4):
+    from ui.session import Variant
+
+    return session.add_variant(Variant("RTN W4", demo_rtn4.model, demo_rtn4.summary, demo_rtn4.layers))
+
+
+@pytest.fixture
+def compare(qtbot, session, studio_settings):
+    from ui.pages.compare import ComparePage
+
+    page = ComparePage(session, studio_settings)
+    qtbot.addWidget(page)
+    return page
+
+
+@pytest.fixture
+def export_page(qtbot, session, studio_settings):
+    from ui.pages.export import ExportPage
+
+    page = ExportPage(session, studio_settings)
+    qtbot.addWidget(page)
+    return page
+
+
+def choose(page, *suites, limit):
+    for name, box in page.suite_boxes.items():
+        box.setChecked(name in suites)
+    page.limit.setValue(limit)
+
+
+def error_dialogs():
+    from PySide6.QtWidgets import QApplication
+
+    return [w for w in QApplication.topLevelWidgets() if w.objectName() == "errorDialog" and w.isVisible()]
+
+
+# ---- Compare ---------------------------------------------------------------------------------------
+
+def test_compare_rows_match_direct_evaluation(qtbot, compare, session, variant, demo_model, tmp_path):
+    from dllm_studio import jobs
+    from dllm_studio.eval.runner import evaluate
+    from ui.pages.compare import FIELDS
+
+    assert [n for n, box in compare.suite_boxes.items() if box.isChecked()] == ["qa", "math", "code"]
+    choose(compare, "qa", "math", "text", limit=2)
+    with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS) as done:
+        compare.run()
+    rows = done.args[0]
+    assert not session.busy and compare.state.text().startswith("Done")
+    assert [r["suite"] for r in rows] == ["qa", "math", "text"] and compare.table.rowCount() == 3
+    for row in rows:
+        assert set(row) == set(FIELDS)  # (Qt hands dicts over with their keys sorted)
+        fp = jobs.run(evaluate(demo_model, row["suite"], limit=2))
+        q = jobs.run(evaluate(variant.model, row["suite"], limit=2))
+        metric = "nll_per_token" if row["suite"] == "text" else "accuracy"
+        assert row["metric"] == metric and row["items"] == 2
+        assert (row["fp"], row["q"]) == (getattr(fp, metric), getattr(q, metric))
+        assert (row["weight_bytes_fp"], row["weight_bytes_q"]) == (demo_model.weight_bytes(), variant.model.weight_bytes())
+        assert row["band"] in ("negligible", "moderate", "significant")
+
+    drop = compare.table.item(0, 4)
+    assert rows[0]["band"] in drop.text() and "%" in drop.text()  # the band in words, not colour alone
+    assert drop.background().color().alpha() > 0
+    assert compare.table.item(2, 2).text().endswith("nats/token")
+    # The chart shows accuracy (qa, math); the text suite's NLL is in the table only.
+    assert list(compare.chart.fp.opts["height"]) == [100 * rows[0]["fp"], 100 * rows[1]["fp"]]
+    assert list(compare.chart.q.opts["height"]) == [100 * rows[0]["q"], 100 * rows[1]["q"]]
+
+    out = tmp_path / "compare.csv"
+    assert compare.save_csv(out)
+    saved = list(csv.DictReader(out.open()))
+    assert [r["suite"] for r in saved] == ["qa", "math", "text"]
+    assert float(saved[2]["fp"]) == pytest.approx(rows[2]["fp"])
+    assert not list(tmp_path.glob(".compare.csv*"))  # the temporary file was renamed into place
+
+
+def test_compare_cancel_keeps_finished_rows(qtbot, compare, session, variant):
+    finished = []
+    compare.finished.connect(finished.append)
+    choose(compare, "qa", "math", "code", limit=3)
+    compare.run()
+    assert compare.cancel_button.isEnabled() and not compare.run_button.isEnabled()
+    qtbot.waitUntil(lambda: compare.table.rowCount() >= 1, timeout=TIMEOUT_MS)
+    compare.cancel_button.click()
+    qtbot.waitUntil(lambda: not session.busy, timeout=TIMEOUT_MS)
+    assert compare.state.text() == "Cancelled" and not finished
+    assert 1 <= compare.table.rowCount() < 3 and compare.table.item(0, 0).text() == "qa"
+    assert compare.run_button.isEnabled() and not compare.cancel_button.isEnabled()
+    assert compare.save_button.isEnabled()  # finished rows can still be saved
+
+
+def test_compare_suite_files(qtbot, compare, tmp_path):
+    good = tmp_path / "mine.jsonl"
+    good.write_text(json.dumps({"id": "a", "suite": "qa", "prompt": "Capital of France?", "answer": "Paris"}) + "\n")
+    assert compare.add_suite_file(good)
+    assert compare.suite_boxes[str(good.resolve())].isChecked()
+    assert compare.chosen_suites()[-1] == ("mine", good.resolve())
+
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text(good.read_text() + '{"id": "b", "suite": "qa", "prompt": \n')
+    assert not compare.add_suite_file(bad)
+    qtbot.waitUntil(lambda: len(error_dialogs()) == 1, timeout=5000)
+    dialog = error_dialogs()[0]
+    assert "line 2" in dialog.text()
+    dialog.close()
+    assert str(bad.resolve()) not in compare.suite_boxes
+
+
+def test_compare_explains_missing_variant(compare, session):
+    assert not compare.run_button.isEnabled()
+    assert "Quantize" in compare.hint.text()
+
+
+# ---- Export ----------------------------------------------------------------------------------------
+
+def export_to(qtbot, page, out, fmt, force=False):
+    page.format.setCurrentIndex(page.format.findData(fmt))
+    page.path.setText(str(out))
+    page.force.setChecked(force)
+    with qtbot.waitSignal(page.exported, timeout=TIMEOUT_MS) as done:
+        page.export()
+    return done.args
+
+
+@pytest.mark.parametrize("fmt", ["native", "gptq"])
+def test_export_writes_and_verifies(qtbot, export_page, session, variant, studio_settings, tmp_path, fmt):
+    out = tmp_path / f"demo-{fmt}"
+    path, report = export_to(qtbot, export_page, out, fmt)
+    assert path == str(out) and not session.busy
+    assert {"config.json", "model.safetensors"} <= {name for name, _ in report["files"]}
+    assert report["total_bytes"] == sum(p.stat().st_size for p in out.iterdir())
+    # Measured: both layouts reload to exactly the in-memory variant's logits on the demo model.
+    assert report["max_abs_logit_diff"] == 0.0 and report["argmax_agrees"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == {"native": "dllm_studio", "gptq": "gptq"}[fmt]
+    assert variant.folder == out
+    assert studio_settings.get("export/format") == fmt
+    assert export_page.result_box.isVisibleTo(export_page)
+    assert export_page.verified.text() == "Verified: reloaded model gives identical outputs"
+
+
+def test_export_refuses_existing_folder_without_force(qtbot, export_page, session, variant, tmp_path):
+    out = tmp_path / "model"
+    export_to(qtbot, export_page, out, "native")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    with qtbot.waitSignal(session.job_failed, timeout=TIMEOUT_MS) as failed:
+        export_page.export()
+    assert "already exists" in failed.args[1]
+    assert export_page.state.text() == "Export failed" and export_page.export_button.isEnabled()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing partial left
+
+    _, report = export_to(qtbot, export_page, out, "native", force=True)
+    assert report["max_abs_logit_diff"] == 0.0
+
+
+def test_export_suggests_a_folder(export_page, variant):
+    assert export_page.path.text().endswith("rtn-w4-native")
+    export_page.format.setCurrentIndex(export_page.format.findData("gptq"))
+    assert export_page.path.text().endswith("rtn-w4-gptq")
+    assert "vLLM" in export_page.format.itemData(1, 3)  # 3: Qt.ToolTipRole

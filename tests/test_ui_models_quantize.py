@@ -1,0 +1,170 @@
+"""The Models and Quantize pages, driven through their real widgets."""
+
+import json
+
+import pytest
+from PySide6.QtWidgets import QApplication
+
+pytestmark = pytest.mark.gui
+
+
+def error_dialogs():
+    return [w for w in QApplication.topLevelWidgets() if w.objectName() == "errorDialog" and w.isVisible()]
+
+
+@pytest.fixture
+def models_page(qtbot, session, studio_settings):
+    from ui.pages.models import ModelsPage
+
+    page = ModelsPage(session, studio_settings)
+    qtbot.addWidget(page)
+    return page
+
+
+@pytest.fixture
+def quantize_page(qtbot, session, studio_settings):
+    from ui.pages.quantize import QuantizePage
+
+    page = QuantizePage(session, studio_settings)
+    qtbot.addWidget(page)
+    page.samples.setValue(4)
+    page.seq_len.setValue(64)
+    return page
+
+
+def test_model_card_shows_the_demo_and_a_badge_per_bit_width(models_page, demo_model):
+    table = models_page.memory_table
+    assert [table.item(r, 0).text() for r in range(table.rowCount())] == ["bf16", "W8", "W4", "W3", "W2"]
+    assert all(table.item(r, 2).text() == "fits" for r in range(table.rowCount()))  # 4 MB on any machine
+    labels = [models_page.facts.itemAt(i).widget().text() for i in range(models_page.facts.count())
+              if models_page.facts.itemAt(i).widget() is not None]
+    assert f"{demo_model.num_parameters():,}" in labels and "llada" in labels
+
+
+def test_fit_badge_thresholds():
+    from ui.pages.models import fit_badge
+
+    gb = 10**9
+    assert fit_badge(1 * gb, 16 * gb)[0] == "fits"
+    assert fit_badge(10 * gb, 16 * gb)[0] == "tight"
+    assert fit_badge(20 * gb, 16 * gb)[0] == "won't fit"
+
+
+def test_a_corrupt_model_folder_is_a_clear_error_dialog(qtbot, models_page, session, tmp_path):
+    folder = tmp_path / "broken-llada"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llada"}))
+    (folder / "model.safetensors").write_bytes(b"not really safetensors")
+    from ui.dialogs import show_error
+
+    session.job_failed.connect(lambda title, message: show_error(models_page, title, message))
+    with qtbot.waitSignal(session.job_failed, timeout=20_000) as failed:
+        models_page.open(str(folder))
+    title, message = failed.args
+    assert "broken-llada" in title and "not a valid safetensors file" in message
+    dialogs = error_dialogs()
+    assert dialogs and "broken-llada" in dialogs[0].windowTitle() and message in dialogs[0].text()
+    dialogs[0].close()
+    assert session.model.source == "demo" and not session.busy  # what was open stays open
+
+
+def test_a_quantized_folder_opens_as_a_variant(qtbot, models_page, session, demo_rtn4, tmp_path):
+    from dllm_studio.quant.export import save_quantized
+
+    out = save_quantized(demo_rtn4.model, tmp_path / "demo-rtn4")
+    with qtbot.waitSignal(models_page.loaded, timeout=20_000):
+        models_page.open(str(out))
+    assert list(session.variants) == ["demo-rtn4"]
+    assert session.model.source == "demo"
+    assert "demo-rtn4" in models_page.variant_list.item(0).text()
+
+
+def test_only_valid_combinations_are_offered(quantize_page):
+    page = quantize_page
+    from dllm_studio.quant.recipe import WEIGHT_BITS
+
+    for method in ("rtn", "gptq", "awq"):
+        page.method.setCurrentIndex(page.method.findData(method))
+        assert [page.bits.itemData(i) for i in range(page.bits.count())] == list(WEIGHT_BITS[method])
+        assert page.act_order.isEnabled() == (method == "gptq")
+        assert "seed study" in page.method.toolTip() or method == "rtn"
+    page.method.setCurrentIndex(page.method.findData("gptq"))
+    page.act_order.setChecked(True)
+    page.method.setCurrentIndex(page.method.findData("awq"))
+    assert not page.act_order.isChecked()  # switched off with the method, never silently ignored
+    assert page.start_button.isEnabled() and "fits" in page.preflight.text()
+
+
+def test_quantize_gptq_w4_fills_the_charts_and_makes_a_variant(qtbot, quantize_page, session):
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("gptq"))
+    page.bits.setCurrentIndex(page.bits.findData(4))
+    with qtbot.waitSignal(page.finished, timeout=120_000) as done:
+        page.start_button.click()
+        assert page.cancel_button.isEnabled()
+    variant = done.args[0]
+    n_layers = 7 * session.model.num_layers
+    assert len(page.outlier_ratios) == n_layers and len(page.layer_errors) == n_layers
+    assert len(page.outliers.values) == n_layers and len(page.errors.values) == n_layers  # drawn, not only stored
+    assert page.memory_chart.data and page.redraws >= 1
+    assert page.progress.value() == page.progress.maximum()
+    assert variant.name == "GPTQ W4A16 g128" and session.variants[variant.name] is variant
+    assert "bits per weight" in page.result.text() and "4.1" in page.result.text()
+    assert not session.busy and not page.cancel_button.isEnabled()
+
+
+def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("awq"))
+    cancelled = []
+
+    def on_layer(event):
+        if type(event).__name__ == "LayerQuantized" and not cancelled:
+            cancelled.append(event)
+            page.cancel_button.click()
+
+    with qtbot.waitSignal(session.busy_changed, timeout=120_000, check_params_cb=lambda busy, _t: not busy):
+        page.start_button.click()
+        page.job.event.connect(on_layer)
+    assert cancelled and session.variants == {}
+    assert page.progress.text().startswith("cancelled")
+    assert page.start_button.isEnabled()
+
+
+def test_a_hub_id_offline_says_so(qtbot, models_page, session, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    models_page.hub_edit.setText("GSAI-ML/LLaDA-8B-Instruct")
+    with qtbot.waitSignal(session.job_failed, timeout=20_000) as failed:
+        models_page.hub_button.click()
+    assert "Cannot download GSAI-ML/LLaDA-8B-Instruct" in failed.args[1] and "no copy is cached" in failed.args[1]
+    assert session.model.source == "demo"
+
+
+def test_a_hub_download_shows_progress_then_opens(qtbot, models_page, session, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    from dllm_studio.hub import DEMO_PATH
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(DEMO_PATH, snapshot)
+    seen = []
+
+    def snapshot_download(repo_id, *, tqdm_class=None, local_files_only=False, **kwargs):
+        bar = tqdm_class(total=1000, initial=0, unit="B", desc="Reconstructing")
+        for _ in range(4):
+            bar.update(250)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    models_page.progress.valueChanged.connect(seen.append)
+    monkeypatch.chdir(tmp_path)
+    with qtbot.waitSignal(models_page.loaded, timeout=30_000):
+        models_page.open("someone/tiny-llada")
+    assert 1000 in seen  # the bar reached the end
+    assert session.model.source == "someone/tiny-llada" and not models_page.progress.isVisible()

@@ -1,0 +1,130 @@
+"""The studio's charts, with pyqtgraph kept behind a few small classes.
+
+Each chart keeps its data in numpy arrays and is redrawn by its page's timer (at most ~10 Hz), never
+once per engine event: `set_*`/`append` calls are cheap and may come at any rate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtGui import QColor
+
+from ui.theme import BAD, FP_COLOR, QUANT_COLOR
+
+
+class _Chart(pg.PlotWidget):
+    def __init__(self, title: str, x_label: str, y_label: str, description: str, parent=None) -> None:
+        super().__init__(parent)
+        self.setMinimumHeight(150)
+        self.setTitle(title, size="10pt")
+        self.setLabel("bottom", x_label)
+        self.setLabel("left", y_label)
+        self.setMenuEnabled(False)
+        self.showGrid(x=False, y=True, alpha=0.25)
+        self.setAccessibleName(title)
+        self.setAccessibleDescription(description)
+        self.setToolTip(description)
+
+
+class BarChart(_Chart):
+    """One bar per item (a layer), growing as items arrive; bars above `alarm` are drawn in red."""
+
+    def __init__(self, title: str, x_label: str, y_label: str, description: str, *, log_y: bool = False,
+                 alarm: float | None = None, parent=None) -> None:
+        super().__init__(title, x_label, y_label, description, parent)
+        self.log_y, self.alarm = log_y, alarm
+        self.setLogMode(y=log_y)
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.8)
+        self.addItem(self.bars)
+        self.values = np.zeros(0)
+
+    def set_values(self, values) -> None:
+        self.values = np.asarray(values, dtype=float)
+        x = np.arange(len(self.values))
+        shown = np.log10(np.maximum(self.values, 1e-6)) if self.log_y else self.values
+        base = QColor(QUANT_COLOR)
+        brushes = [pg.mkBrush(BAD) if self.alarm is not None and v > self.alarm else pg.mkBrush(base)
+                   for v in self.values]
+        if self.log_y:  # bars rise from 10^0 = a ratio of 1
+            self.bars.setOpts(x=x, y0=np.zeros_like(shown), height=shown, brushes=brushes, pen=None)
+        else:
+            self.bars.setOpts(x=x, height=shown, brushes=brushes, pen=None)
+        if len(x):
+            self.setXRange(-0.6, max(len(x), 8) - 0.4, padding=0)
+
+
+class ChannelProfile(_Chart):
+    """Max |activation| per input channel of one layer, the outlier channels marked."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__("Current layer: channel magnitudes", "input channel", "max |x|",
+                         "Largest |activation| per input channel of the layer being quantized; red points are "
+                         "outlier channels (more than 4x the median channel, the dashed line).", parent)
+        self.curve = self.plot([], [], pen=pg.mkPen(FP_COLOR, width=1))
+        self.marks = pg.ScatterPlotItem(size=7, brush=pg.mkBrush(BAD), pen=None)
+        self.addItem(self.marks)
+        self.median_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#888888", style=pg.QtCore.Qt.PenStyle.DashLine))
+        self.addItem(self.median_line)
+
+    def set_profile(self, name: str, absmax, outlier_factor: float = 4.0) -> None:
+        values = np.asarray(absmax, dtype=float)
+        self.setTitle(f"Channel magnitudes: {name}", size="10pt")
+        if not len(values):
+            return
+        x = np.arange(len(values))
+        median = float(np.median(values)) or 1e-12
+        self.curve.setData(x, values)
+        hot = values > outlier_factor * median
+        self.marks.setData(x[hot], values[hot])
+        self.median_line.setValue(median)
+
+
+class MemoryChart(_Chart):
+    """Resident memory over time (and its peak); CUDA allocations when a GPU is in use."""
+
+    def __init__(self, title: str = "Memory", parent=None) -> None:
+        super().__init__(title, "seconds", "MB", "Process memory over time: resident set (RSS), its peak, "
+                         "and CUDA allocations when a GPU is used.", parent)
+        self.addLegend(offset=(-10, 10))
+        self.rss = self.plot([], [], pen=pg.mkPen(FP_COLOR, width=2), name="RSS")
+        self.peak = self.plot([], [], pen=pg.mkPen(BAD, width=1, style=pg.QtCore.Qt.PenStyle.DashLine), name="peak")
+        self.cuda = self.plot([], [], pen=pg.mkPen(QUANT_COLOR, width=2), name="CUDA")
+        self.data: list[tuple[float, float, float, float]] = []
+
+    def append(self, seconds: float, rss: int, peak: int, cuda: int | None = None) -> None:
+        self.data.append((seconds, rss / 1e6, peak / 1e6, (cuda or 0) / 1e6 if cuda is not None else np.nan))
+        del self.data[:-3000]
+
+    def clear_data(self) -> None:
+        self.data.clear()
+
+    def redraw(self) -> None:
+        if not self.data:
+            for curve in (self.rss, self.peak, self.cuda):
+                curve.setData([], [])
+            return
+        t, rss, peak, cuda = np.array(self.data).T
+        self.rss.setData(t, rss)
+        self.peak.setData(t, peak)
+        if not np.isnan(cuda).all():
+            self.cuda.setData(t, cuda)
+
+
+class GroupedBars(_Chart):
+    """Full precision and quantized side by side per category (accuracy per suite)."""
+
+    def __init__(self, title: str, y_label: str, description: str, parent=None) -> None:
+        super().__init__(title, "", y_label, description, parent)
+        self.addLegend(offset=(-10, 10))
+        self.fp = pg.BarGraphItem(x=[], height=[], width=0.38, brush=pg.mkBrush(FP_COLOR), name="full precision")
+        self.q = pg.BarGraphItem(x=[], height=[], width=0.38, brush=pg.mkBrush(QUANT_COLOR), name="quantized")
+        self.addItem(self.fp)
+        self.addItem(self.q)
+
+    def set_values(self, categories: list[str], fp: list[float | None], q: list[float | None]) -> None:
+        x = np.arange(len(categories), dtype=float)
+        self.fp.setOpts(x=x - 0.2, height=[v or 0 for v in fp])
+        self.q.setOpts(x=x + 0.2, height=[v or 0 for v in q])
+        self.getAxis("bottom").setTicks([list(zip(x, categories))])
+        self.setXRange(-0.7, max(len(categories), 1) - 0.3, padding=0)

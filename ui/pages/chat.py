@@ -1,0 +1,714 @@
+"""Chat: one prompt answered by the full-precision model and a quantized variant, side by side, step by step.
+
+The panes run one after the other (the session runs one job at a time): full precision first, then the
+quantized variant, chained from the first one's end. Engine steps can come faster than the eye follows
+(the demo model takes a few ms a step), so frames are stored as they arrive and a 30 ms timer draws them
+one step per tick: every step is seen, however fast the model.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                               QPlainTextEdit, QPushButton, QSlider, QSpinBox, QSplitter, QTextBrowser, QVBoxLayout,
+                               QWidget)
+
+from dllm_studio.errors import DllmError, InvalidSettingsError
+from dllm_studio.events import Commit, DenoiseStep
+from dllm_studio.memory import human, peak_rss_bytes
+from dllm_studio.sampling import REMASKING, GenerationConfig
+from ui.dialogs import show_error
+from ui.session import Session
+from ui.settings import Settings
+from ui.theme import BAD, FP_COLOR, QUANT_COLOR
+from ui.workers import stream
+
+FORMAT_VERSION = 1
+FRAME_MS = 30  # one denoising step drawn per tick: fast enough to watch, slow enough to see each step
+MASK = '<span style="color:#9a9ea6">░</span>'
+ENDED = "∎"  # drawn where one answer stopped and the other went on
+DIFFER_STYLE = "text-decoration: underline; background: #d9c8f5; color: #000"
+QUEUED = "Queued: runs after the full-precision pane (one model computes at a time on this machine)."
+NO_VARIANT = ("No quantized variant yet. Quantize this model on the Quantize page, or open a quantized folder on "
+              "the Models page. Until then, Send runs the full-precision pane only.")
+STATS_HELP = (
+    "<b>steps</b>: denoising steps run.<br>"
+    "<b>forward passes</b> (NFE): model evaluations; 2 per step with classifier-free guidance.<br>"
+    "<b>ms/step</b>: wall time ÷ steps.<br>"
+    "<b>total</b>: wall time from the generate call until the last token was committed, model loading excluded.<br>"
+    "<b>tokens/s</b>: generated tokens up to, not including, the first end-of-answer token, ÷ wall time. "
+    "Masked diffusion commits tokens in parallel, so this is not an autoregressive decode rate.<br>"
+    "<b>peak memory</b>: this process's peak resident memory (RSS) so far, read after the run.")
+# The sampler fields the panel offers: GenerationConfig name -> (type, label, help); saved as "chat/<name>".
+SAMPLER = {
+    "gen_length": (int, "&Generation length", "Answer tokens generated; all start masked."),
+    "steps": (int, "S&teps", "Denoising steps. Fewer steps commit more tokens per step: faster, usually worse."),
+    "block_length": (int, "&Block length", "Semi-autoregressive blocks, decoded left to right. The generation "
+                     "length must be a multiple of it; equal to the generation length means one block."),
+    "remasking": (str, "&Remasking", "Which predictions are committed first: the most probable (low_confidence), "
+                  "the widest top-2 margin, the lowest entropy, or at random."),
+    "temperature": (float, "Te&mperature", "0 = greedy: the same prompt, seed and settings give the same answer."),
+    "seed": (int, "See&d", "Seeds sampling at temperature > 0 and random remasking; both panes get the same seed."),
+}
+STATS = {"steps": int, "forward_passes": int, "wall_time_s": float, "ms_per_step": float, "tokens": int,
+         "tokens_per_s": float, "peak_rss_bytes": int}
+
+
+def _text(s: str) -> str:
+    return html.escape(s).replace("\n", "<br>")
+
+
+def heat(confidence: float) -> str:
+    """Red (unsure) through yellow to green (sure), pale enough for black text in either theme."""
+    c = confidence if confidence >= 0 else math.exp(confidence)  # entropy remasking scores are -entropy
+    c = min(max(c, 0.0), 1.0)
+    stops = ((0xf2, 0x9e, 0x9b), (0xf5, 0xdc, 0x7a), (0x9c, 0xd9, 0xa6))
+    i, t = (0, 2 * c) if c < 0.5 else (1, 2 * c - 1)
+    return "#" + "".join(f"{round(a + (b - a) * t):02x}" for a, b in zip(stops[i], stops[i + 1]))
+
+
+def frame_html(frame: DenoiseStep, pieces: dict[int, str], *, fresh: bool, differ=frozenset(),
+               ended: int | None = None) -> str:
+    """One answer span: masks as placeholders, this step's commits coloured by confidence, the rest settled."""
+    new = {c.position: c.confidence for c in frame.committed} if fresh else {}
+    masked = set(frame.masked)
+    out = []
+    for i, tid in enumerate(frame.tokens):
+        piece = _text(pieces.get(tid, ""))
+        if i in masked:
+            out.append(MASK)
+        elif i in new:  # an empty piece (a stop token) still shows as a coloured cell
+            out.append(f'<span style="background:{heat(new[i])}; color:#000">{piece or "&nbsp;"}</span>')
+        elif i in differ and (piece or i == ended):
+            out.append(f'<span style="{DIFFER_STYLE}">{piece or ENDED}</span>')
+        else:
+            out.append(piece)
+    return f'<span style="white-space: pre-wrap">{"".join(out)}</span>'
+
+
+@dataclass
+class Turn:
+    """One prompt and one pane's answer to it, with every denoising step kept for replay."""
+
+    prompt: str
+    total_steps: int
+    gen_length: int
+    mask_id: int | None
+    variant: str | None = None  # the quantized pane's model, by name
+    state: str = "queued"  # queued | running | done | stopped | failed | skipped
+    message: str = ""  # why it failed or was skipped
+    frames: list[DenoiseStep] = field(default_factory=list)
+    pieces: dict[int, str] = field(default_factory=dict)  # token id -> its text, for every id in the frames
+    token_ids: list[int] = field(default_factory=list)  # the final answer span, stop tokens included
+    answer: str | None = None  # the decoded answer, once done
+    length: int = 0  # generated tokens before the first stop token
+    stats: dict | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+
+    def note(self) -> str:
+        return f"Failed: {self.message}" if self.state == "failed" else f"Not run: {self.message}"
+
+    def to_dict(self) -> dict:
+        used = sorted({t for f in self.frames for t in f.tokens})
+        return {"prompt": self.prompt, "variant": self.variant, "state": self.state, "message": self.message,
+                "answer": self.answer, "token_ids": self.token_ids, "length": self.length, "stats": self.stats,
+                "total_steps": self.total_steps, "gen_length": self.gen_length, "mask_token_id": self.mask_id,
+                "pieces": {str(t): self.pieces.get(t, "") for t in used},
+                "steps": [{"block": f.block, "tokens": list(f.tokens),
+                           "committed": [[c.position, round(c.confidence, 4)] for c in f.committed]}
+                          for f in self.frames]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Turn:
+        if d["state"] not in ("done", "stopped", "failed", "skipped"):
+            raise ValueError(f"a turn's state is {d['state']!r}")
+        turn = cls(str(d["prompt"]), int(d["total_steps"]), int(d["gen_length"]), d["mask_token_id"],
+                   d.get("variant"), d["state"], str(d.get("message", "")))
+        for i, s in enumerate(d["steps"]):
+            tokens = tuple(int(t) for t in s["tokens"])
+            committed = tuple(Commit(int(p), tokens[int(p)], float(c)) for p, c in s["committed"])
+            masked = tuple(j for j, t in enumerate(tokens) if t == turn.mask_id)
+            turn.frames.append(DenoiseStep(i + 1, turn.total_steps, int(s["block"]), tokens, committed, masked))
+        turn.pieces = {int(k): str(v) for k, v in d["pieces"].items()}
+        turn.token_ids = [int(t) for t in d["token_ids"]]
+        turn.answer = None if d["answer"] is None else str(d["answer"])
+        turn.length = int(d["length"])
+        if not 0 <= turn.length <= len(turn.token_ids):
+            raise ValueError(f"an answer of {len(turn.token_ids)} tokens cannot have {turn.length} before its end")
+        turn.stats = None if d["stats"] is None else {k: kind(d["stats"][k]) for k, kind in STATS.items()}
+        return turn
+
+
+def stats_text(s: dict) -> str:
+    return (f"{s['steps']} steps · {s['forward_passes']} forward passes · {s['ms_per_step']:.1f} ms/step\n"
+            f"{s['wall_time_s']:.2f} s total · {s['tokens_per_s']:.1f} tokens/s · "
+            f"peak memory {human(s['peak_rss_bytes'])}")
+
+
+class Pane(QGroupBox):
+    """One side of the comparison: its own conversation, the answer being drawn, a replay slider and stats."""
+
+    drawn = Signal(int)  # the step whose frame was just drawn
+
+    def __init__(self, key: str, title: str, color: str, parent=None) -> None:
+        super().__init__(title, parent)
+        self.key, self.title, self.color = key, title, color
+        self.setObjectName(f"{key}Pane")
+        self.turns: list[Turn] = []
+        self.shown = 0  # frames of the last turn drawn so far
+        self.settled = True  # the last answer is final and its last frame has been shown
+        self.hurry = False  # Stop was pressed: jump to the latest frame
+        self.differ: set[int] = set()  # positions of the last answer that differ from the other pane's
+
+        self.header = QHBoxLayout()  # the quantized pane's variant chooser goes here
+        self.hint = QLabel(wordWrap=True, objectName=f"{key}Hint", visible=False)
+        self.browser = QTextBrowser(objectName=f"{key}Answer", openLinks=False)
+        self.browser.setAccessibleName(f"{title} conversation")
+        self.status = QLabel(wordWrap=True, objectName=f"{key}Status")
+        self.replay = QSlider(Qt.Orientation.Horizontal, objectName=f"{key}Replay", enabled=False, minimum=1)
+        self.replay.setAccessibleName(f"{title}: replay denoising step")
+        self.replay.setToolTip("Drag to see the answer at any denoising step.")
+        self.replay_label = QLabel("Replay", minimumWidth=110)
+        self.stats = QLabel(objectName=f"{key}Stats", toolTip=STATS_HELP)
+        self.stats.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.copy = QPushButton("Copy", objectName=f"{key}Copy", enabled=False)
+        self.copy.setAccessibleName(f"Copy the {title.lower()} answer")
+        self.copy.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.last_answer() or ""))
+        self.replay.valueChanged.connect(self._replayed)
+
+        replay_row = QHBoxLayout()
+        replay_row.addWidget(self.replay_label)
+        replay_row.addWidget(self.replay, 1)
+        stats_row = QHBoxLayout()
+        stats_row.addWidget(self.stats, 1)
+        stats_row.addWidget(self.copy, 0, Qt.AlignmentFlag.AlignTop)
+        layout = QVBoxLayout(self)
+        layout.addLayout(self.header)
+        layout.addWidget(self.hint)
+        layout.addWidget(self.browser, 1)
+        layout.addWidget(self.status)
+        layout.addLayout(replay_row)
+        layout.addLayout(stats_row)
+
+    # ---- conversation -------------------------------------------------------------------------------
+    def history(self) -> list[dict]:
+        """The messages this pane's model has seen: finished turns only (a stopped answer is not history)."""
+        messages = []
+        for turn in self.turns:
+            if turn.answer is not None:
+                messages += [{"role": "user", "content": turn.prompt}, {"role": "assistant", "content": turn.answer}]
+        return messages
+
+    def last_answer(self) -> str | None:
+        return next((t.answer for t in reversed(self.turns) if t.answer is not None), None)
+
+    def begin(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        self.shown, self.settled, self.hurry, self.differ = 0, False, False, set()
+        self.replay.setEnabled(False)
+        self.replay_label.setText("Replay")
+        self.stats.clear()
+        self.update_status()
+        self.render(0)
+
+    def load(self, turns: list[Turn]) -> None:
+        """Show these turns (from a file, or none for a new chat), the last answer final and replayable."""
+        self.turns, self.differ, self.hurry = turns, set(), False
+        self.shown = len(turns[-1].frames) if turns else 0
+        self.settled = False
+        self.replay.setEnabled(False)
+        self.replay_label.setText("Replay")
+        self.stats.clear()
+        if not self.settle():  # nothing to settle: an empty conversation
+            self.settled = True
+            self.copy.setEnabled(False)
+            self.update_status()
+            self.render()
+
+    # ---- drawing ------------------------------------------------------------------------------------
+    def advance(self) -> bool:
+        """Draw the next stored frame of the last answer (all of them when hurried); False if none is waiting."""
+        frames = self.turns[-1].frames if self.turns else []
+        if self.shown >= len(frames):
+            return False
+        self.shown = len(frames) if self.hurry else self.shown + 1
+        self.render(self.shown)
+        self.update_status()
+        self.drawn.emit(self.shown)
+        return True
+
+    def settle(self) -> bool:
+        """Once the last answer has ended and its last frame was drawn: final view, replay and stats. True then."""
+        turn = self.turns[-1] if self.turns else None
+        if self.settled or turn is None or turn.state in ("queued", "running") or self.shown < len(turn.frames):
+            return False
+        self.settled = True
+        n = len(turn.frames)
+        self.replay.blockSignals(True)  # setting the range is not a replay
+        self.replay.setRange(1, max(n, 1))
+        self.replay.setValue(max(n, 1))
+        self.replay.blockSignals(False)
+        self.replay.setEnabled(n > 0)
+        self.replay_label.setText(f"Step {n} of {turn.total_steps}" if n else "Replay")
+        self.stats.setText(stats_text(turn.stats) if turn.stats else "")
+        self.copy.setEnabled(self.last_answer() is not None)
+        self.update_status()
+        self.render()
+        return True
+
+    def show_differences(self, differ: set[int]) -> None:
+        self.differ = differ
+        if self.settled and self.replay.value() == self.replay.maximum():
+            self.render()
+
+    def _replayed(self, step: int) -> None:
+        if not self.settled or not self.turns:
+            return
+        last = step >= len(self.turns[-1].frames)
+        self.replay_label.setText(f"Step {step} of {self.turns[-1].total_steps}")
+        self.render(None if last else step)
+        self.drawn.emit(step)
+
+    def update_status(self) -> None:
+        turn = self.turns[-1] if self.turns else None
+        if turn is None:
+            text = ""
+        elif turn.state == "queued":
+            text = QUEUED
+        elif turn.state == "running" or (turn.frames and not self.settled):  # the animation is catching up
+            text = f"Denoising: step {self.shown} of {turn.total_steps}" if self.shown else "Starting…"
+        elif turn.state == "done":
+            text = f"Done: {turn.length} token{'s' * (turn.length != 1)} in {turn.total_steps} steps."
+        elif turn.state == "stopped":
+            text = f"Stopped at step {len(turn.frames)} of {turn.total_steps}."
+        else:
+            text = turn.note()
+        self.status.setText(text)
+
+    def render(self, step: int | None = None) -> None:
+        """Draw the conversation, the last answer at frame `step` (1-based; 0 = nothing yet) or final when None."""
+        parts = []
+        for i, turn in enumerate(self.turns):
+            parts.append(f"<p><b>You:</b> {_text(turn.prompt)}</p>")
+            name = self.title + (f" ({turn.variant})" if turn.variant else "")
+            name = f'<b style="color:{self.color}">{html.escape(name)}:</b> '
+
+            if i < len(self.turns) - 1:
+                body = self._ended(turn)
+            elif not turn.frames or step == 0:
+                body = MASK * turn.gen_length if turn.state in ("queued", "running") else self._ended(turn)
+            elif step is not None:
+                body = frame_html(turn.frames[step - 1], turn.pieces, fresh=True)
+            elif turn.state == "done":
+                body = frame_html(turn.frames[-1], turn.pieces, fresh=False, differ=self.differ, ended=turn.length)
+            else:
+                body = self._ended(turn)
+            parts.append(f"<p>{name}{body}</p>")
+        bar = self.browser.verticalScrollBar()
+        follow, value = bar.value() >= bar.maximum() - 4, bar.value()  # stay at the bottom if already there
+        self.browser.setHtml("".join(parts))
+        bar.setValue(bar.maximum() if follow else value)
+
+    @staticmethod
+    def _ended(turn: Turn) -> str:
+        """A turn drawn without its steps: the answer, the partial tokens when stopped, or why it did not run."""
+        if turn.state == "done":
+            return _text(turn.answer or "")
+        if turn.state == "stopped":
+            partial = frame_html(turn.frames[-1], turn.pieces, fresh=False) if turn.frames else ""
+            return partial + " <i>(stopped)</i>"
+        return f"<i>{_text(turn.note())}</i>"
+
+
+class ChatPage(QWidget):
+    frame_shown = Signal(str, int)  # pane ("fp" | "quant"), the step whose frame was drawn
+    answer_finished = Signal(str, str)  # pane, the final answer text, once its last frame has been shown
+    turn_finished = Signal()  # every pane of the last send has settled; Send is enabled again
+
+    def __init__(self, session: Session, settings: Settings, parent=None) -> None:
+        super().__init__(parent)
+        self.session, self.settings = session, settings
+        self.running = False  # from Send until every pane of that send has settled
+        self._queue: list[tuple[Pane, Turn, object]] = []  # panes waiting for their turn on the session
+        self._job = None
+        self._timer = QTimer(self, interval=FRAME_MS)
+        self._timer.timeout.connect(self._tick)
+
+        # ---- the two panes ----
+        self.fp = Pane("fp", "Full precision", FP_COLOR)
+        self.quant = Pane("quant", "Quantized", QUANT_COLOR)
+        self.panes = (self.fp, self.quant)
+        for pane in self.panes:
+            pane.drawn.connect(lambda step, key=pane.key: self.frame_shown.emit(key, step))
+        self.variant_box = QComboBox(objectName="variantCombo")
+        self.variant_box.setAccessibleName("Quantized variant")
+        self.variant_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        variant_label = QLabel("&Variant:")
+        variant_label.setBuddy(self.variant_box)
+        self.quant.header.addWidget(variant_label)
+        self.quant.header.addWidget(self.variant_box, 1)
+        self.quant.hint.setText(NO_VARIANT)
+        splitter = QSplitter(Qt.Orientation.Horizontal, childrenCollapsible=False)
+        splitter.addWidget(self.fp)
+        splitter.addWidget(self.quant)
+
+        legend = QLabel(objectName="denoiseLegend", wordWrap=True, textFormat=Qt.TextFormat.RichText)
+        legend.setText(f"{MASK} masked &nbsp;·&nbsp; committed this step, by confidence: "
+                       f'<span style="background:{heat(0)}; color:#000">&nbsp;low&nbsp;</span>'
+                       f'<span style="background:{heat(0.5)}; color:#000">&nbsp;medium&nbsp;</span>'
+                       f'<span style="background:{heat(1)}; color:#000">&nbsp;high&nbsp;</span>'
+                       f" &nbsp;·&nbsp; plain text: settled &nbsp;·&nbsp; "
+                       f'<span style="{DIFFER_STYLE}">underlined</span>: differs from the other pane '
+                       f"({ENDED}: one answer ended there)")
+        self.diff_label = QLabel(objectName="diffLabel")
+
+        # ---- the prompt ----
+        self.input = QPlainTextEdit(objectName="chatInput")
+        self.input.setPlaceholderText("Ask both models something… (Ctrl+Enter sends, Esc stops)")
+        self.input.setAccessibleName("Prompt")
+        self.input.setFixedHeight(72)
+        self.send_button = QPushButton("Send", objectName="sendButton")
+        self.send_button.setAccessibleName("Send prompt")
+        self.send_button.setToolTip("Send the prompt to both models, one after the other (Ctrl+Enter).")
+        self.stop_button = QPushButton("Stop", objectName="stopButton", enabled=False)
+        self.stop_button.setAccessibleName("Stop generation")
+        self.stop_button.setToolTip("Stop the running answer and skip the queued one (Esc).")
+        self.send_button.clicked.connect(self.send)
+        self.stop_button.clicked.connect(self.stop)
+        buttons = QVBoxLayout()
+        buttons.addWidget(self.send_button)
+        buttons.addWidget(self.stop_button)
+        prompt_row = QHBoxLayout()
+        prompt_row.addWidget(self.input, 1)
+        prompt_row.addLayout(buttons)
+
+        # ---- the side panel ----
+        self.new_button = QPushButton("&New chat", objectName="newChatButton")
+        self.open_button = QPushButton("&Open…", objectName="openConversationButton")
+        self.save_button = QPushButton("Sa&ve…", objectName="saveConversationButton")
+        self.new_button.setToolTip("Clear both conversations.")
+        self.open_button.setToolTip("Open a conversation saved as JSON, with every step for replay.")
+        self.save_button.setToolTip("Save both conversations, the sampler settings and every step as JSON.")
+        self.new_button.clicked.connect(self.new_chat)
+        self.open_button.clicked.connect(self.choose_open_file)
+        self.save_button.clicked.connect(self.choose_save_file)
+        conversation = QGroupBox("Conversation")
+        conversation_buttons = QVBoxLayout(conversation)
+        for b in (self.new_button, self.open_button, self.save_button):
+            conversation_buttons.addWidget(b)
+        side = QVBoxLayout()
+        side.addWidget(self._build_sampler())
+        side.addWidget(conversation)
+        side.addStretch(1)
+
+        main = QVBoxLayout()
+        main.addWidget(splitter, 1)
+        main.addWidget(legend)
+        main.addWidget(self.diff_label)
+        main.addLayout(prompt_row)
+        root = QHBoxLayout(self)
+        root.addLayout(main, 1)
+        side_widget = QWidget()
+        side_widget.setLayout(side)
+        side_widget.setFixedWidth(290)
+        root.addWidget(side_widget)
+
+        session.variants_changed.connect(self._refresh_variants)
+        session.model_changed.connect(self._model_changed)
+        session.busy_changed.connect(self._busy_changed)
+        self._refresh_variants()
+        self._update_buttons()
+        order = [self.input, self.send_button, self.stop_button, self.variant_box, *self._fields.values(),
+                 self.new_button, self.open_button, self.save_button]
+        for pane in self.panes:
+            order += [pane.browser, pane.replay, pane.copy]
+        for first, second in zip(order, order[1:]):
+            QWidget.setTabOrder(first, second)
+
+    # ---- sampler settings ---------------------------------------------------------------------------
+    def _build_sampler(self) -> QGroupBox:
+        box = QGroupBox("Sampler", objectName="samplerPanel")
+        form = QFormLayout(box)
+        self.gen_length = QSpinBox(objectName="genLength", minimum=1, maximum=8192)
+        self.steps = QSpinBox(objectName="steps", minimum=1, maximum=8192)
+        self.block_length = QSpinBox(objectName="blockLength", minimum=1, maximum=8192)
+        self.remasking = QComboBox(objectName="remasking")
+        self.remasking.addItems(REMASKING)
+        self.temperature = QDoubleSpinBox(objectName="temperature", minimum=0.0, maximum=5.0, singleStep=0.1,
+                                          decimals=2)
+        self.seed = QSpinBox(objectName="seed", minimum=0, maximum=2**31 - 1)
+        self._fields = {"gen_length": self.gen_length, "steps": self.steps, "block_length": self.block_length,
+                        "remasking": self.remasking, "temperature": self.temperature, "seed": self.seed}
+        for name, widget in self._fields.items():
+            _kind, label, help_text = SAMPLER[name]
+            widget.setToolTip(help_text)
+            form.addRow(label, widget)
+        self.sampler_error = QLabel(objectName="samplerError", wordWrap=True, visible=False)
+        self.sampler_error.setStyleSheet(f"color: {BAD}")
+        form.addRow(self.sampler_error)
+        self._apply_sampler({name: self.settings.get(f"chat/{name}") for name in SAMPLER})
+        for widget in (self.gen_length, self.steps, self.block_length, self.seed, self.temperature):
+            widget.valueChanged.connect(self._sampler_changed)
+        self.remasking.currentTextChanged.connect(self._sampler_changed)
+        self._check(self.config())
+        return box
+
+    def _apply_sampler(self, values: dict) -> None:
+        """Put `values` (field name -> value) in the panel without saving each one as it is set."""
+        for name, value in values.items():
+            widget = self._fields[name]
+            widget.blockSignals(True)
+            if isinstance(widget, QComboBox):
+                widget.setCurrentText(value)
+            else:
+                widget.setValue(value)
+            widget.blockSignals(False)
+
+    def config(self) -> GenerationConfig:
+        """The sampler settings in the panel, not yet validated."""
+        return GenerationConfig(gen_length=self.gen_length.value(), steps=self.steps.value(),
+                                block_length=self.block_length.value(), remasking=self.remasking.currentText(),
+                                temperature=self.temperature.value(), seed=self.seed.value())
+
+    def _sampler_values(self) -> dict:
+        config = self.config()
+        return {name: getattr(config, name) for name in SAMPLER}
+
+    def _sampler_changed(self) -> None:
+        for name, value in self._sampler_values().items():
+            self.settings.set(f"chat/{name}", value)
+        self._check(self.config())
+
+    def _check(self, config: GenerationConfig) -> bool:
+        """Validate with the engine's own rules and say what is wrong right in the panel."""
+        try:
+            config.validate()
+        except InvalidSettingsError as exc:
+            self.sampler_error.setText(str(exc))
+            self.sampler_error.setVisible(True)
+            return False
+        self.sampler_error.setVisible(False)
+        return True
+
+    # ---- sending --------------------------------------------------------------------------------------
+    def send(self) -> None:
+        """Send the prompt to the full-precision pane, then (queued behind it) the chosen quantized variant."""
+        prompt = self.input.toPlainText().strip()
+        model = self.session.model
+        if not prompt or self.running or self.session.busy or model is None:
+            return
+        config = self.config()
+        if not self._check(config):
+            return
+        variant = self.session.variants.get(self.variant_box.currentText())
+        self.input.clear()
+        self.running = True
+        self.diff_label.clear()
+        fp_turn = Turn(prompt, config.steps, config.gen_length, model.mask_token_id)
+        self.fp.begin(fp_turn)
+        self._queue = [(self.fp, fp_turn, model)]
+        if variant is None:  # the panes stay aligned turn by turn, so say why this one did not run
+            self.quant.begin(Turn(prompt, config.steps, config.gen_length, model.mask_token_id, state="skipped",
+                                  message="no quantized variant was chosen."))
+        else:
+            q_turn = Turn(prompt, config.steps, config.gen_length, variant.model.mask_token_id, variant.name)
+            self.quant.begin(q_turn)
+            self._queue.append((self.quant, q_turn, variant.model))
+        self._run_next(config)
+        self._timer.start()
+        self._update_buttons()
+
+    def _run_next(self, config: GenerationConfig) -> None:
+        """Start the first queued pane; the next one is chained from its end."""
+        if not self._queue:
+            return
+        pane, turn, model = self._queue.pop(0)
+
+        def done(result) -> None:
+            self._done(turn, model, result)
+            self._run_next(config)
+
+        def failed(message: str) -> None:
+            turn.state, turn.message = "failed", message
+            self._run_next(config)
+
+        def cancelled() -> None:
+            turn.state = "stopped"
+
+        try:
+            turn.prompt_ids = model.chat_ids(pane.history() + [{"role": "user", "content": turn.prompt}])
+            work = stream(lambda cancel: model.denoise(turn.prompt_ids, config, cancel))
+            self._job = self.session.start(f"Generating ({pane.title.lower()})", work,
+                                           on_event=lambda event: self._on_frame(turn, model, event),
+                                           on_done=done, on_failed=failed, on_cancelled=cancelled)
+        except (DllmError, RuntimeError) as exc:  # a template the tokenizer rejects; another job got in first
+            failed(str(exc))
+            return
+        turn.state = "running"
+        pane.update_status()
+
+    def _on_frame(self, turn: Turn, model, event) -> None:
+        if not isinstance(event, DenoiseStep):
+            return
+        new = [t for t in set(event.tokens) if t not in turn.pieces]
+        if new:  # pieces are looked up once per token id, so drawing and saving never need the model
+            turn.pieces.update(zip(new, model.token_pieces(new)))
+        turn.frames.append(event)
+
+    def _done(self, turn: Turn, model, result) -> None:
+        ids = result.token_ids
+        length = next((i for i, t in enumerate(ids) if t in model.stop_token_ids), len(ids))
+        s = result.stats
+        turn.state, turn.answer, turn.token_ids, turn.length = "done", result.text, list(ids), length
+        turn.stats = {"steps": s.steps, "forward_passes": s.forward_passes, "wall_time_s": s.wall_time_s,
+                      "ms_per_step": s.ms_per_step, "tokens": length,
+                      "tokens_per_s": length / s.wall_time_s if s.wall_time_s else 0.0,
+                      "peak_rss_bytes": peak_rss_bytes()}
+
+    def stop(self) -> None:
+        """Cancel the running answer and drop the queued one; what was computed stays on screen."""
+        if not self.running:
+            return
+        for _pane, turn, _model in self._queue:
+            turn.state, turn.message = "skipped", "stopped before it started."
+        self._queue.clear()
+        if self._job is not None:
+            self._job.cancel()
+        for pane in self.panes:
+            pane.hurry = True
+
+    def _tick(self) -> None:
+        for pane in self.panes:
+            if not pane.advance() and pane.settle() and pane.turns[-1].state == "done":
+                self.answer_finished.emit(pane.key, pane.turns[-1].answer)
+        if self.running and all(p.settled for p in self.panes):
+            self._timer.stop()
+            self.running = False
+            self._compare()
+            self._update_buttons()
+            self.turn_finished.emit()
+
+    def _compare(self) -> None:
+        """Mark, position by position on token ids, where the two last answers differ."""
+        a, b = (p.turns[-1] if p.turns else None for p in self.panes)
+        if a is None or b is None or a.state != "done" or b.state != "done":
+            self.diff_label.clear()
+            return
+        n = min(max(a.length, b.length), len(a.token_ids), len(b.token_ids))
+        differ = {i for i in range(n) if a.token_ids[i] != b.token_ids[i]}
+        for pane in self.panes:
+            pane.show_differences(differ)
+        self.diff_label.setText(f"Last answers: {len(differ)} of {n} tokens differ (underlined)." if differ
+                                else "Last answers: identical.")
+
+    # ---- conversation -------------------------------------------------------------------------------
+    def new_chat(self) -> None:
+        if self.running:
+            return
+        for pane in self.panes:
+            pane.load([])
+        self.diff_label.clear()
+        self._update_buttons()
+
+    def save_conversation(self, path) -> bool:
+        """Write both conversations as JSON, atomically: a temporary file in the same folder, then a rename."""
+        path = Path(path)
+        data = {"version": FORMAT_VERSION,
+                "model": self.session.model.source if self.session.model is not None else None,
+                "variant": self.variant_box.currentText() or None,
+                "sampler": self._sampler_values(),
+                "panes": {pane.key: [turn.to_dict() for turn in pane.turns] for pane in self.panes}}
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f, ensure_ascii=False)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            show_error(self, "Could not save the conversation", f"{path}: {exc.strerror or exc}")
+            return False
+        return True
+
+    def open_conversation(self, path) -> bool:
+        """Show a saved conversation; a file that is not one gets an error dialog and changes nothing."""
+        if self.running:
+            return False
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if data["version"] > FORMAT_VERSION:
+                raise ValueError(f"it was written by a newer dLLM Studio (format {data['version']})")
+            turns = {key: [Turn.from_dict(t) for t in data["panes"][key]] for key in ("fp", "quant")}
+            sampler = {name: kind(data["sampler"][name]) for name, (kind, _label, _help) in SAMPLER.items()}
+        except OSError as exc:
+            show_error(self, "Could not open the conversation", f"{path}: {exc.strerror or exc}")
+            return False
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            show_error(self, "Could not open the conversation",
+                       f"{path} is not a dLLM Studio conversation ({type(exc).__name__}: {exc}).")
+            return False
+        self._apply_sampler(sampler)
+        self._sampler_changed()
+        if data.get("variant") in self.session.variants:
+            self.variant_box.setCurrentText(data["variant"])
+        for pane in self.panes:
+            pane.load(turns[pane.key])
+        self._compare()
+        self._update_buttons()
+        return True
+
+    def choose_save_file(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save conversation", "conversation.json",
+                                              "Conversations (*.json)")
+        if path:
+            self.save_conversation(path)
+
+    def choose_open_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open conversation", "", "Conversations (*.json)")
+        if path:
+            self.open_conversation(path)
+
+    # ---- session --------------------------------------------------------------------------------------
+    def _refresh_variants(self) -> None:
+        current = self.variant_box.currentText()
+        names = list(self.session.variants)
+        self.variant_box.blockSignals(True)
+        self.variant_box.clear()
+        self.variant_box.addItems(names)
+        # keep the user's choice; otherwise offer the newest variant, the one most likely just made
+        self.variant_box.setCurrentText(current if current in names else (names[-1] if names else ""))
+        self.variant_box.blockSignals(False)
+        self.quant.hint.setVisible(not names)
+        self._update_buttons()
+
+    def _model_changed(self) -> None:
+        self.stop()
+        self._timer.stop()
+        self.running = False
+        self.new_chat()
+
+    def _busy_changed(self, _busy: bool, _title: str) -> None:
+        self._update_buttons()  # another page's job keeps Send disabled until it ends
+
+    def _update_buttons(self) -> None:
+        idle = not self.running
+        has_turns = any(p.turns for p in self.panes)
+        self.send_button.setEnabled(idle and not self.session.busy and self.session.model is not None)
+        self.stop_button.setEnabled(self.running)
+        self.new_button.setEnabled(idle and has_turns)
+        self.open_button.setEnabled(idle)
+        self.save_button.setEnabled(idle and has_turns)
+        self.variant_box.setEnabled(idle and self.variant_box.count() > 0)
+        for pane in self.panes:
+            pane.copy.setEnabled(pane.last_answer() is not None)

@@ -1,0 +1,369 @@
+"""Compare: the same task suites on full precision and on a quantized variant, side by side.
+
+One session job evaluates every chosen suite on both models in turn (full precision first), so a
+finished suite's row appears while the next one runs and survives a cancel. The drop bands are the
+seed study's (arXiv:2508.14896): under 1% negligible, 1–4% moderate, over 4% significant.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel,
+                               QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from dllm_studio import jobs
+from dllm_studio.errors import SuiteError
+from dllm_studio.eval.runner import EvalResult, evaluate
+from dllm_studio.eval.suites import SUITES, load_suite
+from dllm_studio.events import EvalProgress
+from dllm_studio.memory import human
+from ui.charts import GroupedBars
+from ui.dialogs import show_error
+from ui.session import Session
+from ui.theme import BAD, GOOD, WARN
+
+DEFAULT_SUITES = ("qa", "math", "code")
+BANDS = ((0.01, "negligible", GOOD), (0.04, "moderate", WARN), (float("inf"), "significant", BAD))
+COLUMNS = ("Suite", "Items", "Full precision", "Quantized", "Relative drop", "ms/step FP", "ms/step Q",
+           "Weights FP", "Weights Q")
+DROP_COLUMN = COLUMNS.index("Relative drop")
+FIELDS = ("suite", "metric", "items", "fp", "q", "relative_drop", "band", "ms_per_step_fp", "ms_per_step_q",
+          "weight_bytes_fp", "weight_bytes_q")
+MINUS = "\u2212"  # a real minus sign: "-2.1" reads as a hyphenated fragment in proportional fonts
+
+
+# What the job hands the page besides the engine's EvalProgress (they share the job's event channel).
+@dataclass(frozen=True)
+class Stage:
+    suite: str
+    model: str  # "full precision" or "quantized"
+
+
+@dataclass(frozen=True)
+class SuitePair:
+    suite: str  # the row's label: a shipped suite's name or a suite file's stem
+    fp: EvalResult
+    q: EvalResult
+
+
+def relative_drop(fp: float, q: float, lower_is_better: bool = False) -> float | None:
+    """How much worse `q` is than `fp`, as a fraction of `fp`; None when that is undefined (fp is 0)."""
+    if fp == q:
+        return 0.0
+    if fp == 0:
+        return None
+    return (q - fp) / fp if lower_is_better else (fp - q) / fp
+
+
+def band(drop: float) -> tuple[str, str]:
+    """The seed study's name for a relative drop, and its colour."""
+    return next((name, color) for limit, name, color in BANDS if drop <= limit)
+
+
+def row_for(pair: SuitePair, weight_bytes_fp: int, weight_bytes_q: int) -> dict:
+    """One table row as plain data: what `finished` carries and the CSV holds."""
+    text = pair.fp.accuracy is None  # the text suite scores likelihood, not answers
+    fp, q = (pair.fp.nll_per_token, pair.q.nll_per_token) if text else (pair.fp.accuracy, pair.q.accuracy)
+    drop = relative_drop(fp, q, lower_is_better=text) if fp is not None and q is not None else None
+    return {"suite": pair.suite, "metric": "nll_per_token" if text else "accuracy", "items": pair.fp.items,
+            "fp": fp, "q": q, "relative_drop": drop, "band": band(drop)[0] if drop is not None else "",
+            "ms_per_step_fp": pair.fp.ms_per_step, "ms_per_step_q": pair.q.ms_per_step,
+            "weight_bytes_fp": weight_bytes_fp, "weight_bytes_q": weight_bytes_q}
+
+
+def _score(row: dict, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f} nats/token" if row["metric"] == "nll_per_token" else f"{100 * value:.1f} %"
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _drop_text(drop: float | None) -> str:
+    if drop is None:
+        return "n/a (full precision scored 0)"
+    change = 0.0 - 100 * drop  # shown as the change in quality, so a drop reads as negative (and 0 as +0.0)
+    return f"{change:+.1f} % {band(drop)[0]}".replace("-", MINUS)
+
+
+class ComparePage(QWidget):
+    finished = Signal(list)  # row dicts (see row_for), one per suite, when a run completes
+
+    def __init__(self, session: Session, settings, parent=None) -> None:
+        super().__init__(parent)
+        self.session, self.settings = session, settings
+        self.job = None
+        self.rows: list[dict] = []
+        self._weights = (0, 0)  # weight bytes of both models, read when a run starts
+        self._stage = Stage("", "")  # which suite and model the progress events are about
+
+        # ---- what to compare ----
+        self.variant = QComboBox(objectName="compareVariant")
+        self.variant.setMinimumContentsLength(16)
+        self.variant.setAccessibleName("Quantized variant")
+        self.hint = QLabel(wordWrap=True, objectName="compareHint")
+        self.suite_row = QHBoxLayout()
+        self.suite_boxes: dict[str, QCheckBox] = {}  # key: a shipped suite's name or a suite file's path
+        self._sources: dict[str, str | Path] = {}
+        for name in SUITES:
+            self._add_suite_box(name, name, name, checked=name in DEFAULT_SUITES)
+        self.add_suite_button = QPushButton("Add suite file…", objectName="compareAddSuite")
+        self.add_suite_button.setToolTip("A JSONL file of qa, math, code or text items in the shipped suites' format.")
+        self.limit = QSpinBox(minimum=0, maximum=100_000, value=20, objectName="compareLimit")
+        self.limit.setSpecialValueText("all")  # shown at 0
+        self.limit.setToolTip("The first N items of each suite; 0 runs them all.")
+        self.run_button = QPushButton("&Run", objectName="compareRun")
+        self.cancel_button = QPushButton("Cancel", objectName="compareCancel", enabled=False)
+        self.cancel_button.setToolTip("Stop after the current step; suites already finished stay in the table.")
+        self.progress = QProgressBar(objectName="compareProgress", textVisible=True)
+        self.progress.setFormat("")
+        self.progress.setValue(0)
+        self.state = QLabel("Ready", objectName="compareState")
+
+        controls = QGroupBox("Compare full precision with")
+        controls_layout = QVBoxLayout(controls)
+        top = QHBoxLayout()
+        top.addWidget(QLabel("&Variant:", buddy=self.variant))
+        top.addWidget(self.variant)
+        top.addWidget(self.hint, 1)
+        controls_layout.addLayout(top)
+        suites = QHBoxLayout()
+        suites.addWidget(QLabel("Suites:"))
+        suites.addLayout(self.suite_row)
+        suites.addWidget(self.add_suite_button)
+        suites.addStretch(1)
+        suites.addWidget(QLabel("&Items per suite:", buddy=self.limit))
+        suites.addWidget(self.limit)
+        controls_layout.addLayout(suites)
+        run = QHBoxLayout()
+        run.addWidget(self.run_button)
+        run.addWidget(self.cancel_button)
+        run.addWidget(self.progress, 1)
+        run.addWidget(self.state)
+        controls_layout.addLayout(run)
+
+        # ---- results ----
+        self.table = QTableWidget(0, len(COLUMNS), objectName="compareTable")
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.horizontalHeaderItem(DROP_COLUMN).setToolTip(
+            "How much worse the quantized model does, relative to full precision: (FP − Q) / FP for accuracy, "
+            "(Q − FP) / FP for the text suite's NLL. Under 1% negligible, 1–4% moderate, over 4% significant.")
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().hide()
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setAccessibleName("Comparison results")
+        self.chart = GroupedBars("Accuracy per suite", "accuracy (%)",
+                                 "Share of items answered correctly, full precision (blue) beside quantized "
+                                 "(orange). The text suite scores likelihood (NLL) and is in the table only.")
+        self.chart.setObjectName("compareChart")
+        self.save_button = QPushButton("Save table as CSV…", objectName="compareSaveCsv", enabled=False)
+        results = QWidget()
+        results_layout = QVBoxLayout(results)
+        results_layout.setContentsMargins(0, 0, 0, 0)
+        results_layout.addWidget(self.table, 1)
+        save_row = QHBoxLayout()
+        save_row.addStretch(1)
+        save_row.addWidget(self.save_button)
+        results_layout.addLayout(save_row)
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        splitter.addWidget(results)
+        splitter.addWidget(self.chart)
+        splitter.setSizes([300, 300])
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(controls)
+        layout.addWidget(splitter, 1)
+
+        self.add_suite_button.clicked.connect(self._browse_suite)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.session.cancel)
+        self.save_button.clicked.connect(self._browse_csv)
+        self.variant.currentIndexChanged.connect(self._update_controls)
+        session.variants_changed.connect(self._refresh_variants)
+        session.model_changed.connect(self._clear_results)  # rows of another model would mislead
+        session.busy_changed.connect(self._update_controls)
+        self._refresh_variants()
+        self._draw_chart()
+
+    # ---- suites -----------------------------------------------------------------------------------
+    def _add_suite_box(self, key: str, label: str, source: str | Path, checked: bool) -> QCheckBox:
+        box = QCheckBox(label, objectName=f"compareSuite_{label}", checked=checked)
+        box.toggled.connect(self._update_controls)
+        self.suite_boxes[key] = box
+        self._sources[key] = source
+        self.suite_row.addWidget(box)
+        return box
+
+    def _browse_suite(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Add a suite file", "", "Task suites (*.jsonl);;All files (*)")
+        if path:
+            self.add_suite_file(path)
+
+    def add_suite_file(self, path: str | Path) -> bool:
+        """Offer the JSONL suite at `path` (checked); an error dialog names the bad line if it is malformed."""
+        path = Path(path).expanduser().resolve()
+        try:
+            suite = load_suite(path)  # a Path is always read as a file, even one named "qa"
+        except SuiteError as exc:
+            show_error(self, "Cannot use this suite file", str(exc))
+            return False
+        key = str(path)
+        if key not in self.suite_boxes:
+            box = self._add_suite_box(key, path.stem, path, checked=True)
+            box.setToolTip(f"{path}\n{len(suite)} {suite.name} items")
+        self.suite_boxes[key].setChecked(True)  # adding a file twice chooses it again
+        return True
+
+    def chosen_suites(self) -> list[tuple[str, str | Path]]:
+        return [(box.text(), self._sources[key]) for key, box in self.suite_boxes.items() if box.isChecked()]
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _refresh_variants(self) -> None:
+        current = self.variant.currentText()
+        self.variant.blockSignals(True)
+        self.variant.clear()
+        self.variant.addItems(list(self.session.variants))
+        self.variant.setCurrentIndex(max(self.variant.findText(current), 0))
+        self.variant.blockSignals(False)
+        self._update_controls()
+
+    def _blocker(self) -> str | None:
+        """Why a run cannot start now, or None."""
+        if self.session.model is None:
+            return "Load a model first (Models page)."
+        if not self.session.variants:
+            return "No quantized variant yet: quantize the model on the Quantize page, or load a quantized folder."
+        if not self.chosen_suites():
+            return "Choose at least one suite."
+        if self.session.busy:
+            return f"Wait for {self.session.job.title} to finish."
+        return None
+
+    def _update_controls(self, *_) -> None:
+        blocker = self._blocker()
+        self.run_button.setEnabled(blocker is None)
+        self.run_button.setToolTip(blocker or "Evaluate each chosen suite on full precision, then on the variant.")
+        # The hint explains only what the user has to go and do elsewhere; a busy session explains itself.
+        self.hint.setText(blocker if blocker and not self.session.busy else "")
+        self.cancel_button.setEnabled(self.job is not None)
+        self.save_button.setEnabled(bool(self.rows))
+
+    def _clear_results(self) -> None:
+        self.rows = []
+        self.table.setRowCount(0)
+        self._draw_chart()
+        self._update_controls()
+
+    # ---- running ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Evaluate the chosen suites on full precision and on the chosen variant, as one job."""
+        blocker = self._blocker()
+        if blocker is not None:
+            show_error(self, "Cannot compare yet", blocker)
+            return
+        fp_model = self.session.model
+        q_model = self.session.variants[self.variant.currentText()].model
+        suites = self.chosen_suites()
+        limit = self.limit.value() or None
+        self._clear_results()
+        self._weights = (fp_model.weight_bytes(), q_model.weight_bytes())
+
+        def work(emit, cancel) -> list[SuitePair]:
+            pairs = []
+            for label, source in suites:
+                fp_q = []
+                for which, model in (("full precision", fp_model), ("quantized", q_model)):
+                    emit(Stage(label, which))
+                    fp_q.append(jobs.run(evaluate(model, source, limit=limit, cancel=cancel), emit))
+                pairs.append(SuitePair(label, *fp_q))
+                emit(pairs[-1])  # the row can be shown (and kept on cancel) before the next suite starts
+            return pairs
+
+        self._started, self._suite_count = time.perf_counter(), len(suites)
+        self.job = self.session.start("Comparing", work, on_event=self._on_event, on_done=self._on_done,
+                                      on_failed=lambda message: self._ended("Failed"),
+                                      on_cancelled=lambda: self._ended("Cancelled"))
+        self._update_controls()
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, Stage):
+            self._stage = event
+            self.state.setText(f"Suite {len(self.rows) + 1} of {self._suite_count}")
+            self.progress.setRange(0, 0)  # busy until the first item is scored
+            self.progress.setFormat(f"{event.suite} on {event.model}: starting…")
+        elif isinstance(event, EvalProgress):
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+            self.progress.setFormat(f"{self._stage.suite} on {self._stage.model}: {event.done} / {event.total}")
+        elif isinstance(event, SuitePair):
+            self._add_row(row_for(event, *self._weights))
+
+    def _on_done(self, pairs: list[SuitePair]) -> None:
+        seconds = time.perf_counter() - self._started
+        self._ended(f"Done: {len(pairs)} suite{'s' * (len(pairs) > 1)} in {seconds:.1f} s")
+        self.finished.emit(list(self.rows))
+
+    def _ended(self, state: str) -> None:
+        self.job = None
+        self.state.setText(state)
+        self.progress.setRange(0, 1)  # the bar is for a run in progress; the label says how it ended
+        self.progress.setValue(0)
+        self.progress.setFormat("")
+        self._update_controls()
+
+    # ---- results ----------------------------------------------------------------------------------
+    def _add_row(self, row: dict) -> None:
+        self.rows.append(row)
+        cells = (row["suite"], str(row["items"]), _score(row, row["fp"]), _score(row, row["q"]),
+                 _drop_text(row["relative_drop"]), _ms(row["ms_per_step_fp"]), _ms(row["ms_per_step_q"]),
+                 human(row["weight_bytes_fp"]), human(row["weight_bytes_q"]))
+        r = self.table.rowCount()
+        self.table.insertRow(r)
+        for column, text in enumerate(cells):
+            item = QTableWidgetItem(text)
+            if column:
+                item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            self.table.setItem(r, column, item)
+        if row["relative_drop"] is not None:
+            tint = QColor(band(row["relative_drop"])[1])
+            tint.setAlpha(90)  # a tint keeps the theme's text colour readable in light and dark palettes
+            self.table.item(r, DROP_COLUMN).setBackground(tint)
+        self._draw_chart()
+        self._update_controls()
+
+    def _draw_chart(self) -> None:
+        accuracy = [x for x in self.rows if x["metric"] == "accuracy"]
+        self.chart.set_values([x["suite"] for x in accuracy], [100 * x["fp"] for x in accuracy],
+                              [100 * x["q"] for x in accuracy])
+        self.chart.setYRange(0, 118, padding=0)  # headroom above 100 % keeps the legend off the bars
+
+    def _browse_csv(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the comparison", "comparison.csv", "CSV files (*.csv)")
+        if path:
+            self.save_csv(path)
+
+    def save_csv(self, path: str | Path) -> bool:
+        """Write the table's rows (raw numbers, accuracy as a fraction) to `path`, all or nothing."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows(self.rows)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            show_error(self, "Cannot save the table", f"Could not write {path} ({exc.strerror or exc}).")
+            return False
+        return True

@@ -1,0 +1,205 @@
+"""Models: open the bundled demo, a local folder or a hub id, and see what it is and whether it fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
+                               QListWidget, QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout,
+                               QWidget)
+
+from dllm_studio.errors import RemoteCodeRefusedError
+from dllm_studio.events import DownloadProgress, LoadProgress
+from dllm_studio.memory import HEADROOM, available_bytes, human
+from dllm_studio.models import DiffusionLM, load_model
+from ui.dialogs import ask
+from ui.session import Session, Variant, is_quantized
+from ui.theme import BAD, GOOD, WARN
+
+ACTIVATION_SHARE = 0.25  # load_model's preflight: weights plus a quarter again for activations and buffers
+
+
+def fit_badge(weight_bytes: int, free: int) -> tuple[str, str]:
+    """("fits" | "tight" | "won't fit", colour) for a model of `weight_bytes` against `free` memory."""
+    needed = weight_bytes * (1 + ACTIVATION_SHARE)
+    if needed <= 0.5 * free:
+        return "fits", GOOD
+    if needed <= HEADROOM * free:
+        return "tight", WARN
+    return "won't fit", BAD
+
+
+class ModelsPage(QWidget):
+    loaded = Signal(object)  # the DiffusionLM just opened (full precision or a quantized variant)
+
+    def __init__(self, session: Session, settings, parent=None) -> None:
+        super().__init__(parent)
+        self.session, self.settings = session, settings
+
+        self.demo_button = QPushButton("Bundled &demo model")
+        self.demo_button.setToolTip("The small LLaDA-architecture dLLM shipped with the app; works offline.")
+        self.folder_button = QPushButton("Open &folder…")
+        self.folder_button.setToolTip("A local model folder laid out like a Hugging Face checkpoint "
+                                      "(config.json, safetensors, tokenizer), full precision or quantized.")
+        self.hub_edit = QLineEdit(placeholderText="org/name, e.g. GSAI-ML/LLaDA-8B-Instruct")
+        self.hub_edit.setAccessibleName("Hub model id")
+        self.hub_button = QPushButton("Download && open")
+        self.progress = QProgressBar(textVisible=True)
+        self.progress.setVisible(False)
+        self.status = QLabel(wordWrap=True, objectName="modelStatus")
+
+        source = QGroupBox("Open a model")
+        form = QVBoxLayout(source)
+        form.addWidget(self.demo_button)
+        form.addWidget(self.folder_button)
+        hub_row = QHBoxLayout()
+        hub_label = QLabel("&Hub id:")
+        hub_label.setBuddy(self.hub_edit)
+        hub_row.addWidget(hub_label)
+        hub_row.addWidget(self.hub_edit, 1)
+        hub_row.addWidget(self.hub_button)
+        form.addLayout(hub_row)
+        form.addWidget(self.progress)
+        form.addWidget(self.status)
+        form.addStretch(1)
+
+        self.variant_list = QListWidget(objectName="variantList")
+        self.variant_list.setAccessibleName("Quantized variants")
+        variants = QGroupBox("Quantized variants (this session and opened folders)")
+        QVBoxLayout(variants).addWidget(self.variant_list)
+
+        left = QVBoxLayout()
+        left.addWidget(source, 0)
+        left.addWidget(variants, 1)
+
+        self.card = QGroupBox("Model card")
+        self.facts = QFormLayout()
+        self.memory_table = QTableWidget(0, 3, objectName="memoryTable")
+        self.memory_table.setHorizontalHeaderLabels(["Precision", "Weights (est.)", "On this machine"])
+        self.memory_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.memory_table.verticalHeader().setVisible(False)
+        self.memory_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.memory_table.setAccessibleName("Estimated memory per bit-width")
+        self.free_label = QLabel(wordWrap=True)
+        card = QVBoxLayout(self.card)
+        card.addLayout(self.facts)
+        card.addWidget(QLabel("<b>Estimated weight memory</b> (group size 128, fp16 scales; embeddings and "
+                              "LM head stay 16-bit)", wordWrap=True))
+        card.addWidget(self.memory_table, 1)
+        card.addWidget(self.free_label)
+
+        layout = QHBoxLayout(self)
+        layout.addLayout(left, 2)
+        layout.addWidget(self.card, 3)
+
+        self.demo_button.clicked.connect(lambda: self.open("demo"))
+        self.folder_button.clicked.connect(self.choose_folder)
+        self.hub_button.clicked.connect(lambda: self.open(self.hub_edit.text().strip()))
+        self.hub_edit.returnPressed.connect(lambda: self.open(self.hub_edit.text().strip()))
+        session.busy_changed.connect(lambda busy, _title: self._set_enabled(not busy))
+        session.model_changed.connect(self._show_card)
+        session.variants_changed.connect(self._show_variants)
+        self._show_card()
+
+    # ---- opening ------------------------------------------------------------------------------------
+    def choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a model folder")
+        if folder:
+            self.open(folder)
+
+    def open(self, source: str, trust_remote_code: bool = False) -> None:
+        """Load `source` ("demo", a folder or a hub id) on a worker; a quantized folder becomes a variant."""
+        if not source or self.session.busy:
+            return
+
+        def work(emit, cancel):
+            try:
+                return load_model(source, on_event=emit, trust_remote_code=trust_remote_code)
+            except RemoteCodeRefusedError as refused:  # not a failure yet: the user decides
+                return refused
+
+        self.progress.setRange(0, 0)
+        self.progress.setVisible(True)
+        self.status.setText(f"Opening {source}…")
+        self.session.start(f"Opening {source}", work, on_event=self._on_event,
+                           on_done=lambda result: self._opened(source, result), on_failed=self._failed)
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, DownloadProgress):
+            if event.total:
+                self.progress.setRange(0, 1000)
+                self.progress.setValue(int(1000 * event.downloaded / event.total))
+            self.progress.setFormat(f"downloading {human(event.downloaded)}"
+                                    + (f" of {human(event.total)}" if event.total else ""))
+        elif isinstance(event, LoadProgress):
+            self.status.setText(event.stage)
+
+    def _opened(self, source: str, result) -> None:
+        self.progress.setVisible(False)
+        if isinstance(result, RemoteCodeRefusedError):
+            self.status.setText("Not opened: the model needs code from its folder.")
+            ask(self, "Run the model's own code?",
+                f"{result}\n\nThat code runs with your permissions. Run it?",
+                lambda: self.open(source, trust_remote_code=True))
+            return
+        model: DiffusionLM = result
+        if is_quantized(model):
+            folder = Path(model.path)
+            self.session.add_variant(Variant(folder.name, model, folder=folder))
+            self.status.setText(f"Opened the quantized model {folder.name}; it is ready in Chat, Compare and Export.")
+        else:
+            self.session.set_model(model)
+            self.status.setText(f"Opened {source}.")
+        self.loaded.emit(model)
+
+    def _failed(self, message: str) -> None:
+        self.progress.setVisible(False)
+        self.status.setText("Not opened (see the message).")
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for widget in (self.demo_button, self.folder_button, self.hub_button, self.hub_edit):
+            widget.setEnabled(enabled)
+
+    # ---- the card -----------------------------------------------------------------------------------
+    def _show_card(self) -> None:
+        while self.facts.rowCount():
+            self.facts.removeRow(0)
+        model = self.session.model
+        if model is None:
+            self.facts.addRow(QLabel("No model open yet."))
+            self.memory_table.setRowCount(0)
+            return
+        info = model.info()
+        mask = info.mask_token_id
+        rows = [("Model", info.source), ("Family", info.family), ("Parameters", f"{info.parameters:,}"),
+                ("Layers", str(info.layers)), ("Hidden size", str(info.hidden_size)),
+                ("Vocabulary", f"{info.vocab_size:,}"),
+                ("Mask token", "none" if mask is None else f"{model.tokenizer.convert_ids_to_tokens(mask)} (id {mask})"),
+                ("Context", f"{info.context_length:,} tokens"), ("Weights held as", info.dtype),
+                ("Folder", info.path)]
+        for name, value in rows:
+            label = QLabel(value, wordWrap=True, textInteractionFlags=Qt.TextInteractionFlag.TextSelectableByMouse)
+            self.facts.addRow(f"{name}:", label)
+        free = available_bytes()
+        self.memory_table.setRowCount(len(info.memory_bytes))
+        for row, (precision, nbytes) in enumerate(info.memory_bytes.items()):
+            badge, colour = fit_badge(nbytes, free)
+            cells = [precision, human(nbytes), badge]
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if col == 2:
+                    item.setBackground(QColor(colour))
+                    item.setForeground(QColor("white"))
+                    item.setToolTip(f"Needs about {human(nbytes * (1 + ACTIVATION_SHARE))} with activations and "
+                                    f"buffers; {human(free)} is free now.")
+                self.memory_table.setItem(row, col, item)
+        self.free_label.setText(f"This machine has {human(free)} of memory free now. <i>fits</i>: under half of it; "
+                                f"<i>tight</i>: under {HEADROOM:.0%}; <i>won't fit</i>: more.")
+
+    def _show_variants(self) -> None:
+        self.variant_list.clear()
+        for name, variant in self.session.variants.items():
+            where = f" — {variant.folder}" if variant.folder else " — in memory (export it to keep it)"
+            self.variant_list.addItem(f"{name}: {human(variant.model.weight_bytes())}{where}")

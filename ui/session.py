@@ -1,0 +1,106 @@
+"""What the studio holds: the full-precision model, its quantized variants, and the one running job.
+
+One job runs at a time (Anki's single-slot executor): quantizing, generating and evaluating all
+compete for the same cores and memory, so the full-precision and quantized chat panes take turns
+rather than running together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PySide6.QtCore import QObject, Signal
+
+from dllm_studio.models import DiffusionLM
+from ui.workers import GuiThreadGarbageCollection, JobThread, Work
+
+
+@dataclass
+class Variant:
+    """A quantized model the user can chat with, compare and export."""
+
+    name: str
+    model: DiffusionLM
+    summary: dict = field(default_factory=dict)  # the quantizer's summary when it was made this session
+    layers: list[dict] = field(default_factory=list)  # per-layer statistics (profile.json's "layers")
+    folder: Path | None = None  # where it lives on disk, once loaded from or exported to a folder
+
+
+def is_quantized(model: DiffusionLM) -> bool:
+    return bool(model.config.get("quantization_config"))
+
+
+class Session(QObject):
+    model_changed = Signal()  # the full-precision model was (re)loaded
+    variants_changed = Signal()
+    busy_changed = Signal(bool, str)  # running?, the job's title
+    job_failed = Signal(str, str)  # title, message
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.model: DiffusionLM | None = None
+        self.variants: dict[str, Variant] = {}
+        self.job: JobThread | None = None
+        self._threads: set[JobThread] = set()  # kept alive until their thread has really stopped
+        self._gc = GuiThreadGarbageCollection(self)
+
+    # ---- models -------------------------------------------------------------------------------------
+    def set_model(self, model: DiffusionLM) -> None:
+        """A new full-precision model. Variants stay: a quantized folder opened earlier is still worth comparing."""
+        self.model = model
+        self.model_changed.emit()
+
+    def add_variant(self, variant: Variant) -> Variant:
+        name, n = variant.name, 2
+        while name in self.variants:  # two runs of one recipe keep both results
+            name, n = f"{variant.name} ({n})", n + 1
+        variant.name = name
+        self.variants[name] = variant
+        self.variants_changed.emit()
+        return variant
+
+    # ---- jobs ---------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def start(self, title: str, work: Work, *, on_event: Callable | None = None, on_done: Callable | None = None,
+              on_failed: Callable | None = None, on_cancelled: Callable | None = None) -> JobThread:
+        """Run `work` on a worker thread; exactly one of on_done(result) / on_failed(message) / on_cancelled()
+        is called on the GUI thread when it ends, after the session is free again (so it may chain the next)."""
+        if self.job is not None:
+            raise RuntimeError(f"{self.job.title} is still running")
+        job = JobThread(title, work, self)
+        if on_event is not None:
+            job.event.connect(on_event)
+
+        def ended(callback, *args):
+            if self.job is job:
+                self.job = None
+                self.busy_changed.emit(False, title)
+            if callback is not None:
+                callback(*args)
+
+        job.succeeded.connect(lambda result: ended(on_done, result))
+        job.failed.connect(lambda message: (ended(on_failed, message), self.job_failed.emit(title, message)))
+        job.cancelled.connect(lambda: ended(on_cancelled))
+        job.finished.connect(lambda: (self._threads.discard(job), self._gc.job_finished()))
+        self.job = job
+        self._threads.add(job)
+        self._gc.job_started()
+        self.busy_changed.emit(True, title)
+        job.start()
+        return job
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+    def shutdown(self, timeout_ms: int = 30_000) -> None:
+        """Cancel the running job and wait for every worker thread to stop (on quit)."""
+        self.cancel()
+        for job in list(self._threads):
+            job.wait(timeout_ms)
+        self._gc.reset()

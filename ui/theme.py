@@ -1,0 +1,45 @@
+"""Light and dark palettes; "system" follows the desktop's colour scheme as it changes."""
+
+from __future__ import annotations
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor, QGuiApplication, QPalette
+from PySide6.QtWidgets import QApplication
+
+# Colours with a meaning, the same in both themes: what each pane, badge and band stands for.
+FP_COLOR = "#3b7dd8"  # full precision
+QUANT_COLOR = "#e07b28"  # quantized
+GOOD, WARN, BAD = "#2e9d57", "#d99a1e", "#d64541"  # fits / tight / won't fit; negligible / moderate / significant
+
+
+def is_dark(theme: str) -> bool:
+    if theme == "system":
+        return QGuiApplication.styleHints().colorScheme() == Qt.ColorScheme.Dark
+    return theme == "dark"
+
+
+def apply(app: QApplication, theme: str) -> None:
+    app.setStyle("Fusion")  # the one style whose palette is honoured on every platform
+    dark = is_dark(theme)
+    app.setPalette(_dark_palette() if dark else app.style().standardPalette())
+    pg.setConfigOptions(antialias=False,  # antialiased lines cost several ms per repaint
+                       background="#1e1f22" if dark else "w", foreground="#dddddd" if dark else "k")
+
+
+def _dark_palette() -> QPalette:
+    p = QPalette()
+    roles = {
+        QPalette.ColorRole.Window: "#2b2d30", QPalette.ColorRole.WindowText: "#dfe1e5",
+        QPalette.ColorRole.Base: "#1e1f22", QPalette.ColorRole.AlternateBase: "#26282b",
+        QPalette.ColorRole.ToolTipBase: "#3c3f41", QPalette.ColorRole.ToolTipText: "#dfe1e5",
+        QPalette.ColorRole.Text: "#dfe1e5", QPalette.ColorRole.Button: "#3c3f41",
+        QPalette.ColorRole.ButtonText: "#dfe1e5", QPalette.ColorRole.BrightText: "#ff6b68",
+        QPalette.ColorRole.Highlight: "#2f65ca", QPalette.ColorRole.HighlightedText: "#ffffff",
+        QPalette.ColorRole.Link: "#6aa5ff", QPalette.ColorRole.PlaceholderText: "#8c8f94",
+    }
+    for role, color in roles.items():
+        p.setColor(role, QColor(color))
+    for role in (QPalette.ColorRole.Text, QPalette.ColorRole.ButtonText, QPalette.ColorRole.WindowText):
+        p.setColor(QPalette.ColorGroup.Disabled, role, QColor("#6f7378"))
+    return p
