@@ -75,20 +75,27 @@ def main() -> int:
     q.start()
     wait(lambda: not window.session.busy)
     shoot(window, "quantize", suffix)
+    # a 3-bit round-to-nearest variant too: it answers differently, which is what Chat and Compare show
+    q.method.setCurrentIndex(q.method.findData("rtn"))
+    q.bits.setCurrentIndex(q.bits.findData(3))
+    q.start()
+    wait(lambda: not window.session.busy)
 
     window.show_page("chat")
     chat = window.chat
-    chat.input.setPlainText("Sara read 8 pages on Monday and 5 pages on Tuesday. How many pages did she read?")
+    chat.variant_box.setCurrentText("RTN W3A16 g128")
     finished = []
     chat.answer_finished.connect(lambda pane, text: finished.append(pane))
+    chat.input.setPlainText("Write a Python function that returns the larger of a and b.")
     chat.send()
     wait(lambda: len(finished) == 2 and not window.session.busy)
-    chat.input.setPlainText("What is the capital of Italy?")
-    chat.send()
-    wait(lambda: len(finished) == 4 and not window.session.busy)
     shoot(window, "chat", suffix)
+    for pane in (chat.fp, chat.quant):  # replay a step halfway: masks still open, fresh commits coloured
+        pane.replay.setValue(12)
+    shoot(window, "chat-denoising", suffix)
 
     window.show_page("compare")
+    window.compare.variant.setCurrentText("RTN W3A16 g128")
     window.compare.limit.setValue(20)
     window.compare.run()
     wait(lambda: not window.session.busy)

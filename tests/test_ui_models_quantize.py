@@ -168,3 +168,19 @@ def test_a_hub_download_shows_progress_then_opens(qtbot, models_page, session, t
         models_page.open("someone/tiny-llada")
     assert 1000 in seen  # the bar reached the end
     assert session.model.source == "someone/tiny-llada" and not models_page.progress.isVisible()
+
+
+def test_a_model_too_big_for_memory_shows_its_card_and_stays_closed(qtbot, models_page, session, monkeypatch):
+    import dllm_studio.memory
+    import ui.pages.models
+
+    free = 1_000_000  # 1 MB free: the 4 MB demo cannot load
+    monkeypatch.setattr(dllm_studio.memory, "available_bytes", lambda device="cpu": free)
+    monkeypatch.setattr(ui.pages.models, "available_bytes", lambda device="cpu": free)
+    opened = session.model
+    with qtbot.waitSignal(session.busy_changed, timeout=20_000, check_params_cb=lambda busy, _t: not busy):
+        models_page.open("demo")
+    assert session.model is opened  # nothing replaced
+    assert "Not opened" in models_page.status.text() and "free" in models_page.status.text()
+    table = models_page.memory_table
+    assert [table.item(r, 2).text() for r in range(table.rowCount())] == ["won't fit"] * 5

@@ -86,10 +86,10 @@ class MemoryChart(_Chart):
     def __init__(self, title: str = "Memory", parent=None) -> None:
         super().__init__(title, "seconds", "MB", "Process memory over time: resident set (RSS), its peak, "
                          "and CUDA allocations when a GPU is used.", parent)
-        self.addLegend(offset=(-10, 10))
+        self.legend = self.addLegend(offset=(-10, -10))
         self.rss = self.plot([], [], pen=pg.mkPen(FP_COLOR, width=2), name="RSS")
         self.peak = self.plot([], [], pen=pg.mkPen(BAD, width=1, style=pg.QtCore.Qt.PenStyle.DashLine), name="peak")
-        self.cuda = self.plot([], [], pen=pg.mkPen(QUANT_COLOR, width=2), name="CUDA")
+        self.cuda = pg.PlotDataItem([], [], pen=pg.mkPen(QUANT_COLOR, width=2))  # added once a GPU reports
         self.data: list[tuple[float, float, float, float]] = []
 
     def append(self, seconds: float, rss: int, peak: int, cuda: int | None = None) -> None:
@@ -108,6 +108,9 @@ class MemoryChart(_Chart):
         self.rss.setData(t, rss)
         self.peak.setData(t, peak)
         if not np.isnan(cuda).all():
+            if self.cuda.scene() is None:
+                self.addItem(self.cuda)
+                self.legend.addItem(self.cuda, "CUDA")
             self.cuda.setData(t, cuda)
 
 

@@ -36,6 +36,8 @@ FORMAT_VERSION = 1
 FRAME_MS = 30  # one denoising step drawn per tick: fast enough to watch, slow enough to see each step
 MASK = '<span style="color:#9a9ea6">░</span>'
 ENDED = "∎"  # drawn where one answer stopped and the other went on
+# A committed end-of-answer token has no text; while denoising it is drawn, or the span would seem to shrink.
+END_TOKEN = '<span style="color:#9a9ea6">∅</span>'
 DIFFER_STYLE = "text-decoration: underline; background: #d9c8f5; color: #000"
 QUEUED = "Queued: runs after the full-precision pane (one model computes at a time on this machine)."
 NO_VARIANT = ("No quantized variant yet. Quantize this model on the Quantize page, or open a quantized folder on "
@@ -91,7 +93,7 @@ def frame_html(frame: DenoiseStep, pieces: dict[int, str], *, fresh: bool, diffe
         elif i in differ and (piece or i == ended):
             out.append(f'<span style="{DIFFER_STYLE}">{piece or ENDED}</span>')
         else:
-            out.append(piece)
+            out.append(piece or (END_TOKEN if fresh else ""))
     return f'<span style="white-space: pre-wrap">{"".join(out)}</span>'
 
 
@@ -366,7 +368,7 @@ class ChatPage(QWidget):
                        f'<span style="background:{heat(0)}; color:#000">&nbsp;low&nbsp;</span>'
                        f'<span style="background:{heat(0.5)}; color:#000">&nbsp;medium&nbsp;</span>'
                        f'<span style="background:{heat(1)}; color:#000">&nbsp;high&nbsp;</span>'
-                       f" &nbsp;·&nbsp; plain text: settled &nbsp;·&nbsp; "
+                       f" &nbsp;·&nbsp; plain text: settled &nbsp;·&nbsp; {END_TOKEN} end of answer &nbsp;·&nbsp; "
                        f'<span style="{DIFFER_STYLE}">underlined</span>: differs from the other pane '
                        f"({ENDED}: one answer ended there)")
         self.diff_label = QLabel(objectName="diffLabel")

@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
                                QListWidget, QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout,
                                QWidget)
 
-from dllm_studio.errors import RemoteCodeRefusedError
+from dllm_studio.errors import InsufficientMemoryError, RemoteCodeRefusedError
 from dllm_studio.events import DownloadProgress, LoadProgress
 from dllm_studio.memory import HEADROOM, available_bytes, human
 from dllm_studio.models import DiffusionLM, load_model
@@ -48,7 +48,7 @@ class ModelsPage(QWidget):
         self.hub_button = QPushButton("Download && open")
         self.progress = QProgressBar(textVisible=True)
         self.progress.setVisible(False)
-        self.status = QLabel(wordWrap=True, objectName="modelStatus")
+        self.status = QLabel(wordWrap=True, objectName="modelStatus", textFormat=Qt.TextFormat.RichText)
 
         source = QGroupBox("Open a model")
         form = QVBoxLayout(source)
@@ -99,9 +99,10 @@ class ModelsPage(QWidget):
         self.hub_button.clicked.connect(lambda: self.open(self.hub_edit.text().strip()))
         self.hub_edit.returnPressed.connect(lambda: self.open(self.hub_edit.text().strip()))
         session.busy_changed.connect(lambda busy, _title: self._set_enabled(not busy))
-        session.model_changed.connect(self._show_card)
+        session.model_changed.connect(lambda: self._show_card())
         session.variants_changed.connect(self._show_variants)
         self._show_card()
+        self._show_variants()
 
     # ---- opening ------------------------------------------------------------------------------------
     def choose_folder(self) -> None:
@@ -119,6 +120,9 @@ class ModelsPage(QWidget):
                 return load_model(source, on_event=emit, trust_remote_code=trust_remote_code)
             except RemoteCodeRefusedError as refused:  # not a failure yet: the user decides
                 return refused
+            except InsufficientMemoryError as too_big:  # still worth a card: what it is, what would fit
+                described = load_model(source, device="meta", trust_remote_code=trust_remote_code)
+                return too_big, described
 
         self.progress.setRange(0, 0)
         self.progress.setVisible(True)
@@ -144,6 +148,11 @@ class ModelsPage(QWidget):
                 f"{result}\n\nThat code runs with your permissions. Run it?",
                 lambda: self.open(source, trust_remote_code=True))
             return
+        if isinstance(result, tuple):  # too big to load: show its card with the badges, keep what is open
+            error, described = result
+            self._show_card(described)
+            self.status.setText(f"<b>Not opened:</b> {error}<br>Its card is shown: pick a bit-width that fits.")
+            return
         model: DiffusionLM = result
         if is_quantized(model):
             folder = Path(model.path)
@@ -163,10 +172,11 @@ class ModelsPage(QWidget):
             widget.setEnabled(enabled)
 
     # ---- the card -----------------------------------------------------------------------------------
-    def _show_card(self) -> None:
+    def _show_card(self, model: DiffusionLM | None = None) -> None:
+        """The card of `model` (default: the open full-precision model); it may live on the meta device."""
         while self.facts.rowCount():
             self.facts.removeRow(0)
-        model = self.session.model
+        model = model or self.session.model
         if model is None:
             self.facts.addRow(QLabel("No model open yet."))
             self.memory_table.setRowCount(0)
@@ -200,6 +210,9 @@ class ModelsPage(QWidget):
 
     def _show_variants(self) -> None:
         self.variant_list.clear()
+        if not self.session.variants:
+            self.variant_list.addItem("None yet: quantize on the Quantize page, or open a quantized folder.")
+            self.variant_list.item(0).setFlags(Qt.ItemFlag.NoItemFlags)
         for name, variant in self.session.variants.items():
             where = f" — {variant.folder}" if variant.folder else " — in memory (export it to keep it)"
             self.variant_list.addItem(f"{name}: {human(variant.model.weight_bytes())}{where}")

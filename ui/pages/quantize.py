@@ -67,7 +67,7 @@ class QuantizePage(QWidget):
         self.calib.addItem("A text file…", "file")
         self.samples = QSpinBox(minimum=1, maximum=1024, objectName="samplesSpin")
         self.seq_len = QSpinBox(minimum=8, maximum=8192, singleStep=64, value=256)
-        self.masked = QCheckBox("Masked calibration (inputs masked as while denoising)")
+        self.masked = QCheckBox("Masked calibration (as while denoising)")
         self.masked.setToolTip("A dLLM never sees clean text while it answers: every step's input is partly masked. "
                                "On: calibration sequences are masked at ratios spread over (0, 1). Off: clean text, "
                                "as the seed study calibrated.")
@@ -95,7 +95,9 @@ class QuantizePage(QWidget):
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.cancel_button)
         box.addLayout(buttons)
-        self.result = QLabel(wordWrap=True, objectName="resultCard", textFormat=Qt.TextFormat.RichText)
+        self.result = QLabel("Quantize to see the time, size and bits per weight here.", wordWrap=True,
+                             objectName="resultCard", textFormat=Qt.TextFormat.RichText,
+                             alignment=Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         result_box = QGroupBox("Result")
         QVBoxLayout(result_box).addWidget(self.result)
