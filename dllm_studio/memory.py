@@ -16,6 +16,7 @@ from dllm_studio.errors import InsufficientMemoryError
 from dllm_studio.events import MemorySample
 
 HEADROOM = 0.9  # share of the free memory a job may plan to use; the rest is left to the OS and the app
+ACTIVATION_SHARE = 0.25  # running a model: its weights plus a quarter again for activations, caches, tokenizer
 
 
 def rss_bytes() -> int:
@@ -64,6 +65,13 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+def fit(needed: int, free: int) -> str:
+    """How `needed` bytes sit in `free` memory: "fits" (under half of it), "tight" (under HEADROOM) or "won't fit"."""
+    if needed <= 0.5 * free:
+        return "fits"
+    return "tight" if needed <= HEADROOM * free else "won't fit"
 
 
 def preflight(what: str, needed: dict[str, int], device="cpu", *, force: bool = False,

@@ -13,7 +13,7 @@ from dllm_studio.errors import Cancelled, ExportError, InsufficientMemoryError
 from dllm_studio.events import BlockQuantized, CancelToken, LayerQuantized, LayerStats, MemorySample
 from dllm_studio.memory import preflight
 from dllm_studio.models import load_model
-from dllm_studio.quant.export import save_quantized
+from dllm_studio.quant.export import VERIFY_MASKS, save_quantized, verify
 from dllm_studio.quant.pipeline import quantize
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
@@ -108,6 +108,8 @@ def test_export_reloads_with_identical_outputs(llada, gptq_w4, tmp_path, fmt):
     reloaded = load_model(out, dtype="float32")
     ids = _prompt(llada)
     assert torch.equal(reloaded.forward(ids), result.model.forward(ids))
+    report = verify(result.model, out)  # the same check, as the Export page runs it
+    assert report["max_abs_logit_diff"] == 0.0 and report["argmax_agrees"] and report["positions"] > VERIFY_MASKS
 
 
 def _read_gptq_independently(tensors: dict, bits: int) -> torch.Tensor:

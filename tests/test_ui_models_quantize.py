@@ -41,13 +41,13 @@ def test_model_card_shows_the_demo_and_a_badge_per_bit_width(models_page, demo_m
     assert f"{demo_model.num_parameters():,}" in labels and "llada" in labels
 
 
-def test_fit_badge_thresholds():
-    from ui.pages.models import fit_badge
+def test_fit_verdicts():
+    from dllm_studio.memory import fit
 
     gb = 10**9
-    assert fit_badge(1 * gb, 16 * gb)[0] == "fits"
-    assert fit_badge(10 * gb, 16 * gb)[0] == "tight"
-    assert fit_badge(20 * gb, 16 * gb)[0] == "won't fit"
+    assert fit(1 * gb, 16 * gb) == "fits"
+    assert fit(12 * gb, 16 * gb) == "tight"
+    assert fit(15 * gb, 16 * gb) == "won't fit"
 
 
 def test_a_corrupt_model_folder_is_a_clear_error_dialog(qtbot, models_page, session, tmp_path):

@@ -1,11 +1,8 @@
 """The whole studio window: the user's journey on the demo model, shortcuts, settings, and responsiveness."""
 
-import time
-
 import numpy as np
 import pytest
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer
-from PySide6.QtWidgets import QApplication
 
 pytestmark = pytest.mark.gui
 

@@ -66,6 +66,17 @@ class Session(QObject):
     def busy(self) -> bool:
         return self.job is not None
 
+    def unavailable(self, *, needs_variant: bool = False) -> str | None:
+        """Why a job on the open model (and a quantized variant) cannot start now, or None when it can."""
+        if self.model is None:
+            return "Open a model on the Models page first."
+        if needs_variant and not self.variants:
+            return ("No quantized variant yet: quantize the model on the Quantize page, or open a quantized "
+                    "folder on the Models page.")
+        if self.job is not None:
+            return f"Wait for {self.job.title} to finish."
+        return None
+
     def start(self, title: str, work: Work, *, on_event: Callable | None = None, on_done: Callable | None = None,
               on_failed: Callable | None = None, on_cancelled: Callable | None = None) -> JobThread:
         """Run `work` on a worker thread; exactly one of on_done(result) / on_failed(message) / on_cancelled()

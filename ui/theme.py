@@ -10,7 +10,9 @@ from PySide6.QtWidgets import QApplication
 # Colours with a meaning, the same in both themes: what each pane, badge and band stands for.
 FP_COLOR = "#3b7dd8"  # full precision
 QUANT_COLOR = "#e07b28"  # quantized
-GOOD, WARN, BAD = "#2e9d57", "#d99a1e", "#d64541"  # fits / tight / won't fit; negligible / moderate / significant
+GOOD, WARN, BAD = "#2e9d57", "#d99a1e", "#d64541"
+FIT_COLORS = {"fits": GOOD, "tight": WARN, "won't fit": BAD}  # memory.fit's verdicts
+BAND_COLORS = {"negligible": GOOD, "moderate": WARN, "significant": BAD}  # the seed study's accuracy-drop bands
 
 
 def is_dark(theme: str) -> bool:

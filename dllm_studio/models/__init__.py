@@ -78,11 +78,11 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     torch_dtype = _dtype(dtype, config)
     if check_memory and torch.device(device).type != "meta":
         from dllm_studio.checkpoint import load_bytes
-        from dllm_studio.memory import preflight
+        from dllm_studio.memory import ACTIVATION_SHARE, preflight
 
-        # Weights plus a quarter again for activations, caches and the tokenizer: refuse early, not mid-load.
+        # Refuse early, not mid-load.
         weights = load_bytes(folder, torch_dtype.itemsize)
-        preflight(f"Loading {model}", {"weights": weights, "activations and buffers": weights // 4}, device)
+        preflight(f"Loading {model}", {"weights": weights, "activations and buffers": int(weights * ACTIVATION_SHARE)}, device)
     loaded = family.load(folder, source=str(model), dtype=torch_dtype, device=torch.device(device))
     if config.get("quantization_config") and (folder / "recipe.json").is_file():
         import json

@@ -75,6 +75,29 @@ def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", 
     return out
 
 
+VERIFY_PROMPT = [{"role": "user", "content": "What is 2 plus 3?"}]
+VERIFY_MASKS = 16  # a masked answer span, as the model sees its input while denoising
+
+
+@torch.inference_mode()
+def verify(model: DiffusionLM, folder: str | Path) -> dict:
+    """Reload `folder` and compare its logits with `model`'s on a chat prompt followed by masked positions.
+
+    A folder that loads but answers differently is worse than no folder; this is the check that it does not.
+    """
+    from dllm_studio.models import load_model
+
+    reloaded = load_model(folder, device=str(model.device))
+    ids = model.chat_ids(VERIFY_PROMPT)
+    if model.mask_token_id is not None:
+        ids += [model.mask_token_id] * VERIFY_MASKS
+    x = torch.tensor([ids])
+    a, b = model.forward(x).float().cpu(), reloaded.forward(x).float().cpu()
+    disagree = int((a.argmax(-1) != b.argmax(-1)).sum())
+    return {"max_abs_logit_diff": float((a - b).abs().max()), "argmax_agrees": disagree == 0,
+            "argmax_disagreements": disagree, "positions": len(ids)}
+
+
 def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHB
 
 from dllm_studio import jobs
 from dllm_studio.errors import SuiteError
+from dllm_studio.eval.drop import band, relative_drop
 from dllm_studio.eval.runner import EvalResult, evaluate
 from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
@@ -28,10 +29,9 @@ from dllm_studio.memory import human
 from ui.charts import GroupedBars
 from ui.dialogs import show_error
 from ui.session import Session
-from ui.theme import BAD, GOOD, WARN
+from ui.theme import BAND_COLORS
 
 DEFAULT_SUITES = ("qa", "math", "code")
-BANDS = ((0.01, "negligible", GOOD), (0.04, "moderate", WARN), (float("inf"), "significant", BAD))
 COLUMNS = ("Suite", "Items", "Full precision", "Quantized", "Relative drop", "ms/step FP", "ms/step Q",
            "Weights FP", "Weights Q")
 DROP_COLUMN = COLUMNS.index("Relative drop")
@@ -54,27 +54,13 @@ class SuitePair:
     q: EvalResult
 
 
-def relative_drop(fp: float, q: float, lower_is_better: bool = False) -> float | None:
-    """How much worse `q` is than `fp`, as a fraction of `fp`; None when that is undefined (fp is 0)."""
-    if fp == q:
-        return 0.0
-    if fp == 0:
-        return None
-    return (q - fp) / fp if lower_is_better else (fp - q) / fp
-
-
-def band(drop: float) -> tuple[str, str]:
-    """The seed study's name for a relative drop, and its colour."""
-    return next((name, color) for limit, name, color in BANDS if drop <= limit)
-
-
 def row_for(pair: SuitePair, weight_bytes_fp: int, weight_bytes_q: int) -> dict:
     """One table row as plain data: what `finished` carries and the CSV holds."""
     text = pair.fp.accuracy is None  # the text suite scores likelihood, not answers
     fp, q = (pair.fp.nll_per_token, pair.q.nll_per_token) if text else (pair.fp.accuracy, pair.q.accuracy)
     drop = relative_drop(fp, q, lower_is_better=text) if fp is not None and q is not None else None
     return {"suite": pair.suite, "metric": "nll_per_token" if text else "accuracy", "items": pair.fp.items,
-            "fp": fp, "q": q, "relative_drop": drop, "band": band(drop)[0] if drop is not None else "",
+            "fp": fp, "q": q, "relative_drop": drop, "band": band(drop) if drop is not None else "",
             "ms_per_step_fp": pair.fp.ms_per_step, "ms_per_step_q": pair.q.ms_per_step,
             "weight_bytes_fp": weight_bytes_fp, "weight_bytes_q": weight_bytes_q}
 
@@ -93,7 +79,7 @@ def _drop_text(drop: float | None) -> str:
     if drop is None:
         return "n/a (full precision scored 0)"
     change = 0.0 - 100 * drop  # shown as the change in quality, so a drop reads as negative (and 0 as +0.0)
-    return f"{change:+.1f} % {band(drop)[0]}".replace("-", MINUS)
+    return f"{change:+.1f} % {band(drop)}".replace("-", MINUS)
 
 
 class ComparePage(QWidget):
@@ -239,15 +225,9 @@ class ComparePage(QWidget):
 
     def _blocker(self) -> str | None:
         """Why a run cannot start now, or None."""
-        if self.session.model is None:
-            return "Load a model first (Models page)."
-        if not self.session.variants:
-            return "No quantized variant yet: quantize the model on the Quantize page, or load a quantized folder."
         if not self.chosen_suites():
             return "Choose at least one suite."
-        if self.session.busy:
-            return f"Wait for {self.session.job.title} to finish."
-        return None
+        return self.session.unavailable(needs_variant=True)
 
     def _update_controls(self, *_) -> None:
         blocker = self._blocker()
@@ -335,7 +315,7 @@ class ComparePage(QWidget):
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.table.setItem(r, column, item)
         if row["relative_drop"] is not None:
-            tint = QColor(band(row["relative_drop"])[1])
+            tint = QColor(BAND_COLORS[band(row["relative_drop"])])
             tint.setAlpha(90)  # a tint keeps the theme's text colour readable in light and dark palettes
             self.table.item(r, DROP_COLUMN).setBackground(tint)
         self._draw_chart()

@@ -10,15 +10,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 from dllm_studio.memory import human
-from dllm_studio.models import DiffusionLM, load_model
-from dllm_studio.quant.export import save_quantized
+from dllm_studio.quant.export import VERIFY_MASKS, save_quantized, verify
 from dllm_studio.quant.recipe import FORMATS
 from ui.dialogs import show_error
 from ui.session import Session, Variant
@@ -29,9 +27,7 @@ FORMAT_HELP = {
     "gptq": "The GPTQ v1 layout (int32 qweight/qzeros, fp16 scales, g_idx) that transformers, GPTQModel "
             "and vLLM read.",
 }
-STAGES = ("Writing…", "Reloading to verify…", "Comparing outputs…")
-VERIFY_PROMPT = [{"role": "user", "content": "What is 2 plus 3?"}]
-VERIFY_MASKS = 16  # a masked answer span, as the model sees it while denoising
+STAGES = ("Writing…", "Reloading and comparing outputs…")
 
 
 def default_parent() -> Path:
@@ -40,19 +36,6 @@ def default_parent() -> Path:
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
-
-
-@torch.inference_mode()
-def compare_logits(a: DiffusionLM, b: DiffusionLM) -> dict:
-    """Max |Δlogit| and argmax agreement of two models on a chat prompt followed by masked positions."""
-    ids = a.chat_ids(VERIFY_PROMPT)
-    if a.mask_token_id is not None:
-        ids += [a.mask_token_id] * VERIFY_MASKS
-    x = torch.tensor([ids])
-    la, lb = a.forward(x).float().cpu(), b.forward(x).float().cpu()
-    disagree = int((la.argmax(-1) != lb.argmax(-1)).sum())
-    return {"max_abs_logit_diff": float((la - lb).abs().max()), "argmax_agrees": disagree == 0,
-            "argmax_disagreements": disagree, "positions": len(ids)}
 
 
 def verdict(report: dict) -> tuple[str, str]:
@@ -192,13 +175,10 @@ class ExportPage(QWidget):
             self._suggest_path()
 
     def _blocker(self) -> str | None:
-        if not self.session.variants:
-            return "No quantized variant yet: quantize the model on the Quantize page first."
-        if not self.path.text().strip():
+        unavailable = self.session.unavailable(needs_variant=True)
+        if unavailable is None and not self.path.text().strip():
             return "Choose an output folder."
-        if self.session.busy:
-            return f"Wait for {self.session.job.title} to finish."
-        return None
+        return unavailable
 
     def _update_controls(self, *_) -> None:
         blocker = self._blocker()
@@ -221,12 +201,11 @@ class ExportPage(QWidget):
         def work(emit, cancel) -> dict:
             emit(STAGES[0])
             save_quantized(variant.model, out, fmt=fmt, force=force, profile=profile)
-            emit(STAGES[1])
-            reloaded = load_model(out)
-            emit(STAGES[2])
+            emit(STAGES[1])  # reloading and comparing outputs are one engine call
+            report = verify(variant.model, out)
             files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
             return {"path": str(out), "format": fmt, "files": files, "total_bytes": sum(size for _, size in files),
-                    **compare_logits(variant.model, reloaded)}
+                    **report}
 
         self.result_box.hide()
         self.state.setText("Exporting…")

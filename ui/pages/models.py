@@ -12,23 +12,11 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
 
 from dllm_studio.errors import InsufficientMemoryError, RemoteCodeRefusedError
 from dllm_studio.events import DownloadProgress, LoadProgress
-from dllm_studio.memory import HEADROOM, available_bytes, human
+from dllm_studio.memory import ACTIVATION_SHARE, HEADROOM, available_bytes, fit, human
 from dllm_studio.models import DiffusionLM, load_model
 from ui.dialogs import ask
 from ui.session import Session, Variant, is_quantized
-from ui.theme import BAD, GOOD, WARN
-
-ACTIVATION_SHARE = 0.25  # load_model's preflight: weights plus a quarter again for activations and buffers
-
-
-def fit_badge(weight_bytes: int, free: int) -> tuple[str, str]:
-    """("fits" | "tight" | "won't fit", colour) for a model of `weight_bytes` against `free` memory."""
-    needed = weight_bytes * (1 + ACTIVATION_SHARE)
-    if needed <= 0.5 * free:
-        return "fits", GOOD
-    if needed <= HEADROOM * free:
-        return "tight", WARN
-    return "won't fit", BAD
+from ui.theme import FIT_COLORS
 
 
 class ModelsPage(QWidget):
@@ -195,12 +183,12 @@ class ModelsPage(QWidget):
         free = available_bytes()
         self.memory_table.setRowCount(len(info.memory_bytes))
         for row, (precision, nbytes) in enumerate(info.memory_bytes.items()):
-            badge, colour = fit_badge(nbytes, free)
+            badge = fit(int(nbytes * (1 + ACTIVATION_SHARE)), free)
             cells = [precision, human(nbytes), badge]
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if col == 2:
-                    item.setBackground(QColor(colour))
+                    item.setBackground(QColor(FIT_COLORS[badge]))
                     item.setForeground(QColor("white"))
                     item.setToolTip(f"Needs about {human(nbytes * (1 + ACTIVATION_SHARE))} with activations and "
                                     f"buffers; {human(free)} is free now.")

@@ -22,7 +22,7 @@ from dllm_studio.quant.pipeline import check_supported, quantize, working_set
 from dllm_studio.quant.recipe import METHODS, WEIGHT_BITS, QuantRecipe
 from ui.charts import BarChart, ChannelProfile, MemoryChart
 from ui.session import Session, Variant
-from ui.theme import BAD, GOOD, WARN
+from ui.theme import BAD, FIT_COLORS
 from ui.workers import stream
 
 # What the seed study (arXiv:2508.14896, LLaDA/Dream, asym g128) found about each method.
@@ -235,14 +235,14 @@ class QuantizePage(QWidget):
             parts = working_set(model, recipe)
             needed = sum(parts.values()) - parts["model"]  # the model itself is already in memory
             free = available_bytes()
-            colour = GOOD if needed < 0.5 * free else WARN if needed < memory.HEADROOM * free else BAD
-            verdict = "fits" if colour == GOOD else "tight" if colour == WARN else "won't fit"
+            verdict = memory.fit(needed, free)
+            colour = FIT_COLORS[verdict]
             self.preflight.setText(
                 f"Needs about <b>{human(needed)}</b> more memory; {human(free)} free: "
                 f"<span style='color:{colour}'><b>{verdict}</b></span>.<br>Result: {recipe.label}, "
                 f"about {human(model.memory_estimate(recipe.wbits, recipe.group_size or 128))} of weights.")
             self.preflight.setToolTip("\n".join(f"{name}: {human(b)}" for name, b in parts.items()))
-            ok = colour != BAD
+            ok = verdict != "won't fit"
         self.start_button.setEnabled(ok and not self.session.busy)
         return ok
 
