@@ -134,6 +134,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not (sys.argv[1:] if argv is None else argv):
+        return open_desktop()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
@@ -145,6 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def open_desktop() -> int:
+    """`dllm-studio` with no command opens the desktop studio: the face registered under the entry-point
+    group "dllm_studio.faces" (the engine never imports Qt; the installed app tells it where its window is)."""
+    from importlib.metadata import entry_points
+
+    faces = entry_points(group="dllm_studio.faces", name="gui")
+    if not faces:
+        build_parser().print_help()
+        print("\nThe desktop studio is not installed with this engine; use a command above.", file=sys.stderr)
+        return 2
+    return next(iter(faces)).load()([])
 
 
 def _load(args: argparse.Namespace, device: str | None = None):

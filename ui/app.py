@@ -1,4 +1,4 @@
-"""Start the desktop studio: `python main.py [MODEL]` (MODEL: demo, a folder or a hub id)."""
+"""Start the desktop studio: `python main.py [MODEL]` (MODEL: demo, a folder or a hub id); `--smoke PNG` checks a build."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import argparse
 import gc
 import os
 import sys
+from pathlib import Path
 
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
-from ui import theme
+from ui import smoke, theme
+from ui.paths import ICONS
 from ui.settings import APPLICATION, ORGANIZATION, Settings
 
 
@@ -42,20 +45,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dllm-studio-gui", description="The dLLM Studio desktop app.")
     parser.add_argument("model", nargs="?", default="demo", help="demo (default), a model folder or a hub id")
     parser.add_argument("--theme", choices=("system", "light", "dark"), help="override the saved theme")
+    parser.add_argument("--smoke", metavar="PNG", type=Path,
+                        help="check a build: open the demo offscreen, answer one prompt, save a screenshot, exit")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        smoke.prepare()
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setOrganizationName(ORGANIZATION)
     app.setApplicationName(APPLICATION)  # also the X11 WM class the .desktop entry matches
+    app.setWindowIcon(app_icon())
     settings = Settings()
     if args.theme:
         settings.set("theme", args.theme)
     theme.apply(app, settings.get("theme"))
     app.styleHints().colorSchemeChanged.connect(  # "system" follows the desktop when it switches
         lambda _scheme: settings.get("theme") == "system" and theme.apply(app, "system"))
-    window = create_window(args.model, settings)
+    window = create_window("demo" if args.smoke else args.model, settings)
     window.show()
+    if args.smoke:
+        return smoke.run(app, window, args.smoke)
     return app.exec()
+
+
+def app_icon() -> QIcon:
+    icon = QIcon()
+    for png in sorted(ICONS.glob("dllm-studio-*.png")):
+        icon.addFile(str(png))
+    return icon
 
 
 if __name__ == "__main__":

@@ -104,15 +104,23 @@ def score_code(generated: str, item: dict) -> CodeOutcome:
     return run_code_tests(code, item["entry_point"], item["tests"])
 
 
+def code_runner_missing() -> str | None:
+    """Why generated code cannot be run here (a frozen build bundles no Python to run it in), or None."""
+    if getattr(sys, "frozen", False) and PYTHON == sys.executable:
+        return ("The code suite needs a Python interpreter to run its tests, and this build bundles none; "
+                "run the qa, math and text suites, or evaluate from a Python install.")
+    return None
+
+
 def run_code_tests(code: str, entry_point: str, tests: list[str], timeout_s: float = 5.0) -> CodeOutcome:
     """Run `code`, then each assert in `tests`, in a sandboxed child process; passed only if all ran and held.
 
     The child proves it finished by printing a secret token it read from stdin after the last test,
     so code that exits early (sys.exit(0), os._exit(0)) cannot pass.
     """
-    if getattr(sys, "frozen", False) and PYTHON == sys.executable:
-        raise InvalidSettingsError("The code suite needs a Python interpreter to run its tests, and this build "
-                                   "bundles none; run the qa, math and text suites, or evaluate from a Python install.")
+    missing = code_runner_missing()
+    if missing:
+        raise InvalidSettingsError(missing)
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="dllm-code-", ignore_cleanup_errors=True) as root:
         work = Path(root, "work")

@@ -27,6 +27,7 @@ from dllm_studio.events import Commit, DenoiseStep
 from dllm_studio.memory import human, peak_rss_bytes
 from dllm_studio.sampling import REMASKING, GenerationConfig
 from ui.dialogs import show_error
+from ui.paths import conversations_dir
 from ui.session import Session
 from ui.settings import Settings
 from ui.theme import BAD, FP_COLOR, QUANT_COLOR
@@ -152,7 +153,7 @@ class Turn:
 
 def stats_text(s: dict) -> str:
     return (f"{s['steps']} steps · {s['forward_passes']} forward passes · {s['ms_per_step']:.1f} ms/step\n"
-            f"{s['wall_time_s']:.2f} s total · {s['tokens_per_s']:.1f} tokens/s · "
+            f"{s['wall_time_s']:.2f} s total · {s['tokens_per_s']:.1f} tokens/s\n"
             f"peak memory {human(s['peak_rss_bytes'])}")
 
 
@@ -182,6 +183,8 @@ class Pane(QGroupBox):
         self.replay_label = QLabel("Replay", minimumWidth=110)
         self.stats = QLabel(objectName=f"{key}Stats", toolTip=STATS_HELP)
         self.stats.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # three short lines of stats, reserved up front: a splitter does not re-lay its panes when a label grows
+        self.stats.setMinimumHeight(3 * self.stats.fontMetrics().lineSpacing() + 4)
         self.copy = QPushButton("Copy", objectName=f"{key}Copy", enabled=False)
         self.copy.setAccessibleName(f"Copy the {title.lower()} answer")
         self.copy.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.last_answer() or ""))
@@ -671,13 +674,16 @@ class ChatPage(QWidget):
         return True
 
     def choose_save_file(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save conversation", "conversation.json",
+        folder = conversations_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path, _ = QFileDialog.getSaveFileName(self, "Save conversation", str(folder / "conversation.json"),
                                               "Conversations (*.json)")
         if path:
             self.save_conversation(path)
 
     def choose_open_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open conversation", "", "Conversations (*.json)")
+        path, _ = QFileDialog.getOpenFileName(self, "Open conversation", str(conversations_dir()),
+                                              "Conversations (*.json)")
         if path:
             self.open_conversation(path)
 

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHB
 from dllm_studio import jobs
 from dllm_studio.errors import SuiteError
 from dllm_studio.eval.drop import band, relative_drop
+from dllm_studio.eval.scoring import code_runner_missing
 from dllm_studio.eval.runner import EvalResult, evaluate
 from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
@@ -184,6 +185,11 @@ class ComparePage(QWidget):
     # ---- suites -----------------------------------------------------------------------------------
     def _add_suite_box(self, key: str, label: str, source: str | Path, checked: bool) -> QCheckBox:
         box = QCheckBox(label, objectName=f"compareSuite_{label}", checked=checked)
+        unavailable = code_runner_missing() if key == "code" else None
+        if unavailable:  # e.g. in the frozen app: say why rather than fail halfway through a run
+            box.setChecked(False)
+            box.setEnabled(False)
+            box.setToolTip(unavailable)
         box.toggled.connect(self._update_controls)
         self.suite_boxes[key] = box
         self._sources[key] = source

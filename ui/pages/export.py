@@ -19,6 +19,7 @@ from dllm_studio.memory import human
 from dllm_studio.quant.export import VERIFY_MASKS, save_quantized, verify
 from dllm_studio.quant.recipe import FORMATS
 from ui.dialogs import show_error
+from ui.paths import models_dir
 from ui.session import Session, Variant
 from ui.theme import BAD, GOOD
 
@@ -28,10 +29,6 @@ FORMAT_HELP = {
             "and vLLM read.",
 }
 STAGES = ("Writing…", "Reloading and comparing outputs…")
-
-
-def default_parent() -> Path:
-    return Path.home() / "dLLM Studio" / "models"
 
 
 def slug(name: str) -> str:
@@ -55,7 +52,7 @@ class ExportPage(QWidget):
         super().__init__(parent)
         self.session, self.settings = session, settings
         self.job = None
-        self._parent = default_parent()  # Browse… changes where new folders go
+        self._parent = models_dir()  # Browse… changes where new folders go
         self._custom_path = False  # the user typed a path: stop suggesting one
 
         self.variant = QComboBox(objectName="exportVariant")
