@@ -71,10 +71,13 @@ def test_a_corrupt_model_folder_is_a_clear_error_dialog(qtbot, models_page, sess
 def test_a_quantized_folder_opens_as_a_variant(qtbot, models_page, session, demo_rtn4, tmp_path):
     from dllm_studio.quant.export import save_quantized
 
-    out = save_quantized(demo_rtn4.model, tmp_path / "demo-rtn4")
+    out = save_quantized(demo_rtn4.model, tmp_path / "demo-rtn4",
+                         profile={"summary": demo_rtn4.summary, "layers": demo_rtn4.layers})
     with qtbot.waitSignal(models_page.loaded, timeout=20_000):
         models_page.open(str(out))
     assert list(session.variants) == ["demo-rtn4"]
+    variant = session.variants["demo-rtn4"]
+    assert variant.summary["bits_per_weight"] == demo_rtn4.summary["bits_per_weight"] and variant.layers
     assert session.model.source == "demo"
     assert "demo-rtn4" in models_page.variant_list.item(0).text()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -17,6 +18,15 @@ from dllm_studio.models import DiffusionLM, load_model
 from ui.dialogs import ask
 from ui.session import Session, Variant, is_quantized
 from ui.theme import FIT_COLORS
+
+
+def _read_profile(folder: Path) -> dict:
+    """profile.json of a quantized folder; {} when it is missing or unreadable (it is informative only)."""
+    try:
+        profile = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return profile if isinstance(profile, dict) else {}
 
 
 class ModelsPage(QWidget):
@@ -144,7 +154,9 @@ class ModelsPage(QWidget):
         model: DiffusionLM = result
         if is_quantized(model):
             folder = Path(model.path)
-            self.session.add_variant(Variant(folder.name, model, folder=folder))
+            profile = _read_profile(folder)  # what the quantizer measured, carried into a re-export
+            self.session.add_variant(Variant(folder.name, model, profile.get("summary") or {},
+                                             profile.get("layers") or [], folder))
             self.status.setText(f"Opened the quantized model {folder.name}; it is ready in Chat, Compare and Export.")
         else:
             self.session.set_model(model)
