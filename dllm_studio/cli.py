@@ -133,9 +133,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="run even when the memory estimate exceeds the free RAM/VRAM")
 
 
+DESKTOP_OPTIONS = ("--smoke", "--theme")  # `dllm-studio --smoke out.png` checks the desktop app
+
+
 def main(argv: list[str] | None = None) -> int:
-    if not (sys.argv[1:] if argv is None else argv):
-        return open_desktop()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in DESKTOP_OPTIONS:
+        return open_desktop(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def open_desktop() -> int:
+def open_desktop(argv: list[str] | None = None) -> int:
     """`dllm-studio` with no command opens the desktop studio: the face registered under the entry-point
     group "dllm_studio.faces" (the engine never imports Qt; the installed app tells it where its window is)."""
     from importlib.metadata import entry_points
@@ -159,7 +163,7 @@ def open_desktop() -> int:
         build_parser().print_help()
         print("\nThe desktop studio is not installed with this engine; use a command above.", file=sys.stderr)
         return 2
-    return next(iter(faces)).load()([])
+    return next(iter(faces)).load()(argv or [])
 
 
 def _load(args: argparse.Namespace, device: str | None = None):

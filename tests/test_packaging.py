@@ -74,16 +74,16 @@ def test_user_files_go_to_the_platform_data_folder():
 def smoke(command: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 300) -> str:
     png = tmp_path / "smoke.png"
     result = subprocess.run([*command, "--smoke", str(png)], capture_output=True, text=True, timeout=timeout,
-                            env=env)
+                            env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "smoke: ok" in result.stdout and "-> 'Paris'" in result.stdout
     assert distinct_colours(png) > 10  # a drawn window, not a blank one
     return result.stdout
 
 
-def test_smoke_from_a_checkout(tmp_path):
-    out = smoke([sys.executable, str(ROOT / "main.py")], tmp_path,
-                env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+@pytest.mark.parametrize("launcher", [["main.py"], ["-m", "dllm_studio"]], ids=["main.py", "python -m dllm_studio"])
+def test_smoke_from_a_checkout(tmp_path, launcher):
+    out = smoke([sys.executable, *launcher], tmp_path, env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
     assert "torch 2." in out
 
 
