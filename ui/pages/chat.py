@@ -31,6 +31,7 @@ from ui.paths import conversations_dir
 from ui.session import Session
 from ui.settings import Settings
 from ui.theme import BAD, FP_COLOR, QUANT_COLOR
+from ui.widgets import VariantPicker
 from ui.workers import stream
 
 FORMAT_VERSION = 1
@@ -354,8 +355,7 @@ class ChatPage(QWidget):
         self.panes = (self.fp, self.quant)
         for pane in self.panes:
             pane.drawn.connect(lambda step, key=pane.key: self.frame_shown.emit(key, step))
-        self.variant_box = QComboBox(objectName="variantCombo")
-        self.variant_box.setAccessibleName("Quantized variant")
+        self.variant_box = VariantPicker(session, objectName="variantCombo")
         self.variant_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         variant_label = QLabel("&Variant:")
         variant_label.setBuddy(self.variant_box)
@@ -689,15 +689,7 @@ class ChatPage(QWidget):
 
     # ---- session --------------------------------------------------------------------------------------
     def _refresh_variants(self) -> None:
-        current = self.variant_box.currentText()
-        names = list(self.session.variants)
-        self.variant_box.blockSignals(True)
-        self.variant_box.clear()
-        self.variant_box.addItems(names)
-        # keep the user's choice; otherwise offer the newest variant, the one most likely just made
-        self.variant_box.setCurrentText(current if current in names else (names[-1] if names else ""))
-        self.variant_box.blockSignals(False)
-        self.quant.hint.setVisible(not names)
+        self.quant.hint.setVisible(not self.session.variants)
         self._update_buttons()
 
     def _model_changed(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel,
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel,
                                QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
@@ -31,6 +31,7 @@ from ui.charts import GroupedBars
 from ui.dialogs import show_error
 from ui.session import Session
 from ui.theme import BAND_COLORS
+from ui.widgets import VariantPicker
 
 DEFAULT_SUITES = ("qa", "math", "code")
 COLUMNS = ("Suite", "Items", "Full precision", "Quantized", "Relative drop", "ms/step FP", "ms/step Q",
@@ -95,7 +96,7 @@ class ComparePage(QWidget):
         self._stage = Stage("", "")  # which suite and model the progress events are about
 
         # ---- what to compare ----
-        self.variant = QComboBox(objectName="compareVariant")
+        self.variant = VariantPicker(session, objectName="compareVariant")
         self.variant.setMinimumContentsLength(16)
         self.variant.setAccessibleName("Quantized variant")
         self.hint = QLabel(wordWrap=True, objectName="compareHint")
@@ -176,10 +177,10 @@ class ComparePage(QWidget):
         self.cancel_button.clicked.connect(self.session.cancel)
         self.save_button.clicked.connect(self._browse_csv)
         self.variant.currentIndexChanged.connect(self._update_controls)
-        session.variants_changed.connect(self._refresh_variants)
+        session.variants_changed.connect(self._update_controls)
         session.model_changed.connect(self._clear_results)  # rows of another model would mislead
         session.busy_changed.connect(self._update_controls)
-        self._refresh_variants()
+        self._update_controls()
         self._draw_chart()
 
     # ---- suites -----------------------------------------------------------------------------------
@@ -220,15 +221,6 @@ class ComparePage(QWidget):
         return [(box.text(), self._sources[key]) for key, box in self.suite_boxes.items() if box.isChecked()]
 
     # ---- state ------------------------------------------------------------------------------------
-    def _refresh_variants(self) -> None:
-        current = self.variant.currentText()
-        self.variant.blockSignals(True)
-        self.variant.clear()
-        self.variant.addItems(list(self.session.variants))
-        self.variant.setCurrentIndex(max(self.variant.findText(current), 0))
-        self.variant.blockSignals(False)
-        self._update_controls()
-
     def _blocker(self) -> str | None:
         """Why a run cannot start now, or None."""
         if not self.chosen_suites():

@@ -22,6 +22,7 @@ from ui.dialogs import show_error
 from ui.paths import models_dir
 from ui.session import Session, Variant
 from ui.theme import BAD, GOOD
+from ui.widgets import VariantPicker
 
 FORMAT_HELP = {
     "native": "dLLM Studio's packed format; reloads in dLLM Studio.",
@@ -55,7 +56,7 @@ class ExportPage(QWidget):
         self._parent = models_dir()  # Browse… changes where new folders go
         self._custom_path = False  # the user typed a path: stop suggesting one
 
-        self.variant = QComboBox(objectName="exportVariant")
+        self.variant = VariantPicker(session, objectName="exportVariant")
         self.variant.setMinimumContentsLength(16)
         self.format = QComboBox(objectName="exportFormat")
         for i, fmt in enumerate(FORMATS):
@@ -131,24 +132,14 @@ class ExportPage(QWidget):
         self.browse_button.clicked.connect(self._browse)
         self.export_button.clicked.connect(self.export)
         self.open_button.clicked.connect(self._open_folder)
-        session.variants_changed.connect(self._refresh_variants)
+        session.variants_changed.connect(self._suggest_path)
         session.busy_changed.connect(self._update_controls)
-        self._format_changed()
-        self._refresh_variants()
+        self._format_changed()  # suggests the first path too
 
     # ---- choices ----------------------------------------------------------------------------------
     @property
     def fmt(self) -> str:
         return self.format.currentData()
-
-    def _refresh_variants(self) -> None:
-        current = self.variant.currentText()
-        self.variant.blockSignals(True)
-        self.variant.clear()
-        self.variant.addItems(list(self.session.variants))
-        self.variant.setCurrentIndex(max(self.variant.findText(current), 0))
-        self.variant.blockSignals(False)
-        self._suggest_path()
 
     def _format_changed(self) -> None:
         self.format_help.setText(FORMAT_HELP[self.fmt])
