@@ -63,6 +63,17 @@ def studio_settings(tmp_path):
 
 
 @pytest.fixture
+def open_page(qtbot, session, studio_settings):
+    """open_page(PageClass): a studio page on this test's session and settings, closed after the test."""
+    def open_(page_class):
+        page = page_class(session, studio_settings)
+        qtbot.addWidget(page)
+        return page
+
+    return open_
+
+
+@pytest.fixture
 def session(qtbot, demo_model):
     """A studio session holding the demo model; waits for any job a test leaves running."""
     from ui.session import Session

@@ -104,13 +104,11 @@ def test_frozen_bundle_builds_and_runs_in_a_clean_environment(tmp_path):
     assert "(frozen)" in out
 
 
-def test_in_a_frozen_build_the_code_suite_is_offered_disabled_with_the_reason(qtbot, session, studio_settings,
-                                                                              monkeypatch):
+def test_in_a_frozen_build_the_code_suite_is_offered_disabled_with_the_reason(open_page, monkeypatch):
     from ui.pages.compare import ComparePage
 
     monkeypatch.setattr(sys, "frozen", True, raising=False)  # as in the bundle: sys.executable is the app
-    page = ComparePage(session, studio_settings)
-    qtbot.addWidget(page)
+    page = open_page(ComparePage)
     code = page.suite_boxes["code"]
     assert not code.isEnabled() and not code.isChecked() and "bundles none" in code.toolTip()
     assert page.suite_boxes["qa"].isEnabled() and page.suite_boxes["qa"].isChecked()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from PySide6.QtGui import QGuiApplication
-from PySide6.QtWidgets import QApplication
+from qt_helpers import error_dialogs
 
 from dllm_studio import jobs
 from dllm_studio.sampling import GenerationConfig
@@ -171,7 +171,7 @@ def test_a_malformed_conversation_gives_an_error_dialog(qtbot, session, studio_s
     path = tmp_path / "broken.json"
     path.write_text(content, encoding="utf-8")
     assert not page.open_conversation(path)
-    dialogs = [w for w in QApplication.topLevelWidgets() if w.objectName() == "errorDialog" and w.isVisible()]
+    dialogs = error_dialogs()
     assert len(dialogs) == 1 and "not a dLLM Studio conversation" in dialogs[0].text()
     dialogs[0].close()
     assert page.fp.turns == []

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+from qt_helpers import error_dialogs
 
 pytestmark = pytest.mark.gui
 
@@ -20,33 +21,23 @@ def variant(session, demo_rtn4):
 
 
 @pytest.fixture
-def compare(qtbot, session, studio_settings):
+def compare(open_page):
     from ui.pages.compare import ComparePage
 
-    page = ComparePage(session, studio_settings)
-    qtbot.addWidget(page)
-    return page
+    return open_page(ComparePage)
 
 
 @pytest.fixture
-def export_page(qtbot, session, studio_settings):
+def export_page(open_page):
     from ui.pages.export import ExportPage
 
-    page = ExportPage(session, studio_settings)
-    qtbot.addWidget(page)
-    return page
+    return open_page(ExportPage)
 
 
 def choose(page, *suites, limit):
     for name, box in page.suite_boxes.items():
         box.setChecked(name in suites)
     page.limit.setValue(limit)
-
-
-def error_dialogs():
-    from PySide6.QtWidgets import QApplication
-
-    return [w for w in QApplication.topLevelWidgets() if w.objectName() == "errorDialog" and w.isVisible()]
 
 
 # ---- Compare ---------------------------------------------------------------------------------------

@@ -3,30 +3,23 @@
 import json
 
 import pytest
-from PySide6.QtWidgets import QApplication
+from qt_helpers import error_dialogs
 
 pytestmark = pytest.mark.gui
 
 
-def error_dialogs():
-    return [w for w in QApplication.topLevelWidgets() if w.objectName() == "errorDialog" and w.isVisible()]
-
-
 @pytest.fixture
-def models_page(qtbot, session, studio_settings):
+def models_page(open_page):
     from ui.pages.models import ModelsPage
 
-    page = ModelsPage(session, studio_settings)
-    qtbot.addWidget(page)
-    return page
+    return open_page(ModelsPage)
 
 
 @pytest.fixture
-def quantize_page(qtbot, session, studio_settings):
+def quantize_page(open_page):
     from ui.pages.quantize import QuantizePage
 
-    page = QuantizePage(session, studio_settings)
-    qtbot.addWidget(page)
+    page = open_page(QuantizePage)
     page.samples.setValue(4)
     page.seq_len.setValue(64)
     return page

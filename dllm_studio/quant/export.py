@@ -75,6 +75,16 @@ def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", 
     return out
 
 
+def read_profile(folder: str | Path) -> dict:
+    """The profile.json `save_quantized` wrote (summary and per-layer statistics); {} when missing or unreadable,
+    since it only informs and never decides how the model loads."""
+    try:
+        profile = json.loads((Path(folder) / "profile.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return profile if isinstance(profile, dict) else {}
+
+
 VERIFY_PROMPT = [{"role": "user", "content": "What is 2 plus 3?"}]
 VERIFY_MASKS = 16  # a masked answer span, as the model sees its input while denoising
 

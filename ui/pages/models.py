@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -15,18 +14,10 @@ from dllm_studio.errors import InsufficientMemoryError, RemoteCodeRefusedError
 from dllm_studio.events import DownloadProgress, LoadProgress
 from dllm_studio.memory import ACTIVATION_SHARE, HEADROOM, available_bytes, fit, human
 from dllm_studio.models import DiffusionLM, load_model
+from dllm_studio.quant.export import read_profile
 from ui.dialogs import ask
 from ui.session import Session, Variant, is_quantized
 from ui.theme import FIT_COLORS
-
-
-def _read_profile(folder: Path) -> dict:
-    """profile.json of a quantized folder; {} when it is missing or unreadable (it is informative only)."""
-    try:
-        profile = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return profile if isinstance(profile, dict) else {}
 
 
 class ModelsPage(QWidget):
@@ -154,7 +145,7 @@ class ModelsPage(QWidget):
         model: DiffusionLM = result
         if is_quantized(model):
             folder = Path(model.path)
-            profile = _read_profile(folder)  # what the quantizer measured, carried into a re-export
+            profile = read_profile(folder)  # what the quantizer measured, carried into a re-export
             self.session.add_variant(Variant(folder.name, model, profile.get("summary") or {},
                                              profile.get("layers") or [], folder))
             self.status.setText(f"Opened the quantized model {folder.name}; it is ready in Chat, Compare and Export.")
