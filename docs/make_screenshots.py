@@ -86,12 +86,14 @@ def main() -> int:
     chat.variant_box.setCurrentText("RTN W3A16 g128")
     finished = []
     chat.answer_finished.connect(lambda pane, text: finished.append(pane))
-    chat.input.setPlainText("Write a Python function that returns the larger of a and b.")
+    # a held-out math item: the demo answers with the worked sum, so a quantization error shows where it sits
+    chat.input.setPlainText("There are 6 bags with 5 marbles in each. How many marbles are there?")
     chat.send()
     wait(lambda: len(finished) == 2 and not window.session.busy)
     shoot(window, "chat", suffix)
-    for pane in (chat.fp, chat.quant):  # replay a step halfway: masks still open, fresh commits coloured
-        pane.replay.setValue(12)
+    # replay a late step: the end-of-answer padding settles first, then the sum appears with masks still open
+    for pane in (chat.fp, chat.quant):
+        pane.replay.setValue(28)
     shoot(window, "chat-denoising", suffix)
 
     window.show_page("compare")

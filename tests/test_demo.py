@@ -38,8 +38,23 @@ def test_reference_answers_score_correct():
         assert score_qa(item["answer"], item["answer"])
     for item in load_suite("math").items[:20]:
         assert score_math(f"The answer is {item['answer']}.", item["answer"])
+    for split in ("train", "test"):  # the worked solution the model is taught ends in the scored number
+        for item in load_suite("math", split).items:
+            assert score_math(item["solution"], item["answer"]) and item["solution"].endswith(f"= {item['answer']}")
     for item in load_suite("code").items[:5]:
         assert score_code(item["answer"], item).passed
+
+
+def test_every_taught_answer_fits_the_answer_window_eval_generates():
+    from dllm_studio.demo.train import GEN_LENGTH, encode_sft
+    from dllm_studio.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DEMO_PATH)
+    for suite, length in GEN_LENGTH.items():
+        assert suite_config(suite).gen_length == length
+        for item in load_suite(suite, "train").items + load_suite(suite, "test").items:
+            prompt, answer = encode_sft(tokenizer, item, suite)  # raises when the answer does not fit
+            assert len(answer) == length and prompt
 
 
 def test_demo_checkpoint_is_small_and_laid_out_like_llada():
@@ -61,10 +76,10 @@ def demo():
 def test_demo_answers_held_out_items(demo):
     """A handful of held-out items per suite; the full scores are in the model card.
 
-    QA and code are near their card scores (95 %, 90 %); math is not learnt within the CPU budget
-    (about a fifth right, see the card), so it is checked for that level, not for the target.
+    On these first 20 items the shipped model gets qa 16 and math 15 right (card: 88 % and 76 % over the
+    whole splits); the floors leave one or two items of slack for other CPUs' rounding.
     """
-    for suite, n, scorer, least in (("qa", 20, score_qa, 16), ("math", 20, score_math, 3)):
+    for suite, n, scorer, least in (("qa", 20, score_qa, 15), ("math", 20, score_math, 13)):
         config = suite_config(suite)
         correct = 0
         for item in load_suite(suite).items[:n]:

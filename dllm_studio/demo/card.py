@@ -130,7 +130,8 @@ log-likelihood (an ELBO bound, nats per token; lower is better).
 Recipe (`dllm_studio/demo/train.py`): tokenizer trained on the curriculum; masked-diffusion pre-training
 on task data and knowledge-base sentences for the first {int(100 * r['pretrain_fraction'])} % of the time;
 then supervised fine-tuning that never masks the prompt, answers padded with EOS to the length `eval`
-generates, with {int(100 * r['rehearsal'])} % of the fine-tuning batches replaying pre-training data so plain text
+generates (math answers are worked solutions, "4 + 10 = 14": every phrasing of a sum ends in the same
+equation, and the scorer reads the final number), with {int(100 * r['rehearsal'])} % of the fine-tuning batches replaying pre-training data so plain text
 stays learnt. Batches are drawn {r['batch_size']} at a time, grouped by length. AdamW lr {r['lr']},
 {r['warmup']} warm-up steps, cosine decay over the wall-clock budget, weight decay {r['weight_decay']}, gradient clip 1.0.
 

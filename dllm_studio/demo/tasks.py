@@ -123,12 +123,19 @@ def math_facts() -> list[tuple[str, tuple[int, ...], int]]:
     return facts
 
 
+def math_solution(op: str, args: tuple[int, ...], result: int) -> str:
+    """The worked answer, "4 + 10 = 14": the model restates the sum before its result, so every phrasing of
+    a fact ends in one shared equation (the scorer reads the final number, so the working costs nothing)."""
+    return f" {op[0]} ".join(map(str, args)) + f" = {result}"
+
+
 def math_items() -> tuple[list[dict], list[dict]]:
     train, test = [], []
     for op, args, result in math_facts():
         values = dict(zip("abc", args))
         a, b = _split("math", f"{op}:{args}", MATH_TEMPLATES[op],
-                      lambda t: {"prompt": t.format(**values), "answer": str(result)})
+                      lambda t: {"prompt": t.format(**values), "answer": str(result),
+                                 "solution": math_solution(op, args, result)})
         train += a
         test += b
     test.sort(key=lambda item: stable_hash(item["prompt"]))

@@ -2,7 +2,8 @@
 
 One JSON object per line. Every item has a unique "id" and a "suite" (all lines of a file the same):
 
-    qa, math: "prompt", "answer" (math: a number, e.g. "12" or "-3")
+    qa, math: "prompt", "answer" (math: a number, e.g. "12" or "-3"; optional "solution", the worked
+              answer a model is taught, e.g. "4 + 8 = 12"; scoring reads only the final number)
     code:     "prompt", "answer" (reference solution), "entry_point", "tests" (assert statements)
     text:     "text" (a sentence whose likelihood is scored)
 
