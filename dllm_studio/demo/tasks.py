@@ -126,7 +126,7 @@ def math_facts() -> list[tuple[str, tuple[int, ...], int]]:
 def math_solution(op: str, args: tuple[int, ...], result: int) -> str:
     """The worked answer, "4 + 10 = 14": the model restates the sum before its result, so every phrasing of
     a fact ends in one shared equation (the scorer reads the final number, so the working costs nothing)."""
-    return f" {op[0]} ".join(map(str, args)) + f" = {result}"
+    return f" {op[0]} ".join(map(str, args)) + f" = {result}"  # "++" (three terms) is written with "+"
 
 
 def math_items() -> tuple[list[dict], list[dict]]:
