@@ -83,6 +83,15 @@ def search_table(path: Path) -> str:
     return f"{search['note']}\n\n" + "\n".join(rows) + ("\n\nWhat the runs showed:\n" + findings if findings else "")
 
 
+def mix_sentence(training: dict) -> str:
+    """How fine-tuning batches were shared out, from training.json (older runs did not record it)."""
+    if "sft_mix" not in training:
+        return ""
+    mix = ", ".join(f"{suite} {100 * share:.0f} %" for suite, share in training["sft_mix"].items())
+    extra = "".join(f"; math items with `{op}` drawn {n}× as often" for op, n in training.get("draws_per_op", {}).items())
+    return f" The other fine-tuning batches are shared out {mix}{extra}."
+
+
 def render(model_dir: Path, evaluation: dict) -> str:
     from dllm_studio.models import load_model
 
@@ -132,7 +141,7 @@ on task data and knowledge-base sentences for the first {int(100 * r['pretrain_f
 then supervised fine-tuning that never masks the prompt, answers padded with EOS to the length `eval`
 generates (math answers are worked solutions, "4 + 10 = 14": every phrasing of a sum ends in the same
 equation, and the scorer reads the final number), with {int(100 * r['rehearsal'])} % of the fine-tuning batches replaying pre-training data so plain text
-stays learnt. Batches are drawn {r['batch_size']} at a time, grouped by length. AdamW lr {r['lr']},
+stays learnt.{mix_sentence(training)} Batches are drawn {r['batch_size']} at a time, grouped by length. AdamW lr {r['lr']},
 {r['warmup']} warm-up steps, cosine decay over the wall-clock budget, weight decay {r['weight_decay']}, gradient clip 1.0.
 
 This checkpoint: `{training.get('command', 'python -m dllm_studio.demo.train --out DIR --seed ' + str(training['seed']))}`
