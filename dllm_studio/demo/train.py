@@ -41,7 +41,7 @@ GEN_LENGTH = {"qa": 16, "math": 16, "code": 32}  # answer slots: the lengths `ev
 EXTRA_SLOTS = (0, 0, 0, 0, 0, 0, 16, 32)
 SFT_MIX = {"qa": 0.35, "math": 0.50, "code": 0.15}  # share of fine-tuning batches per suite
 # Subtraction is learnt slowest (two 55-minute runs: 19 and 20 of 37 held-out items right, against 41-43 of 51
-# for addition), so its items are drawn twice as often as the other math items.
+# for addition), so its items are drawn twice as often as the other math items (then: 35 of 37, math 94.7 %).
 DRAWS_PER_OP = {"-": 2}
 EPS = 1e-3  # minimum mask probability (LLaDA)
 
