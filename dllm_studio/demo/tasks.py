@@ -129,6 +129,11 @@ def math_solution(op: str, args: tuple[int, ...], result: int) -> str:
     return f" {op[0]} ".join(map(str, args)) + f" = {result}"  # "++" (three terms) is written with "+"
 
 
+def math_op(item: dict) -> str:
+    """A math item's operation ("+", "-", "*", "++"): the head of its fact key, "op:(args)"."""
+    return item["fact"].split(":", 1)[0]
+
+
 def math_items() -> tuple[list[dict], list[dict]]:
     train, test = [], []
     for op, args, result in math_facts():

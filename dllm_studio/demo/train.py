@@ -102,7 +102,7 @@ def taught_answer(item: dict) -> str:
 
 def draws(item: dict) -> int:
     """How many copies of a training item go into its fine-tuning pool (math: by operation, DRAWS_PER_OP)."""
-    return DRAWS_PER_OP.get(item["fact"].split(":")[0], 1) if item["suite"] == "math" else 1
+    return DRAWS_PER_OP.get(tasks.math_op(item), 1) if item["suite"] == "math" else 1
 
 
 def encode_sft(tokenizer, item: dict, suite: str) -> tuple[list[int], list[int]]:
