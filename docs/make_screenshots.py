@@ -87,7 +87,7 @@ def main() -> int:
     finished = []
     chat.answer_finished.connect(lambda pane, text: finished.append(pane))
     # a held-out math item: the demo answers with the worked sum, so a quantization error shows where it sits
-    chat.input.setPlainText("Each of 8 children has 7 pencils. How many pencils do they have?")
+    chat.input.setPlainText("There were 15 birds on a tree and 2 flew away. How many birds are left?")
     chat.send()
     wait(lambda: len(finished) == 2 and not window.session.busy)
     shoot(window, "chat", suffix)

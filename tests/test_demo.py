@@ -59,17 +59,30 @@ def test_every_taught_answer_fits_the_answer_window_eval_generates():
 
 def test_training_run_saves_a_checkpoint_that_loads_and_records_its_recipe(tmp_path):
     """The real recipe for a few seconds, on a tiny model: the folder loads like the shipped one."""
-    from dllm_studio.demo.train import SFT_MIX, Recipe, draws, train
+    from dllm_studio.demo.train import DRAWS, SFT_MIX, Recipe, draws, train
     from dllm_studio.models import load_model
 
     report = train(tmp_path / "m", seed=0, recipe=Recipe(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64,
                                                           minutes=0.05), log=lambda line: None)
-    assert report["steps"] > 0 and report["sft_mix"] == SFT_MIX
+    assert report["steps"] > 0 and report["sft_mix"] == SFT_MIX and report["draws"] == DRAWS
     model = load_model(tmp_path / "m")
     assert model.config["d_model"] == 32 and model.tokenizer.mask_token_id is not None
-    math = load_suite("math", "train").items
+    math, qa = load_suite("math", "train").items, load_suite("qa", "train").items
     assert {draws(x) for x in math if tasks.math_op(x) == "-"} == {2}  # the slowest-learnt operation
     assert {draws(x) for x in math if tasks.math_op(x) != "-"} == {1}
+    assert {draws(x) for x in qa if tasks.qa_phrasing(x) == "subject-first"} == {3}  # the slowest-learnt phrasing
+    assert {draws(x) for x in qa if tasks.qa_phrasing(x) == "question-first"} == {1}
+
+
+def test_qa_phrasing_tells_subject_first_questions_apart():
+    def phrasing(prompt):
+        return tasks.qa_phrasing(next(x for x in load_suite("qa", "test").items + load_suite("qa", "train").items
+                                      if x["prompt"] == prompt))
+
+    assert phrasing("The capital of Spain is which city?") == "subject-first"
+    assert phrasing("Snow is usually what colour?") == "subject-first"
+    assert phrasing("Which city is the capital of Germany?") == "question-first"
+    assert phrasing("Tell me the capital of France.") == "question-first"
 
 
 def test_demo_checkpoint_is_small_and_laid_out_like_llada():
@@ -91,10 +104,10 @@ def demo():
 def test_demo_answers_held_out_items(demo):
     """A handful of held-out items per suite; the full scores are in the model card.
 
-    On these first 20 items the shipped model gets qa 17 and math 19 right (card: 90 % and 95 % over the
-    whole splits); the floors leave one or two items of slack for other CPUs' rounding.
+    On these first 20 items the shipped model gets qa 18 and math 18 right (card: 93.5 % and 84 % over the
+    whole splits); the floors leave two items of slack for other CPUs' rounding.
     """
-    for suite, n, scorer, least in (("qa", 20, score_qa, 16), ("math", 20, score_math, 17)):
+    for suite, n, scorer, least in (("qa", 20, score_qa, 16), ("math", 20, score_math, 16)):
         config = suite_config(suite)
         correct = 0
         for item in load_suite(suite).items[:n]:

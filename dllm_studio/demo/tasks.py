@@ -134,6 +134,19 @@ def math_op(item: dict) -> str:
     return item["fact"].split(":", 1)[0]
 
 
+def qa_phrasing(item: dict) -> str:
+    """A qa item's phrasing: "subject-first" when its question word comes after the subject ("The capital of
+    Spain is which city?"), else "question-first"."""
+    text = QA_TEMPLATES[item["fact"].split(":", 1)[0]][item["template"]].lower()
+    asks = [text.index(word) for word in ("what", "which") if word in text]
+    return "subject-first" if asks and text.index("{x}") < min(asks) else "question-first"
+
+
+def kind(item: dict) -> str:
+    """What an item asks, within its suite: a math item's operation, a qa item's phrasing, else its suite."""
+    return {"math": math_op, "qa": qa_phrasing}.get(item["suite"], lambda x: x["suite"])(item)
+
+
 def math_items() -> tuple[list[dict], list[dict]]:
     train, test = [], []
     for op, args, result in math_facts():

@@ -40,9 +40,11 @@ GEN_LENGTH = {"qa": 16, "math": 16, "code": 32}  # answer slots: the lengths `ev
 # because every slot costs compute the tasks themselves do not need.
 EXTRA_SLOTS = (0, 0, 0, 0, 0, 0, 16, 32)
 SFT_MIX = {"qa": 0.35, "math": 0.50, "code": 0.15}  # share of fine-tuning batches per suite
-# Subtraction is learnt slowest (two 55-minute runs: 19 and 20 of 37 held-out items right, against 41-43 of 51
-# for addition), so its items are drawn twice as often as the other math items (then: 35 of 37, math 94.7 %).
-DRAWS_PER_OP = {"-": 2}
+# Copies of a fine-tuning item by suite and kind (tasks.kind), for what is learnt slowest. Subtraction: 19 and 20 of
+# 37 held-out items right in two 55-minute runs (addition 41-43 of 51); drawn twice, 35 and 31 of 37. Subject-first
+# qa phrasings ("The capital of Spain is which city?"): 11 of 23 right (question-first 113 of 115); drawn three
+# times, 14 of 23 and qa 93.5 % (recipe_search.json has every run).
+DRAWS = {"math": {"-": 2}, "qa": {"subject-first": 3}}
 EPS = 1e-3  # minimum mask probability (LLaDA)
 
 
@@ -101,8 +103,8 @@ def taught_answer(item: dict) -> str:
 
 
 def draws(item: dict) -> int:
-    """How many copies of a training item go into its fine-tuning pool (math: by operation, DRAWS_PER_OP)."""
-    return DRAWS_PER_OP.get(tasks.math_op(item), 1) if item["suite"] == "math" else 1
+    """How many copies of a training item go into its fine-tuning pool (DRAWS, by its suite and kind)."""
+    return DRAWS.get(item["suite"], {}).get(tasks.kind(item), 1)
 
 
 def encode_sft(tokenizer, item: dict, suite: str) -> tuple[list[int], list[int]]:
@@ -223,7 +225,7 @@ def train(out: Path, seed: int, recipe: Recipe, device: str = "cpu", log=print) 
             log(f"step {step:6d}  {elapsed / 60:5.1f} min  {phase:8s}  loss {loss.item():.4f}  lr {lr:.2e}")
     save(model, tokenizer, cfg, out)
     return {"steps": step, "minutes": round((time.perf_counter() - start) / 60, 1), "history": history,
-            "recipe": vars(recipe), "sft_mix": SFT_MIX, "draws_per_op": DRAWS_PER_OP, "seed": seed, "device": device,
+            "recipe": vars(recipe), "sft_mix": SFT_MIX, "draws": DRAWS, "seed": seed, "device": device,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
