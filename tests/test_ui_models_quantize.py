@@ -91,6 +91,23 @@ def test_only_valid_combinations_are_offered(quantize_page):
     assert page.start_button.isEnabled() and "fits" in page.preflight.text()
 
 
+def test_charts_take_turns_so_one_tick_repaints_at_most_one(quantize_page):
+    from ui.pages.quantize import CHARTS
+
+    page = quantize_page
+    page.changed = set(CHARTS)
+    drawn = []
+    for _ in CHARTS:
+        before = set(page.changed)
+        page.redraw()
+        assert len(before - page.changed) == 1
+        drawn += before - page.changed
+        page.changed |= {"outliers", "channels"}  # they change on every layer event
+    assert sorted(drawn) == sorted(CHARTS)  # the busy charts did not starve errors and memory
+    page.redraw(every_chart=True)  # as when a job ends
+    assert not page.changed
+
+
 def test_quantize_gptq_w4_fills_the_charts_and_makes_a_variant(qtbot, quantize_page, session):
     page = quantize_page
     page.method.setCurrentIndex(page.method.findData("gptq"))
