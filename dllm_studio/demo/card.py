@@ -88,9 +88,8 @@ def mix_sentence(training: dict) -> str:
     if "sft_mix" not in training:
         return ""
     mix = ", ".join(f"{suite} {100 * share:.0f} %" for suite, share in training["sft_mix"].items())
-    draws = training.get("draws", {"math": training.get("draws_per_op", {})})  # draws_per_op: older runs, math only
     extra = "".join(f"; {suite} items of kind `{kind}` drawn {n}× as often"
-                    for suite, kinds in draws.items() for kind, n in kinds.items())
+                    for suite, kinds in training.get("draws", {}).items() for kind, n in kinds.items())
     return f" The other fine-tuning batches are shared out {mix}{extra}."
 
 

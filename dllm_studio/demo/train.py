@@ -182,7 +182,7 @@ def train(out: Path, seed: int, recipe: Recipe, device: str = "cpu", log=print) 
     corpus = [x["text"] for x in data["text"]] + [f"{x['prompt']} {taught_answer(x)}" for s in GEN_LENGTH for x in data[s]]
     tokenizer = train_tokenizer(corpus, recipe.vocab_size)
     mask_id, pad_id = tokenizer.mask_token_id, tokenizer.eos_token_id
-    sft = {s: [encode_sft(tokenizer, x, s) for x in data[s] for _ in range(draws(x))] for s in GEN_LENGTH}
+    sft = {s: [pair for x in data[s] for pair in [encode_sft(tokenizer, x, s)] * draws(x)] for s in GEN_LENGTH}
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     text = [[bos] + tokenizer.encode(x["text"], add_special_tokens=False) + [eos] for x in data["text"]]
     pretrain_pool = text + [p + a for pairs in sft.values() for p, a in pairs]
