@@ -1,5 +1,6 @@
 """Activation outlier statistics."""
 
+import pytest
 import torch
 
 from dllm_studio.profile import activation_outliers, capture_linear_inputs, channel_absmax, outlier_ratio
@@ -23,4 +24,11 @@ def test_capture_sees_the_inputs_of_named_layers_and_unhooks(llada):
 def test_activation_outliers_per_block(llada):
     rows = activation_outliers(llada, ["Hello there", "The capital of France is Paris."])
     assert [(r.block, r.role) for r in rows] == [(0, "q"), (0, "down"), (1, "q"), (1, "down")]
-    assert all(r.outlier_ratio >= 1.0 and r.top_magnitude > 0 for r in rows)
+    # Each row is the captured inputs' max channel |x| over their median channel |x|, at the top channel.
+    with capture_linear_inputs(llada, [r.name for r in rows]) as seen:
+        for text in ["Hello there", "The capital of France is Paris."]:
+            llada.forward(torch.tensor([llada.tokenizer.encode(text)]))
+    for r in rows:
+        absmax = seen[r.name]
+        assert r.top_channel == int(absmax.argmax()) and r.top_magnitude == float(absmax.max())
+        assert r.outlier_ratio == pytest.approx(float(absmax.max() / absmax.median()))
