@@ -1,8 +1,18 @@
 """Helpers the pytest-qt tests share."""
 
+from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QApplication
 
 
 def error_dialogs() -> list:
     """The error dialogs showing now (ui.dialogs.show_error opens them without blocking)."""
     return [w for w in QApplication.topLevelWidgets() if w.objectName() == "errorDialog" and w.isVisible()]
+
+
+def shortcut_owners(window) -> dict[str, list[str]]:
+    """Every key sequence bound in the window -> the texts of the actions it triggers, once per binding."""
+    owners: dict[str, list[str]] = {}
+    for action in window.findChildren(QAction):
+        for key in action.shortcuts():
+            owners.setdefault(key.toString(QKeySequence.SequenceFormat.PortableText), []).append(action.text())
+    return owners

@@ -1,8 +1,17 @@
 """The whole studio window: the user's journey on the demo model, shortcuts, settings, and responsiveness."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer
+from PySide6.QtGui import QKeySequence
+from qt_helpers import shortcut_owners
 
 pytestmark = pytest.mark.gui
 
@@ -111,6 +120,36 @@ def test_shortcuts_quit_and_escape(qtbot, window):
         with qtbot.waitActive(w):
             w.activateWindow()
         qtbot.keyClick(w, Qt.Key.Key_Escape)
+
+
+def test_no_two_bindings_share_a_key(window):
+    owners = shortcut_owners(window)
+    shared = {key: actions for key, actions in owners.items() if len(actions) > 1}
+    assert not shared, f"keys bound twice (Qt then triggers neither): {shared}"
+    assert owners["Ctrl+Q"] == ["&Quit"] and owners["Esc"] == ["S&top"]
+
+
+def test_a_standard_key_and_its_fallback_bind_once():
+    from ui.main_window import distinct_keys
+
+    keys = distinct_keys([QKeySequence("Ctrl+Q"), "Ctrl+Q", QKeySequence(), "Ctrl+W"])
+    assert [k.toString() for k in keys] == ["Ctrl+Q", "Ctrl+W"]
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="needs Xvfb (Debian: xvfb) for a real X11 display")
+def test_ctrl_q_quits_under_a_real_x11_display(tmp_path):
+    """Offscreen, StandardKey.Quit maps to no key, which hid Ctrl+Q being bound twice: under xcb it is Ctrl+Q."""
+    env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x800x24", sys.executable,
+                           str(Path(__file__).with_name("xcb_window_check.py")), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["platform"] == "xcb"
+    shared = {key: actions for key, actions in result["shortcuts"].items() if len(actions) > 1}
+    assert not shared, f"keys bound twice under xcb: {shared}"
+    assert not [w for w in result["warnings"] if "Ambiguous shortcut" in w]
+    assert result["closed"], "Ctrl+Q did not close the window"
 
 
 def test_escape_stops_a_generation(qtbot, window):

@@ -28,6 +28,18 @@ PAGES = (  # sidebar label, page class, standard icon
 )
 
 
+def distinct_keys(shortcuts) -> list[QKeySequence]:
+    """The shortcuts as key sequences, each key once: a standard key and its explicit fallback are the same
+    key on most platforms (StandardKey.Quit is Ctrl+Q on X11), and an action holding one key twice makes Qt
+    call every press an "ambiguous shortcut overload" and trigger nothing. Empty sequences are dropped."""
+    keys: dict[str, QKeySequence] = {}
+    for k in shortcuts:
+        key = QKeySequence(k)
+        if not key.isEmpty():
+            keys.setdefault(key.toString(QKeySequence.SequenceFormat.PortableText), key)
+    return list(keys.values())
+
+
 class MainWindow(QMainWindow):
     def __init__(self, session: Session, settings: Settings, parent=None) -> None:
         super().__init__(parent)
@@ -85,8 +97,7 @@ class MainWindow(QMainWindow):
     # ---- menus and shortcuts ------------------------------------------------------------------------
     def _action(self, menu, text: str, slot, shortcuts=(), tip: str = "") -> QAction:
         action = QAction(text, self)
-        keys = [QKeySequence(k) for k in shortcuts]
-        action.setShortcuts([k for k in keys if not k.isEmpty()])
+        action.setShortcuts(distinct_keys(shortcuts))
         action.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)
         if tip:
             action.setStatusTip(tip)
