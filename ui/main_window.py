@@ -175,7 +175,7 @@ class MainWindow(QMainWindow):
         self.model_label.setText(text)
 
     def _busy_changed(self, busy: bool, title: str) -> None:
-        self.job_label.setText(f"⏳ {title}… (Esc stops)" if busy else "")
+        self.job_label.setText(f"Running: {title}… (Esc stops)" if busy else "")
 
     # ---- persistence --------------------------------------------------------------------------------
     def _restore(self) -> None:
