@@ -131,6 +131,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="allow running Python code shipped in the model folder (only for families without a native port)")
     parser.add_argument("--no-memory-check", action="store_true",
                         help="run even when the memory estimate exceeds the free RAM/VRAM")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads to compute with (default: physical cores minus one, at least one, "
+                             "as the desktop app uses)")
 
 
 DESKTOP_OPTIONS = ("--smoke", "--theme")  # `dllm-studio --smoke out.png` checks the desktop app
@@ -142,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return open_desktop(argv)
     args = build_parser().parse_args(argv)
     try:
+        from dllm_studio.threads import use_threads
+
+        args.threads = use_threads(args.threads)
         return args.run(args)
     except DllmError as exc:
         if os.environ.get("DLLM_DEBUG"):
@@ -231,7 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "model": args.model, "prompt": args.prompt, "text": result.text, "settings": vars(config),
-            "answer_token_ids": result.token_ids, "stats": result.stats.to_dict(),
+            "answer_token_ids": result.token_ids, "stats": {**result.stats.to_dict(), "threads": args.threads},
             "steps": [{"step": s.step, "block": s.block, "masked": len(s.masked),
                        "committed": [vars(c) for c in s.committed]} for s in result.steps],
         }, indent=2))
@@ -289,7 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for suite in suites:
         results.append(jobs.run(evaluate(model, suite, overrides, args.limit), _print_eval_progress))
         if out is not None:  # after every suite, so an interrupted run keeps what it finished
-            _write_json(out, {"model": args.model, "split": args.split, "overrides": overrides,
+            _write_json(out, {"model": args.model, "split": args.split, "overrides": overrides, "threads": args.threads,
                               "suites": [r.to_dict() for r in results]})
     _print_eval_table(results)
     return 0
@@ -358,7 +364,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     profile = {"summary": result.summary, "layers": result.layers}
     save_quantized(result.model, out, fmt=args.format, force=args.force, profile=profile)
     if profile_out is not None:
-        _write_json(profile_out, {**profile, "recipe": recipe.to_dict(), "events": events})
+        _write_json(profile_out, {**profile, "recipe": recipe.to_dict(), "threads": args.threads, "events": events})
     s = result.summary
     print(f"{recipe.label}: {s['quantized_layers']} layers in {s['seconds']:.1f} s, peak RSS {human(s['peak_rss_bytes'])}")
     print(f"quantized linears {human(s['linear_bytes_before'])} -> {human(s['linear_bytes_after'])} "

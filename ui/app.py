@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 from pathlib import Path
 
@@ -18,15 +17,14 @@ from ui.settings import APPLICATION, ORGANIZATION, Settings
 
 def create_window(model: str | None = "demo", settings: Settings | None = None):
     """The main window with a fresh session, opening `model` in the background (None: open nothing)."""
-    import torch
-
+    from dllm_studio.threads import use_threads
     from ui.main_window import MainWindow
     from ui.session import Session
 
     # Leave one core to the window: torch's compute threads would otherwise take every core and the GUI
     # thread would wait for a time slice (on 2 cores this is also faster overall: measured 10 s vs 13 s
-    # for the demo's GPTQ run with the charts drawing).
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    # for the demo's GPTQ run with the charts drawing). The CLI's --threads default is the same rule.
+    use_threads()
     # A worker running Python code keeps the GIL for up to the switch interval each time the GUI thread
     # asks for it, and Qt calls release and re-take it many times per repaint: 1 ms instead of 5 ms
     # keeps a repaint from waiting tens of milliseconds.
