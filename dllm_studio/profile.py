@@ -71,6 +71,9 @@ def activation_outliers(model: DiffusionLM, texts: list[str], roles: tuple[str, 
     return result
 
 
+# The studio flags (draws red) a layer whose largest input channel exceeds this many times its median
+# channel: a display threshold for "outlier-heavy", not a number from the literature.
+OUTLIER_ALARM = 20.0
 MASSIVE_ABS = 100.0  # Sun et al. 2024 (arXiv:2402.17762): |x| > 100 ...
 MASSIVE_RATIO = 1000.0  # ... and > 1000x the median |x| of the token's own hidden state
 TOP_K = 8

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer
 from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import QDialog
 from qt_helpers import shortcut_owners
 
 pytestmark = pytest.mark.gui
@@ -204,3 +205,21 @@ def test_event_loop_never_stalls_while_quantizing_and_generating(qtbot, window):
     print(f"event-loop stall p99 {p99:.1f} ms over {len(meter.gaps)} ticks")
     assert len(meter.gaps) > 100
     assert p99 < 50
+
+
+def test_help_quick_start_explains_charts_colours_and_bands(qtbot, window):
+    from dllm_studio.profile import OUTLIER_ALARM
+
+    w = window
+    help_menu = next(a.menu() for a in w.menuBar().actions() if a.text() == "&Help")
+    assert [a.text() for a in help_menu.actions()][0] == "&Quick start"
+    w.quick_start_action.trigger()
+    dialog = w.findChild(QDialog, "quickStart")
+    qtbot.waitUntil(dialog.isVisible, timeout=5_000)
+    text = " ".join(dialog.browser.toPlainText().replace("\xa0", " ").split())
+    for chart in ("Activation outliers per layer", "Channel magnitudes", "Quantization error per layer", "Memory"):
+        assert chart in text
+    assert f"above {OUTLIER_ALARM:g}x" in text and w.quantize.outliers.alarm == OUTLIER_ALARM
+    assert "negligible under 1%, moderate 1% to 4%, significant over 4%" in text and "not significant" in text
+    w.quick_start_action.trigger()  # a second press raises the same window
+    assert len(w.findChildren(QDialog, "quickStart")) == 1

@@ -11,6 +11,7 @@ from dllm_studio import memory
 from dllm_studio.memory import human
 from ui import theme
 from ui.dialogs import show_error
+from ui.help import QuickStartDialog
 from ui.pages.chat import ChatPage
 from ui.pages.compare import ComparePage
 from ui.pages.export import ExportPage
@@ -84,6 +85,7 @@ class MainWindow(QMainWindow):
         self.ram_timer.start()
         self.update_ram()
 
+        self._quick_start: QuickStartDialog | None = None
         self._make_menus()
         session.model_changed.connect(self._update_models_label)
         session.variants_changed.connect(self._update_models_label)
@@ -137,6 +139,9 @@ class MainWindow(QMainWindow):
             themes.addAction(action)
 
         help_menu = bar.addMenu("&Help")
+        self.quick_start_action = self._action(help_menu, "&Quick start", self.show_quick_start,
+                                               [QKeySequence.StandardKey.HelpContents, "F1"],
+                                               "What each page's charts, colours and verdicts mean")
         self._action(help_menu, "&About dLLM Studio", self._about)
 
     def show_page(self, name: str) -> None:
@@ -156,6 +161,13 @@ class MainWindow(QMainWindow):
         self.settings.set("theme", name)
         theme.apply(QApplication.instance(), name)
         self.statusBar().showMessage("Charts take the new theme's colours when the app restarts.", 5000)
+
+    def show_quick_start(self) -> None:
+        """One non-modal Quick start window, raised again if it is already open."""
+        if self._quick_start is None:
+            self._quick_start = QuickStartDialog(self)
+        self._quick_start.show()
+        self._quick_start.raise_()
 
     def _about(self) -> None:
         QMessageBox.about(self, "About dLLM Studio",

@@ -18,6 +18,7 @@ from dllm_studio import memory
 from dllm_studio.errors import DllmError
 from dllm_studio.events import BlockQuantized, LayerQuantized, LayerStats
 from dllm_studio.memory import available_bytes, human
+from dllm_studio.profile import OUTLIER_ALARM
 from dllm_studio.quant.pipeline import check_supported, quantize, working_set
 from dllm_studio.quant.recipe import METHODS, WEIGHT_BITS, QuantRecipe
 from ui.charts import BarChart, ChannelProfile, MemoryChart
@@ -114,7 +115,8 @@ class QuantizePage(QWidget):
         self.progress.setValue(0)
         self.outliers = BarChart("Activation outliers per layer", "layer (in quantization order)",
                                  "max / median channel", "Largest input channel magnitude over the median channel, "
-                                 "per quantized layer, on a log scale; red above 20x.", log_y=True, alarm=20.0)
+                                 f"per quantized layer, on a log scale; red above {OUTLIER_ALARM:g}x.", log_y=True,
+                                 alarm=OUTLIER_ALARM)
         self.errors = BarChart("Quantization error per layer", "layer (in quantization order)", "relative error",
                                "‖X·Wqᵀ − X·Wᵀ‖ / ‖X·Wᵀ‖ on the calibration inputs, per layer.")
         self.channels = ChannelProfile()
