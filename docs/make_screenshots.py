@@ -1,6 +1,7 @@
 """Take the README's screenshots from a real window: every page in a realistic state on the demo model.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py [--theme light|dark]
+        [--size 1024x700]
 
 The window runs on an X server (Xvfb) and each shot is grabbed from the screen, as a person would see it.
 """
@@ -47,8 +48,11 @@ def shoot(window, name: str, suffix: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--theme", default="light", choices=("light", "dark"))
+    parser.add_argument("--size", default="1440x900", help="window size WxH; other than the default, the shots "
+                        "are named after it (e.g. chat-1024x700.png) to check a small screen")
     args = parser.parse_args()
-    suffix = "" if args.theme == "light" else "-dark"
+    width, height = (int(n) for n in args.size.split("x"))
+    suffix = ("" if args.theme == "light" else "-dark") + ("" if args.size == "1440x900" else f"-{args.size}")
     tmp = Path(tempfile.mkdtemp(prefix="dllm-shots-"))
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp / "settings"))
 
@@ -61,7 +65,7 @@ def main() -> int:
     app.setApplicationName(APPLICATION)
     theme.apply(app, args.theme)
     window = create_window("demo", Settings())
-    window.resize(1440, 900)
+    window.resize(width, height)
     window.move(0, 0)
     window.show()
     wait(lambda: window.session.model is not None and not window.session.busy)
@@ -95,6 +99,12 @@ def main() -> int:
     for pane in (chat.fp, chat.quant):
         pane.replay.setValue(28)
     shoot(window, "chat-denoising", suffix)
+    # a second turn: the demo is single-turn, so it is sent the new question alone (the pane says so)
+    finished.clear()
+    chat.input.setPlainText("What is 7 + 5?")
+    chat.send()
+    wait(lambda: len(finished) == 2 and not window.session.busy)
+    shoot(window, "chat-two-turns", suffix)
 
     window.show_page("compare")
     window.compare.variant.setCurrentText("RTN W3A16 g128")
