@@ -126,9 +126,7 @@ def test_quantize_gptq_w4_fills_the_charts_and_makes_a_variant(qtbot, quantize_p
     assert not session.busy and not page.cancel_button.isEnabled()
 
 
-def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
-    page = quantize_page
-    page.method.setCurrentIndex(page.method.findData("awq"))
+def cancel_at_first_layer(qtbot, page, session):
     cancelled = []
 
     def on_layer(event):
@@ -139,9 +137,43 @@ def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
     with qtbot.waitSignal(session.busy_changed, timeout=120_000, check_params_cb=lambda busy, _t: not busy):
         page.start_button.click()
         page.job.event.connect(on_layer)
-    assert cancelled and session.variants == {}
+    assert cancelled
+
+
+def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("awq"))
+    cancel_at_first_layer(qtbot, page, session)
+    assert session.variants == {}
     assert page.progress.text().startswith("cancelled")
     assert page.start_button.isEnabled()
+
+
+def test_result_card_sizes_state_one_baseline(qtbot, quantize_page, demo_model):
+    from test_quant_pipeline import assert_sizes_divide
+
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("rtn"))
+    with qtbot.waitSignal(page.finished, timeout=120_000):
+        page.start_button.click()
+    # Packed linears against the same linears at bf16, the whole model against itself as held.
+    assert assert_sizes_divide(page.result.text()) == ["bf16", str(demo_model.dtype).removeprefix("torch.")]
+
+
+def test_a_cancelled_run_keeps_the_last_result_marked(qtbot, quantize_page, session):
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("rtn"))
+    cancel_at_first_layer(qtbot, page, session)
+    assert page.result.text() == "The run was cancelled; nothing was kept."  # no earlier result to keep
+
+    with qtbot.waitSignal(page.finished, timeout=120_000) as done:
+        page.start_button.click()
+    card = page.result.text()
+    cancel_at_first_layer(qtbot, page, session)
+    shown = page.result.text()
+    assert shown.endswith(card) and done.args[0].name in shown  # the finished run's card, whole
+    assert "<b>Last result</b> (the run after it was cancelled)" in shown  # marked as not the run that just ended
+    assert list(session.variants) == [done.args[0].name]
 
 
 def test_a_hub_id_offline_says_so(qtbot, models_page, session, tmp_path, monkeypatch):
