@@ -9,10 +9,15 @@ so the band is only named when a paired test on the same items tells the differe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dllm_studio.eval.stats import ALPHA, binomial_two_sided, mcnemar_exact, paired_difference_interval, wilson
+
+if TYPE_CHECKING:
+    from dllm_studio.eval.runner import EvalResult
 
 BANDS = ((0.01, "negligible"), (0.04, "moderate"), (float("inf"), "significant"))
 
@@ -104,8 +109,19 @@ def nll_drop(fp_nll: Sequence[float], q_nll: Sequence[float]) -> DropStats:
     n = len(fp_nll)
     worse = sum(q > fp for fp, q in zip(fp_nll, q_nll))
     better = sum(q < fp for fp, q in zip(fp_nll, q_nll))
-    fp_mean, q_mean = (sum(fp_nll) / n, sum(q_nll) / n) if n else (0.0, 0.0)
+    fp_mean, q_mean = (math.fsum(fp_nll) / n, math.fsum(q_nll) / n) if n else (0.0, 0.0)
     drop = relative_drop(fp_mean, q_mean, lower_is_better=True) if n else None
     p = binomial_two_sided(worse, worse + better)
     named, verdict = _verdict(drop, p, n)
     return DropStats(n, None, None, drop, None, p, f"sign test ({worse} worse, {better} better)", named, verdict)
+
+
+def compare_results(fp: EvalResult, q: EvalResult) -> DropStats:
+    """`accuracy_drop` (or `nll_drop` for the text suite) of two evaluations of the same suite items."""
+    if [r.id for r in fp.records] != [r.id for r in q.records]:
+        raise ValueError(f"{fp.suite}: the two evaluations did not score the same items")
+    if fp.accuracy is None:  # text: the sentences with a likelihood on both sides (a too-short one has none)
+        scored = [(a.nll_per_token, b.nll_per_token) for a, b in zip(fp.records, q.records)
+                  if a.nll_per_token is not None and b.nll_per_token is not None]
+        return nll_drop([a for a, _ in scored], [b for _, b in scored])
+    return accuracy_drop([r.correct for r in fp.records], [r.correct for r in q.records])
