@@ -229,3 +229,44 @@ def test_a_model_too_big_for_memory_shows_its_card_and_stays_closed(qtbot, model
     assert "Not opened" in models_page.status.text() and "free" in models_page.status.text()
     table = models_page.memory_table
     assert [table.item(r, 2).text() for r in range(table.rowCount())] == ["won't fit"] * 5
+
+
+def test_charts_take_a_new_theme_at_once(qtbot, qapp, quantize_page):
+    import pyqtgraph as pg
+    from PySide6.QtGui import QColor
+
+    from ui import theme
+
+    page = quantize_page
+    page.show()  # as in the window: hidden widgets get their palette only when shown
+    qtbot.waitExposed(page)
+    charts = (page.outliers, page.channels, page.errors, page.memory_chart)
+    saved = {key: pg.getConfigOption(key) for key in ("background", "foreground")}
+    style, palette = qapp.style().name(), qapp.palette()
+    try:
+        for name, background, foreground in (("dark", "#1e1f22", "#dddddd"), ("light", "#ffffff", "#000000")):
+            theme.apply(qapp, name)  # as View → Theme does, with the charts already open
+            qapp.processEvents()  # Qt hands the new palette to child widgets through the event loop
+            for chart in charts:
+                assert chart.backgroundBrush().color() == QColor(background), (name, chart.accessibleName())
+                assert chart.getAxis("left").pen().color() == QColor(foreground), (name, chart.accessibleName())
+                assert chart.getAxis("bottom").textPen().color() == QColor(foreground), (name, chart.accessibleName())
+    finally:
+        pg.setConfigOptions(**saved)
+        qapp.setStyle(style)
+        qapp.setPalette(palette)
+
+
+def test_a_long_chart_title_is_elided_with_the_full_title_in_the_tooltip(qtbot, quantize_page):
+    chart = quantize_page.channels
+    quantize_page.show()  # a hidden widget gets its resize events only when shown
+    full = "Channel magnitudes: model.transformer.blocks.0.attn_out"
+    chart.resize(220, 200)
+    chart.set_profile("model.transformer.blocks.0.attn_out", [1.0, 2.0, 30.0])
+    shown = chart.plotItem.titleLabel.text
+    assert shown.endswith("…") and full.startswith(shown[:-1]) and len(shown) < len(full)
+    assert chart.plotItem.titleLabel.item.boundingRect().width() <= chart.width()  # it fits, nothing clipped
+    assert chart.toolTip().startswith(full) and chart.description in chart.toolTip()
+
+    chart.resize(900, 200)  # wide enough again: the whole title, the plain tooltip
+    assert chart.plotItem.titleLabel.text == full and chart.toolTip() == chart.description

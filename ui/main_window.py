@@ -144,7 +144,6 @@ class MainWindow(QMainWindow):
     def set_theme(self, name: str) -> None:
         self.settings.set("theme", name)
         theme.apply(QApplication.instance(), name)
-        self.statusBar().showMessage("Charts take the new theme's colours when the app restarts.", 5000)
 
     def _about(self) -> None:
         QMessageBox.about(self, "About dLLM Studio",
