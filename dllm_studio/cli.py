@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dllm_studio.errors import DllmError
 from dllm_studio.events import DenoiseStep, DownloadProgress, EvalProgress, Event, LoadProgress
-from dllm_studio.memory import human
+from dllm_studio.memory import human, quantized_sizes
 
 EXAMPLES = """examples:
   dllm-studio info demo
@@ -367,11 +367,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         _write_json(profile_out, {**profile, "recipe": recipe.to_dict(), "threads": args.threads, "events": events})
     s = result.summary
     print(f"{recipe.label}: {s['quantized_layers']} layers in {s['seconds']:.1f} s, peak RSS {human(s['peak_rss_bytes'])}")
-    print(f"quantized linears {human(s['linear_bytes_before'])} -> {human(s['linear_bytes_after'])} "
-          f"= {s['linear_bytes_after'] / s['linear_bytes_bf16']:.1%} of their bf16 size "
-          f"({s['bits_per_weight']:.3f} bits per weight; storage theory {s['theory_bits_per_weight']:.3f})")
-    print(f"whole model {human(s['model_bytes_before'])} -> {human(s['model_bytes_after'])} "
-          f"(bf16 would be {human(s['model_bytes_before_bf16'])})")
+    linears, whole = quantized_sizes(s, model.dtype)
+    print(f"{linears} ({s['bits_per_weight']:.3f} bits per weight; storage theory {s['theory_bits_per_weight']:.3f})")
+    print(whole)
     print(f"saved {out} ({args.format} format)")
     return 0
 

@@ -67,6 +67,25 @@ def human(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+def size_change(before: int, after: int, baseline: str, what: str = "") -> str:
+    """One size against another in one stated baseline, e.g. "quantized linears 1.60 MB (bf16) → 417.41 KB =
+    26 % of bf16": the percentage is `after / before`, so the numbers shown divide to it."""
+    share = f"{100 * after / before:.0f} %" if before else "n/a"
+    return f"{what + ' ' if what else ''}{human(before)} ({baseline}) → {human(after)} = {share} of {baseline}"
+
+
+def quantized_sizes(summary: dict, held_dtype) -> list[str]:
+    """The size lines of a quantization summary (`quant.pipeline.summarize`), for every face that shows them.
+
+    Packed linears are compared with the same linears at bf16, the usual reference whatever the model was held
+    in; the whole model with itself as held (`held_dtype`, e.g. torch.float32), since the layers left
+    unquantized stay at that dtype after quantization too.
+    """
+    held = str(held_dtype).removeprefix("torch.")
+    return [size_change(summary["linear_bytes_bf16"], summary["linear_bytes_after"], "bf16", "quantized linears"),
+            size_change(summary["model_bytes_before"], summary["model_bytes_after"], held, "whole model")]
+
+
 def fit(needed: int, free: int) -> str:
     """How `needed` bytes sit in `free` memory: "fits" (under half of it), "tight" (under HEADROOM) or "won't fit"."""
     if needed <= 0.5 * free:

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 
 import numpy as np
 import pytest
@@ -299,3 +300,28 @@ def test_the_head_is_rounded_when_not_skipped(llada):
     head = result.model.module.get_submodule("model.transformer.ff_out")
     assert isinstance(head, QuantLinear) and head.bits == 4
     assert isinstance(llada.module.get_submodule("model.transformer.ff_out"), torch.nn.Linear)
+
+
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+SIZE_CHANGE = re.compile(r"([\d.]+) (B|KB|MB|GB|TB) \((\w+)\) → ([\d.]+) (B|KB|MB|GB|TB) = (\d+) % of (\w+)")
+
+
+def assert_sizes_divide(text: str, lines: int = 2) -> list[str]:
+    """Every size comparison in `text` names one baseline on both sides and its shown numbers divide to the
+    shown percentage (within the rounding of two decimals); returns the baselines."""
+    found = SIZE_CHANGE.findall(text)
+    assert len(found) == lines, text
+    for before, unit_b, baseline, after, unit_a, percent, baseline_again in found:
+        assert baseline == baseline_again
+        ratio = 100 * float(after) * UNITS[unit_a] / (float(before) * UNITS[unit_b])
+        assert abs(ratio - int(percent)) <= 0.6, (text, ratio)
+    return [f[2] for f in found]
+
+
+def test_cli_quantize_and_model_card_sizes_state_one_baseline(llada_dir, tmp_path, capsys):
+    assert main(["quantize", str(llada_dir), "--method", "rtn", "--wbits", "4", "--out", str(tmp_path / "w4"),
+                 "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    # Packed linears against the same linears at bf16; the whole model against itself as held (float32).
+    assert assert_sizes_divide(printed) == ["bf16", "float32"]
+    assert assert_sizes_divide((tmp_path / "w4" / "README.md").read_text()) == ["bf16", "float32"]  # the model card

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+from PySide6.QtCore import Qt
 from qt_helpers import error_dialogs
 
 pytestmark = pytest.mark.gui
@@ -44,8 +45,9 @@ def choose(page, *suites, limit):
 
 def test_compare_rows_match_direct_evaluation(qtbot, compare, session, variant, demo_model, tmp_path):
     from dllm_studio import jobs
+    from dllm_studio.eval.drop import compare_results
     from dllm_studio.eval.runner import evaluate
-    from ui.pages.compare import FIELDS
+    from ui.pages.compare import FIELDS, VERDICT_COLUMN
 
     assert [n for n, box in compare.suite_boxes.items() if box.isChecked()] == ["qa", "math", "code"]
     choose(compare, "qa", "math", "text", limit=2)
@@ -62,11 +64,14 @@ def test_compare_rows_match_direct_evaluation(qtbot, compare, session, variant, 
         assert row["metric"] == metric and row["items"] == 2
         assert (row["fp"], row["q"]) == (getattr(fp, metric), getattr(q, metric))
         assert (row["weight_bytes_fp"], row["weight_bytes_q"]) == (demo_model.weight_bytes(), variant.model.weight_bytes())
-        assert row["band"] in ("negligible", "moderate", "significant")
+        stats = compare_results(fp, q)
+        assert (row["verdict"], row["p_value"], row["relative_drop"]) == (stats.verdict, stats.p_value, stats.drop)
+        assert compare.table.item(rows.index(row), VERDICT_COLUMN).text() == stats.verdict
+        if metric == "accuracy":  # Wilson intervals around both accuracies
+            assert (row["fp_low"], row["fp_high"]) == stats.fp_interval and row["fp_low"] <= row["fp"] <= row["fp_high"]
+        else:
+            assert row["fp_low"] is None and row["drop_low"] is None  # no interval for a likelihood
 
-    drop = compare.table.item(0, 4)
-    assert rows[0]["band"] in drop.text() and "%" in drop.text()  # the band in words, not colour alone
-    assert drop.background().color().alpha() > 0
     assert compare.table.item(2, 2).text().endswith("nats/token")
     # The chart shows accuracy (qa, math); the text suite's NLL is in the table only.
     assert list(compare.chart.fp.opts["height"]) == [100 * rows[0]["fp"], 100 * rows[1]["fp"]]
@@ -78,6 +83,83 @@ def test_compare_rows_match_direct_evaluation(qtbot, compare, session, variant, 
     assert [r["suite"] for r in saved] == ["qa", "math", "text"]
     assert float(saved[2]["fp"]) == pytest.approx(rows[2]["fp"])
     assert not list(tmp_path.glob(".compare.csv*"))  # the temporary file was renamed into place
+
+
+def fake_evaluations(monkeypatch, fp_model, fp_correct, q_correct):
+    """The Compare page's `evaluate`, answering from fixed per-item correctness, so a test knows the flips."""
+    from dllm_studio.eval.runner import EvalResult, ItemRecord
+    from dllm_studio.events import EvalProgress
+
+    def evaluate(model, source, limit=None, cancel=None):
+        correct = fp_correct if model is fp_model else q_correct
+        records = [ItemRecord(f"{source}-{i}", "prompt", "answer", "answer" if c else "wrong", c, "")
+                   for i, c in enumerate(correct)]
+        for done in range(1, len(records) + 1):
+            yield EvalProgress(str(source), done, len(records), records[done - 1].id, correct[done - 1],
+                               sum(correct[:done]) / done)
+        return EvalResult(str(source), "", len(records), sum(correct) / len(records), None, 1.0, 1.0, 0.01, 0,
+                          0.05, None, records)
+
+    monkeypatch.setattr("ui.pages.compare.evaluate", evaluate)
+
+
+def test_one_flipped_item_is_not_significant(qtbot, monkeypatch, compare, variant, demo_model, tmp_path):
+    from ui.pages.compare import DROP_COLUMN, VERDICT_COLUMN
+
+    fake_evaluations(monkeypatch, demo_model, [True] * 5, [True] * 4 + [False])
+    choose(compare, "qa", limit=5)
+    with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS) as done:
+        compare.run()
+    (row,) = done.args[0]
+    assert row["relative_drop"] == pytest.approx(0.2) and row["p_value"] == 1.0  # exact McNemar, b = 1, c = 0
+    assert row["band"] == "" and row["verdict"] == "not significant at n = 5"
+    verdict = compare.table.item(0, VERDICT_COLUMN)
+    assert verdict.text() == "not significant at n = 5"
+    assert verdict.background().style() == Qt.BrushStyle.NoBrush  # no band colour for what the items cannot show
+    change = compare.table.item(0, DROP_COLUMN).text()
+    assert change.startswith("\u221220.0 % (\u2212") and "+" in change  # the interval straddles no change
+    assert compare.table.item(0, 3).text() == "80.0 % (37.6–96.4)"  # Wilson 4/5
+    assert "exact McNemar" in verdict.toolTip() and "p = 1" in verdict.toolTip()
+
+    out = tmp_path / "compare.csv"
+    assert compare.save_csv(out)
+    (saved,) = csv.DictReader(out.open())
+    assert saved["verdict"] == "not significant at n = 5" and float(saved["p_value"]) == 1.0
+    assert float(saved["q_low"]) == pytest.approx(0.3755, abs=1e-4) and float(saved["drop_low"]) < 0
+
+    assert compare.progress.value() == compare.progress.maximum() > 0  # a finished run reads full
+
+
+def test_ten_flips_in_twenty_are_named_and_tinted(qtbot, monkeypatch, compare, variant, demo_model):
+    from ui.pages.compare import VERDICT_COLUMN
+
+    fake_evaluations(monkeypatch, demo_model, [True] * 20, [False] * 10 + [True] * 10)
+    choose(compare, "qa", limit=20)
+    with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS) as done:
+        compare.run()
+    assert done.args[0][0]["band"] == "significant" and done.args[0][0]["p_value"] == pytest.approx(0.001953125)
+    verdict = compare.table.item(0, VERDICT_COLUMN)
+    assert verdict.text() == "significant" and verdict.background().style() != Qt.BrushStyle.NoBrush
+
+
+def test_the_legend_covers_no_bar(qtbot, monkeypatch, compare, variant, demo_model):
+    import pyqtgraph as pg
+
+    fake_evaluations(monkeypatch, demo_model, [True] * 5, [True] * 5)  # every bar at 100 %, up to the top
+    choose(compare, "qa", "math", "code", limit=5)
+    compare.chart.resize(400, 200)  # small, as in a crowded window
+    compare.chart.show()
+    with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS):
+        compare.run()
+    qtbot.wait(50)  # let the layout settle
+    chart = compare.chart
+    legend = chart.legend.sceneBoundingRect()
+    assert legend.width() > 0
+    for bars in (chart.fp, chart.q):
+        width = bars.opts["width"]
+        for x, height in zip(bars.opts["x"], bars.opts["height"]):
+            bar = chart.plotItem.vb.mapViewToScene(pg.QtCore.QRectF(x - width / 2, 0, width, height)).boundingRect()
+            assert not bar.intersects(legend), (x, height)
 
 
 def test_compare_cancel_keeps_finished_rows(qtbot, compare, session, variant):

@@ -126,9 +126,7 @@ def test_quantize_gptq_w4_fills_the_charts_and_makes_a_variant(qtbot, quantize_p
     assert not session.busy and not page.cancel_button.isEnabled()
 
 
-def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
-    page = quantize_page
-    page.method.setCurrentIndex(page.method.findData("awq"))
+def cancel_at_first_layer(qtbot, page, session):
     cancelled = []
 
     def on_layer(event):
@@ -139,9 +137,43 @@ def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
     with qtbot.waitSignal(session.busy_changed, timeout=120_000, check_params_cb=lambda busy, _t: not busy):
         page.start_button.click()
         page.job.event.connect(on_layer)
-    assert cancelled and session.variants == {}
+    assert cancelled
+
+
+def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("awq"))
+    cancel_at_first_layer(qtbot, page, session)
+    assert session.variants == {}
     assert page.progress.text().startswith("cancelled")
     assert page.start_button.isEnabled()
+
+
+def test_result_card_sizes_state_one_baseline(qtbot, quantize_page, demo_model):
+    from test_quant_pipeline import assert_sizes_divide
+
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("rtn"))
+    with qtbot.waitSignal(page.finished, timeout=120_000):
+        page.start_button.click()
+    # Packed linears against the same linears at bf16, the whole model against itself as held.
+    assert assert_sizes_divide(page.result.text()) == ["bf16", str(demo_model.dtype).removeprefix("torch.")]
+
+
+def test_a_cancelled_run_keeps_the_last_result_marked(qtbot, quantize_page, session):
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("rtn"))
+    cancel_at_first_layer(qtbot, page, session)
+    assert page.result.text() == "The run was cancelled; nothing was kept."  # no earlier result to keep
+
+    with qtbot.waitSignal(page.finished, timeout=120_000) as done:
+        page.start_button.click()
+    card = page.result.text()
+    cancel_at_first_layer(qtbot, page, session)
+    shown = page.result.text()
+    assert shown.endswith(card) and done.args[0].name in shown  # the finished run's card, whole
+    assert "<b>Last result</b> (the run after it was cancelled)" in shown  # marked as not the run that just ended
+    assert list(session.variants) == [done.args[0].name]
 
 
 def test_a_hub_id_offline_says_so(qtbot, models_page, session, tmp_path, monkeypatch):
@@ -197,3 +229,44 @@ def test_a_model_too_big_for_memory_shows_its_card_and_stays_closed(qtbot, model
     assert "Not opened" in models_page.status.text() and "free" in models_page.status.text()
     table = models_page.memory_table
     assert [table.item(r, 2).text() for r in range(table.rowCount())] == ["won't fit"] * 5
+
+
+def test_charts_take_a_new_theme_at_once(qtbot, qapp, quantize_page):
+    import pyqtgraph as pg
+    from PySide6.QtGui import QColor
+
+    from ui import theme
+
+    page = quantize_page
+    page.show()  # as in the window: hidden widgets get their palette only when shown
+    qtbot.waitExposed(page)
+    charts = (page.outliers, page.channels, page.errors, page.memory_chart)
+    saved = {key: pg.getConfigOption(key) for key in ("background", "foreground")}
+    style, palette = qapp.style().name(), qapp.palette()
+    try:
+        for name, background, foreground in (("dark", "#1e1f22", "#dddddd"), ("light", "#ffffff", "#000000")):
+            theme.apply(qapp, name)  # as View → Theme does, with the charts already open
+            qapp.processEvents()  # Qt hands the new palette to child widgets through the event loop
+            for chart in charts:
+                assert chart.backgroundBrush().color() == QColor(background), (name, chart.accessibleName())
+                assert chart.getAxis("left").pen().color() == QColor(foreground), (name, chart.accessibleName())
+                assert chart.getAxis("bottom").textPen().color() == QColor(foreground), (name, chart.accessibleName())
+    finally:
+        pg.setConfigOptions(**saved)
+        qapp.setStyle(style)
+        qapp.setPalette(palette)
+
+
+def test_a_long_chart_title_is_elided_with_the_full_title_in_the_tooltip(qtbot, quantize_page):
+    chart = quantize_page.channels
+    quantize_page.show()  # a hidden widget gets its resize events only when shown
+    full = "Channel magnitudes: model.transformer.blocks.0.attn_out"
+    chart.resize(220, 200)
+    chart.set_profile("model.transformer.blocks.0.attn_out", [1.0, 2.0, 30.0])
+    shown = chart.plotItem.titleLabel.text
+    assert shown.endswith("…") and full.startswith(shown[:-1]) and len(shown) < len(full)
+    assert chart.plotItem.titleLabel.item.boundingRect().width() <= chart.width()  # it fits, nothing clipped
+    assert chart.toolTip().startswith(full) and chart.description in chart.toolTip()
+
+    chart.resize(900, 200)  # wide enough again: the whole title, the plain tooltip
+    assert chart.plotItem.titleLabel.text == full and chart.toolTip() == chart.description

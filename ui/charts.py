@@ -1,30 +1,76 @@
 """The studio's charts, with pyqtgraph kept behind a few small classes.
 
 Each chart keeps its data in numpy arrays and is redrawn by its page's timer (at most ~10 Hz), never
-once per engine event: `set_*`/`append` calls are cheap and may come at any rate.
+once per engine event: `set_*`/`append` calls are cheap and may come at any rate. Charts restyle themselves
+when the application palette changes (`ui.theme.apply` sets pyqtgraph's colours first), so a theme switch
+shows at once; a title too long for the chart's width is elided, the full one in the tooltip.
 """
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtGui import QColor
+from PySide6.QtCore import QEvent, Qt
+from PySide6.QtGui import QColor, QFont, QFontMetricsF
 
 from ui.theme import BAD, FP_COLOR, QUANT_COLOR
+
+
+TITLE_POINTS = 10
+TITLE_MARGIN_PX = 16  # the plot item's own margins either side of the title
 
 
 class _Chart(pg.PlotWidget):
     def __init__(self, title: str, x_label: str, y_label: str, description: str, parent=None) -> None:
         super().__init__(parent)
         self.setMinimumHeight(150)
-        self.setTitle(title, size="10pt")
+        self.description = description
         self.setLabel("bottom", x_label)
         self.setLabel("left", y_label)
         self.setMenuEnabled(False)
         self.showGrid(x=False, y=True, alpha=0.25)
         self.setAccessibleName(title)
         self.setAccessibleDescription(description)
-        self.setToolTip(description)
+        self.set_title(title)
+
+    def set_title(self, title: str) -> None:
+        self.title = title
+        self._show_title()
+
+    def _show_title(self) -> None:
+        """The title elided to the width the chart has now; when elided, the full title heads the tooltip."""
+        font = QFont(self.font())
+        font.setPointSizeF(TITLE_POINTS)
+        shown = QFontMetricsF(font).elidedText(self.title, Qt.TextElideMode.ElideRight,
+                                               max(self.width() - TITLE_MARGIN_PX, 40))
+        self.setTitle(html.escape(shown), size=f"{TITLE_POINTS}pt")  # coloured by the current foreground
+        self.setToolTip(self.description if shown == self.title else f"{self.title}\n\n{self.description}")
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        if hasattr(self, "title"):  # the base class resizes before __init__ has set a title
+            self._show_title()
+
+    def changeEvent(self, event) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and hasattr(self, "title"):  # not during the base __init__
+            self.restyle()
+
+    def restyle(self) -> None:
+        """Take pyqtgraph's current background and foreground (the theme's chart colours)."""
+        foreground = pg.getConfigOption("foreground")
+        self.setBackground(pg.getConfigOption("background"))
+        for name in ("left", "bottom"):
+            self.getAxis(name).setPen(foreground)
+            self.getAxis(name).setTextPen(foreground)
+        self._show_title()
+        legend = self.plotItem.legend or getattr(self, "legend", None)
+        if legend is not None:
+            legend.setLabelTextColor(foreground)
+            for _sample, label in legend.items:
+                label.setText(label.text)  # setLabelTextColor only applies to labels added later
 
 
 class BarChart(_Chart):
@@ -69,7 +115,7 @@ class ChannelProfile(_Chart):
 
     def set_profile(self, name: str, absmax, outlier_factor: float = 4.0) -> None:
         values = np.asarray(absmax, dtype=float)
-        self.setTitle(f"Channel magnitudes: {name}", size="10pt")
+        self.set_title(f"Channel magnitudes: {name}")
         if not len(values):
             return
         x = np.arange(len(values))
@@ -119,11 +165,15 @@ class GroupedBars(_Chart):
 
     def __init__(self, title: str, y_label: str, description: str, parent=None) -> None:
         super().__init__(title, "", y_label, description, parent)
-        self.addLegend(offset=(-10, 10))
         self.fp = pg.BarGraphItem(x=[], height=[], width=0.38, brush=pg.mkBrush(FP_COLOR), name="full precision")
         self.q = pg.BarGraphItem(x=[], height=[], width=0.38, brush=pg.mkBrush(QUANT_COLOR), name="quantized")
         self.addItem(self.fp)
         self.addItem(self.q)
+        # The legend has a row of its own under the plot: inside it, it covers any bar that reaches its corner.
+        self.legend = pg.LegendItem(colCount=2)
+        self.plotItem.layout.addItem(self.legend, 4, 1, alignment=pg.QtCore.Qt.AlignmentFlag.AlignHCenter)
+        self.legend.addItem(self.fp, "full precision")
+        self.legend.addItem(self.q, "quantized")
 
     def set_values(self, categories: list[str], fp: list[float | None], q: list[float | None]) -> None:
         x = np.arange(len(categories), dtype=float)

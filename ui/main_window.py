@@ -160,7 +160,6 @@ class MainWindow(QMainWindow):
     def set_theme(self, name: str) -> None:
         self.settings.set("theme", name)
         theme.apply(QApplication.instance(), name)
-        self.statusBar().showMessage("Charts take the new theme's colours when the app restarts.", 5000)
 
     def show_quick_start(self) -> None:
         """One non-modal Quick start window, raised again if it is already open."""

@@ -24,9 +24,10 @@ def is_dark(theme: str) -> bool:
 def apply(app: QApplication, theme: str) -> None:
     app.setStyle("Fusion")  # the one style whose palette is honoured on every platform
     dark = is_dark(theme)
-    app.setPalette(_dark_palette() if dark else app.style().standardPalette())
+    # The chart colours first: the palette change below is what tells open charts to restyle (ui.charts).
     pg.setConfigOptions(antialias=False,  # antialiased lines cost several ms per repaint
                        background="#1e1f22" if dark else "w", foreground="#dddddd" if dark else "k")
+    app.setPalette(_dark_palette() if dark else app.style().standardPalette())
 
 
 def _dark_palette() -> QPalette:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dllm_studio.errors import ExportError
-from dllm_studio.memory import human
+from dllm_studio.memory import quantized_sizes
 from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import FORMATS
@@ -159,10 +159,8 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
              f"{'symmetric' if recipe.symmetric else 'asymmetric'}; stored in the "
              f"{'GPTQ (v1) checkpoint' if fmt == 'gptq' else 'dLLM Studio packed'} format.", ""]
     if summary:
-        lines += ["| | before | after |", "|---|---|---|",
-                  f"| quantized linear weights | {human(summary['linear_bytes_before'])} | {human(summary['linear_bytes_after'])} |",
-                  f"| whole model in memory | {human(summary['model_bytes_before'])} | {human(summary['model_bytes_after'])} |",
-                  f"| bits per quantized weight | {16 if model.dtype != torch.float32 else 32} | {summary['bits_per_weight']} |", ""]
+        lines += [f"- {line}" for line in quantized_sizes(summary, model.dtype)]
+        lines += [f"- bits per quantized weight: {summary['bits_per_weight']} (bf16: 16)", ""]
     calib = "clean text" if not recipe.masked_calib else "masked text (ratios spread over (0, 1))"
     lines += [f"Calibration: {recipe.calib}, {recipe.calib_samples} x {recipe.seq_len} tokens, {calib}; "
               f"layers kept in full precision: {', '.join(recipe.skip) or 'none'} (and the embeddings).", ""]

@@ -2,7 +2,9 @@
 
 One session job evaluates every chosen suite on both models in turn (full precision first), so a
 finished suite's row appears while the next one runs and survives a cancel. The drop bands are the
-seed study's (arXiv:2508.14896): under 1% negligible, 1–4% moderate, over 4% significant.
+seed study's (arXiv:2508.14896): under 1% negligible, 1–4% moderate, over 4% significant; the engine
+(`eval.drop.compare_results`) names one only when a paired test on the same items tells the drop from zero,
+and gives the 95 % intervals this page shows.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, Q
 
 from dllm_studio import jobs
 from dllm_studio.errors import SuiteError
-from dllm_studio.eval.drop import band, relative_drop
+from dllm_studio.eval.drop import compare_results
 from dllm_studio.eval.scoring import code_runner_missing
 from dllm_studio.eval.runner import EvalResult, evaluate
 from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
-from dllm_studio.memory import human
+from dllm_studio.memory import size_change
 from ui.charts import GroupedBars
 from ui.dialogs import show_error
 from ui.session import Session
@@ -34,10 +36,11 @@ from ui.theme import BAND_COLORS
 from ui.widgets import VariantPicker
 
 DEFAULT_SUITES = ("qa", "math", "code")
-COLUMNS = ("Suite", "Items", "Full precision", "Quantized", "Relative drop", "ms/step FP", "ms/step Q",
-           "Weights FP", "Weights Q")
-DROP_COLUMN = COLUMNS.index("Relative drop")
-FIELDS = ("suite", "metric", "items", "fp", "q", "relative_drop", "band", "ms_per_step_fp", "ms_per_step_q",
+COLUMNS = ("Suite", "Items", "Full precision", "Quantized", "Change (95 % CI)", "Verdict", "ms/step FP",
+           "ms/step Q", "Weights")
+DROP_COLUMN, VERDICT_COLUMN = COLUMNS.index("Change (95 % CI)"), COLUMNS.index("Verdict")
+FIELDS = ("suite", "metric", "items", "fp", "fp_low", "fp_high", "q", "q_low", "q_high", "relative_drop",
+          "drop_low", "drop_high", "p_value", "test", "band", "verdict", "ms_per_step_fp", "ms_per_step_q",
           "weight_bytes_fp", "weight_bytes_q")
 MINUS = "\u2212"  # a real minus sign: "-2.1" reads as a hyphenated fragment in proportional fonts
 
@@ -60,28 +63,39 @@ def row_for(pair: SuitePair, weight_bytes_fp: int, weight_bytes_q: int) -> dict:
     """One table row as plain data: what `finished` carries and the CSV holds."""
     text = pair.fp.accuracy is None  # the text suite scores likelihood, not answers
     fp, q = (pair.fp.nll_per_token, pair.q.nll_per_token) if text else (pair.fp.accuracy, pair.q.accuracy)
-    drop = relative_drop(fp, q, lower_is_better=text) if fp is not None and q is not None else None
+    stats = compare_results(pair.fp, pair.q)
+    fp_low, fp_high = stats.fp_interval or (None, None)
+    q_low, q_high = stats.q_interval or (None, None)
+    drop_low, drop_high = stats.drop_interval or (None, None)
     return {"suite": pair.suite, "metric": "nll_per_token" if text else "accuracy", "items": pair.fp.items,
-            "fp": fp, "q": q, "relative_drop": drop, "band": band(drop) if drop is not None else "",
+            "fp": fp, "fp_low": fp_low, "fp_high": fp_high, "q": q, "q_low": q_low, "q_high": q_high,
+            "relative_drop": stats.drop, "drop_low": drop_low, "drop_high": drop_high, "p_value": stats.p_value,
+            "test": stats.test, "band": stats.band or "", "verdict": stats.verdict,
             "ms_per_step_fp": pair.fp.ms_per_step, "ms_per_step_q": pair.q.ms_per_step,
             "weight_bytes_fp": weight_bytes_fp, "weight_bytes_q": weight_bytes_q}
 
 
-def _score(row: dict, value: float | None) -> str:
+def _score(row: dict, which: str) -> str:
+    value = row[which]
     if value is None:
         return "—"
-    return f"{value:.3f} nats/token" if row["metric"] == "nll_per_token" else f"{100 * value:.1f} %"
+    if row["metric"] == "nll_per_token":
+        return f"{value:.3f} nats/token"
+    return f"{100 * value:.1f} % ({100 * row[which + '_low']:.1f}–{100 * row[which + '_high']:.1f})"
 
 
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def _drop_text(drop: float | None) -> str:
-    if drop is None:
-        return "n/a (full precision scored 0)"
-    change = 0.0 - 100 * drop  # shown as the change in quality, so a drop reads as negative (and 0 as +0.0)
-    return f"{change:+.1f} % {band(drop)}".replace("-", MINUS)
+def _change_text(row: dict) -> str:
+    """The relative drop shown as the change in quality, so a drop reads as negative (and 0 as +0.0)."""
+    if row["relative_drop"] is None:
+        return "n/a"
+    text = f"{0.0 - 100 * row['relative_drop']:+.1f} %"
+    if row["drop_low"] is not None:  # the change's interval is the drop's, mirrored
+        text += f" ({0.0 - 100 * row['drop_high']:+.1f} to {0.0 - 100 * row['drop_low']:+.1f})"
+    return text.replace("-", MINUS)
 
 
 class ComparePage(QWidget):
@@ -93,6 +107,7 @@ class ComparePage(QWidget):
         self.job = None
         self.rows: list[dict] = []
         self._weights = (0, 0)  # weight bytes of both models, read when a run starts
+        self._held = ""  # the full-precision model's dtype: the baseline the weights column states
         self._stage = Stage("", "")  # which suite and model the progress events are about
 
         # ---- what to compare ----
@@ -143,9 +158,17 @@ class ComparePage(QWidget):
         # ---- results ----
         self.table = QTableWidget(0, len(COLUMNS), objectName="compareTable")
         self.table.setHorizontalHeaderLabels(COLUMNS)
+        for column in ("Full precision", "Quantized"):
+            self.table.horizontalHeaderItem(COLUMNS.index(column)).setToolTip(
+                "Accuracy with its 95 % Wilson score interval in brackets (the text suite: NLL per token, "
+                "lower is better, no interval).")
         self.table.horizontalHeaderItem(DROP_COLUMN).setToolTip(
-            "How much worse the quantized model does, relative to full precision: (FP − Q) / FP for accuracy, "
-            "(Q − FP) / FP for the text suite's NLL. Under 1% negligible, 1–4% moderate, over 4% significant.")
+            "The change in quality relative to full precision, (Q − FP) / FP for accuracy and (FP − Q) / FP for "
+            "the text suite's NLL, with its 95 % interval: Newcombe's paired interval on the same items. "
+            "A likelihood gets no interval.")
+        self.table.horizontalHeaderItem(VERDICT_COLUMN).setToolTip(
+            "The seed study's band for the drop (under 1% negligible, 1–4% moderate, over 4% significant), named "
+            "only when a paired test on the same items (exact McNemar; a sign test for NLL) gives p < 0.05.")
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
@@ -255,6 +278,7 @@ class ComparePage(QWidget):
         limit = self.limit.value() or None
         self._clear_results()
         self._weights = (fp_model.weight_bytes(), q_model.weight_bytes())
+        self._held = str(fp_model.dtype).removeprefix("torch.")
 
         def work(emit, cancel) -> list[SuitePair]:
             pairs = []
@@ -288,23 +312,23 @@ class ComparePage(QWidget):
 
     def _on_done(self, pairs: list[SuitePair]) -> None:
         seconds = time.perf_counter() - self._started
-        self._ended(f"Done: {len(pairs)} suite{'s' * (len(pairs) > 1)} in {seconds:.1f} s")
+        self._ended(f"Done: {len(pairs)} suite{'s' * (len(pairs) > 1)} in {seconds:.1f} s", complete=True)
         self.finished.emit(list(self.rows))
 
-    def _ended(self, state: str) -> None:
+    def _ended(self, state: str, complete: bool = False) -> None:
         self.job = None
         self.state.setText(state)
-        self.progress.setRange(0, 1)  # the bar is for a run in progress; the label says how it ended
-        self.progress.setValue(0)
-        self.progress.setFormat("")
+        self.progress.setRange(0, 1)  # full when the run completed, empty when it stopped; the label says how
+        self.progress.setValue(1 if complete else 0)
+        self.progress.setFormat("done" if complete else "")
         self._update_controls()
 
     # ---- results ----------------------------------------------------------------------------------
     def _add_row(self, row: dict) -> None:
         self.rows.append(row)
-        cells = (row["suite"], str(row["items"]), _score(row, row["fp"]), _score(row, row["q"]),
-                 _drop_text(row["relative_drop"]), _ms(row["ms_per_step_fp"]), _ms(row["ms_per_step_q"]),
-                 human(row["weight_bytes_fp"]), human(row["weight_bytes_q"]))
+        cells = (row["suite"], str(row["items"]), _score(row, "fp"), _score(row, "q"), _change_text(row),
+                 row["verdict"], _ms(row["ms_per_step_fp"]), _ms(row["ms_per_step_q"]),
+                 size_change(row["weight_bytes_fp"], row["weight_bytes_q"], self._held))
         r = self.table.rowCount()
         self.table.insertRow(r)
         for column, text in enumerate(cells):
@@ -312,10 +336,15 @@ class ComparePage(QWidget):
             if column:
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.table.setItem(r, column, item)
-        if row["relative_drop"] is not None:
-            tint = QColor(BAND_COLORS[band(row["relative_drop"])])
+        evidence = f"{row['test']}: p = {row['p_value']:.3g}"
+        if row["metric"] == "nll_per_token":
+            evidence += "; no interval for a likelihood"
+        for column in (DROP_COLUMN, VERDICT_COLUMN):
+            self.table.item(r, column).setToolTip(evidence)
+        if row["band"]:  # only a band the items support gets its colour
+            tint = QColor(BAND_COLORS[row["band"]])
             tint.setAlpha(90)  # a tint keeps the theme's text colour readable in light and dark palettes
-            self.table.item(r, DROP_COLUMN).setBackground(tint)
+            self.table.item(r, VERDICT_COLUMN).setBackground(tint)
         self._draw_chart()
         self._update_controls()
 
@@ -323,7 +352,7 @@ class ComparePage(QWidget):
         accuracy = [x for x in self.rows if x["metric"] == "accuracy"]
         self.chart.set_values([x["suite"] for x in accuracy], [100 * x["fp"] for x in accuracy],
                               [100 * x["q"] for x in accuracy])
-        self.chart.setYRange(0, 118, padding=0)  # headroom above 100 % keeps the legend off the bars
+        self.chart.setYRange(0, 105, padding=0)
 
     def _browse_csv(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save the comparison", "comparison.csv", "CSV files (*.csv)")

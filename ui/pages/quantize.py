@@ -6,6 +6,7 @@ plain data here, and a 10 Hz timer draws the charts from the latest data (never 
 
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dllm_studio.quant.pipeline import check_supported, quantize, working_set
 from dllm_studio.quant.recipe import METHODS, WEIGHT_BITS, QuantRecipe
 from ui.charts import BarChart, ChannelProfile, MemoryChart
 from ui.session import Session, Variant
-from ui.theme import BAD, FIT_COLORS
+from ui.theme import BAD, FIT_COLORS, WARN
 from ui.workers import stream
 
 # What the seed study (arXiv:2508.14896, LLaDA/Dream, asym g128) found about each method.
@@ -53,6 +54,7 @@ class QuantizePage(QWidget):
         self.session, self.settings = session, settings
         self.job = None
         self._calib_file: str | None = None
+        self._last_result: str | None = None  # the result card of the last run that finished, kept past a cancel
         self._reset_data()
 
         # ---- the recipe ----
@@ -259,7 +261,7 @@ class QuantizePage(QWidget):
         self._reset_data()
         self.memory_chart.clear_data()
         self.log.clear()
-        self.result.setText("")
+        self._show_last_result("a new run is under way", "Quantizing: the result appears here when it is done.")
         self.progress.setRange(0, model.num_layers)
         self.progress.setValue(0)
         self.progress.setFormat(f"starting {recipe.label}…")
@@ -344,24 +346,32 @@ class QuantizePage(QWidget):
         self._stop_live(f"done: {s['quantized_layers']} layers in {s['seconds']:.1f} s")
         self.progress.setValue(self.progress.maximum())
         self._log(f"done in {s['seconds']:.1f} s; {variant.name} is ready in Chat, Compare and Export")
-        self.result.setText(
+        self._last_result = (
             f"<b>{variant.name}</b><br>"
             f"time: {s['seconds']:.1f} s, peak memory {human(s['peak_rss_bytes'])}<br>"
-            f"quantized linears: {human(s['linear_bytes_before'])} → <b>{human(s['linear_bytes_after'])}</b> "
-            f"({s['linear_bytes_after'] / s['linear_bytes_bf16']:.0%} of bf16)<br>"
-            f"whole model: {human(s['model_bytes_before'])} → {human(s['model_bytes_after'])}<br>"
+            + "".join(f"{html.escape(line)}<br>" for line in memory.quantized_sizes(s, result.model.dtype)) +
             f"bits per weight: <b>{s['bits_per_weight']:.3f}</b> (storage theory {s['theory_bits_per_weight']:.3f})<br>"
             f"mean layer error: {sum(self.layer_errors) / max(len(self.layer_errors), 1):.4f}<br>"
             "Next: chat with it side by side, compare accuracy, or export it.")
+        self.result.setText(self._last_result)
         self.finished.emit(variant)
 
     def _failed(self, message: str) -> None:
         self._stop_live("failed")
         self._log(f"failed: {message}")
+        self._show_last_result("the run after it failed", "The run failed; nothing was kept.")
 
     def _cancelled(self) -> None:
         self._stop_live("cancelled: nothing was kept")
         self._log("cancelled; the model is unchanged and nothing was written")
+        self._show_last_result("the run after it was cancelled", "The run was cancelled; nothing was kept.")
+
+    def _show_last_result(self, since: str, otherwise: str) -> None:
+        """The last finished run's card, marked as such so it is not taken for the run that just ended."""
+        if self._last_result is None:
+            self.result.setText(otherwise)
+        else:
+            self.result.setText(f"<span style='color:{WARN}'><b>Last result</b> ({since})</span><br>{self._last_result}")
 
     def _busy_changed(self, busy: bool, _title: str) -> None:
         self.cancel_button.setEnabled(busy and self.timer.isActive())  # only this page's own job
