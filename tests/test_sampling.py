@@ -242,7 +242,8 @@ def test_the_demo_answer_about_paris_keeps_its_template_tokens_out_of_text(demo_
 def test_answer_tokens_count_up_to_the_first_stop_token(demo_model):
     prompt = demo_model.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
     result = jobs.run(demo_model.denoise(prompt, GenerationConfig(gen_length=16, steps=16, block_length=16)))
-    assert result.text == "Paris" and result.token_ids.index(demo_model.tokenizer.convert_tokens_to_ids("<|eot_id|>")) == 3
+    eot = demo_model.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert result.text == "Paris" and result.token_ids.index(eot) == 3
     s = result.stats
     assert s.answer_tokens == 3 == demo_model.answer_length(result.token_ids)  # not gen_length 16
     assert s.answer_tokens_per_s == pytest.approx(3 / s.wall_time_s)
