@@ -732,8 +732,8 @@ class ChatPage(QWidget):
     def _update_turn_note(self) -> None:
         """Say so when a model that will answer sees only the latest message (`DiffusionLM.single_turn`)."""
         variant = self.session.variants.get(self.variant_box.currentText())
-        models = [m for m in (self.session.model, variant and variant.model) if m is not None]
-        self.turn_note.setVisible(any(m.single_turn for m in models))
+        models = [self.session.model, variant.model if variant else None]
+        self.turn_note.setVisible(any(m is not None and m.single_turn for m in models))
 
     def _prompt_ready(self) -> bool:
         """The engine's own rule for a prompt worth sending (not empty, not only whitespace)."""
