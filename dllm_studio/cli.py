@@ -216,11 +216,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from dllm_studio import jobs
-    from dllm_studio.errors import InvalidSettingsError
-    from dllm_studio.sampling import GenerationConfig
+    from dllm_studio.sampling import GenerationConfig, check_prompt
 
-    if not args.prompt.strip():
-        raise InvalidSettingsError("The prompt is empty.")
+    check_prompt(args.prompt)
     config = GenerationConfig(
         gen_length=args.gen_length, steps=args.steps or args.gen_length,
         block_length=args.block_length or min(32, args.gen_length), remasking=args.remasking,
@@ -244,8 +242,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     print(result.text)
     s = result.stats
-    print(f"[{s.steps} steps, {s.forward_passes} forward passes, {s.ms_per_step:.1f} ms/step, "
-          f"{s.wall_time_s:.2f} s, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    print(f"[{s.steps} steps, {s.forward_passes} forward passes, {s.ms_per_step:.1f} ms/step, {s.wall_time_s:.2f} s, "
+          f"{s.answer_tokens} answer tokens, {s.answer_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from dllm_studio.models.base import DiffusionLM
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
+EMPTY_PROMPT = "The prompt is empty."
 _DEFERRED = 1e6  # subtracted from a deferred EOS's score: it is committed only after every other token
 
 
@@ -69,18 +70,23 @@ class GenerationStats:
     forward_passes: int = 0  # sequences evaluated by the model (2 per step with CFG)
     wall_time_s: float = 0.0
     forward_time_s: float = 0.0  # of wall_time_s, spent inside the model
-    tokens: int = 0
+    answer_tokens: int = 0  # tokens before the first stop token (`DiffusionLM.answer_length`), not gen_length
 
     @property
     def ms_per_step(self) -> float:
         return 1000 * self.wall_time_s / max(self.steps, 1)
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_time_s if self.wall_time_s else 0.0
+    def answer_tokens_per_s(self) -> float:
+        """Answer tokens (up to, not including, the first end-of-answer token) ÷ wall time.
+
+        The padding after the answer is generated too, but counting it would make a short answer look fast;
+        masked diffusion commits tokens in parallel, so this is not an autoregressive decode rate either.
+        """
+        return self.answer_tokens / self.wall_time_s if self.wall_time_s else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ms_per_step": self.ms_per_step, "tokens_per_s": self.tokens_per_s}
+        return {**asdict(self), "ms_per_step": self.ms_per_step, "answer_tokens_per_s": self.answer_tokens_per_s}
 
 
 @dataclass
@@ -181,8 +187,8 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
             yield event
 
     stats.wall_time_s = time.perf_counter() - start
-    stats.tokens = config.gen_length
     answer = x[0, P:].tolist()
+    stats.answer_tokens = model.answer_length(answer)
     return GenerationResult(model.decode(answer), answer, list(prompt_ids), stats, history)
 
 
@@ -203,9 +209,15 @@ def _step_logits(model: DiffusionLM, x: torch.Tensor, prompt_len: int, config: G
     return logits[0]
 
 
+def check_prompt(prompt: str) -> None:
+    """Refuse a prompt of nothing but whitespace, before it is tokenized: there is nothing to answer."""
+    if not prompt.strip():
+        raise InvalidSettingsError(EMPTY_PROMPT)
+
+
 def _check_inputs(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig) -> None:
     if not prompt_ids:
-        raise InvalidSettingsError("The prompt is empty.")
+        raise InvalidSettingsError(EMPTY_PROMPT)
     if model.mask_token_id is None:
         raise InvalidSettingsError(f"{model.family} models have no mask token; they generate with their own sampler.")
     total = len(prompt_ids) + config.gen_length

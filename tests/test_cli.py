@@ -50,11 +50,35 @@ def test_generate_show_steps_prints_every_step_with_masks(capsys, llada_dir):
     assert "4 steps, 4 forward passes" in err
 
 
-def test_generate_is_reproducible_with_seed(capsys, llada_dir):
-    args = ["generate", llada_dir, "--prompt", "Hi", "--gen-length", 8, "--steps", 8, "--temperature", 1.0,
-            "--seed", 3, "--json"]
-    first = json.loads(run_cli(capsys, *args)[1])["answer_token_ids"]
-    assert json.loads(run_cli(capsys, *args)[1])["answer_token_ids"] == first
+def test_generate_is_reproducible_with_seed_and_the_seed_matters(capsys, llada_dir):
+    def answer(seed):
+        code, out, _ = run_cli(capsys, "generate", llada_dir, "--prompt", "Hi", "--gen-length", 8, "--steps", 8,
+                               "--temperature", 1.0, "--seed", seed, "--json")
+        assert code == 0
+        return json.loads(out)["answer_token_ids"]
+
+    first = answer(3)
+    assert answer(3) == first
+    assert answer(4) != first  # at temperature 1 another seed samples another answer
+
+
+def test_generate_text_and_steps_never_show_template_tokens(capsys):
+    """The demo commits <|start_header_id|> after its answer to this prompt (see test_sampling)."""
+    args = ["generate", "demo", "--prompt", "Tell me about Paris.", "--gen-length", 256, "--steps", 256,
+            "--block-length", 32]
+    code, out, err = run_cli(capsys, *args, "--show-steps")
+    assert code == 0 and "<|" not in out
+    assert out.splitlines()[-1] == "d"  # the answer, after the last step's tokens
+    code, out, _ = run_cli(capsys, *args, "--json")
+    data = json.loads(out)
+    assert data["text"] == "d" and 3 in data["answer_token_ids"]  # id 3: <|start_header_id|>
+
+
+def test_generate_stats_count_answer_tokens_not_gen_length(capsys):
+    code, out, err = run_cli(capsys, "generate", "demo", "--prompt", "What is the capital of France?",
+                             "--gen-length", 16, "--steps", 16, "--block-length", 16)
+    assert code == 0 and out == "Paris\n"
+    assert ", 3 answer tokens, " in err  # "Paris" is 3 tokens; the other 13 of gen_length 16 are end-of-text
 
 
 def assert_one_line_error(err, message):
@@ -117,6 +141,7 @@ def test_bad_model_folders_get_one_line_errors(capsys, tmp_path, llada_dir, kind
 @pytest.mark.parametrize("argv,message", [
     (["generate", "{dir}", "--prompt", "Hi", "--gen-length", 64, "--steps", 3], "steps 3 cannot be split evenly over 2 blocks"),
     (["generate", "{dir}", "--prompt", "  "], "The prompt is empty."),
+    (["generate", "{dir}", "--prompt", " \n\t "], "The prompt is empty."),
     (["info", "/no/such/folder"], "No model folder at /no/such/folder"),
 ])
 def test_bad_arguments_get_one_line_errors(capsys, llada_dir, argv, message):

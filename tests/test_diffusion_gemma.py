@@ -146,7 +146,7 @@ def test_generation(model):
     assert list(steps[-1].tokens) == result.token_ids and len(result.token_ids) == 24
     assert not set(result.token_ids) & set(model.stop_token_ids)
     assert result.text == model.decode(result.token_ids)
-    assert (result.stats.steps, result.stats.forward_passes, result.stats.tokens) == (8, 8, 24)
+    assert (result.stats.steps, result.stats.forward_passes, result.stats.answer_tokens) == (8, 8, 24)
     assert not workers_alive()
 
     again = run(model.denoise(prompt, config))

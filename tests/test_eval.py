@@ -138,7 +138,7 @@ class ScriptedModel:
         text = self.answers[self.prompts[prompt_ids[0]]]
         yield DenoiseStep(step=1, total_steps=4, block=0, tokens=(1,), committed=(), masked=())
         return GenerationResult(text, [1, 2], list(prompt_ids),
-                                GenerationStats(steps=4, forward_passes=4, wall_time_s=0.01, tokens=2))
+                                GenerationStats(steps=4, forward_passes=4, wall_time_s=0.01, answer_tokens=2))
 
 
 @pytest.mark.parametrize("name,answers,expected", [

@@ -8,7 +8,8 @@ import torch
 from dllm_studio import jobs
 from dllm_studio.errors import Cancelled, InvalidSettingsError
 from dllm_studio.events import CancelToken, DenoiseStep
-from dllm_studio.sampling import GenerationConfig, confidence, denoise, transfer_counts
+from dllm_studio.models.base import DiffusionLM
+from dllm_studio.sampling import GenerationConfig, check_prompt, confidence, denoise, transfer_counts
 
 
 def reference_generate(model, prompt, steps, gen_length, block_length, mask_id, cfg_scale=0.0):
@@ -109,6 +110,8 @@ class CraftedModel:
         for i, row in enumerate(self.rows):
             logits[:, self.prompt_len + i - (1 if self.shift_logits else 0), :4] = torch.tensor(row).clamp_min(1e-9).log()
         return logits
+
+    answer_length = DiffusionLM.answer_length
 
     def decode(self, ids):
         return " ".join(map(str, ids))
@@ -212,3 +215,54 @@ def test_decode_stops_at_first_stop_token(llada):
     eot = llada.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     ids = llada.tokenizer.encode("Paris", add_special_tokens=False)
     assert llada.decode(ids + [eot] + ids) == "Paris"
+
+
+def test_answer_text_and_pieces_never_show_special_tokens(llada, dream, demo_model):
+    """Chat-template tokens are added tokens flagged special, often missing from `all_special_ids`."""
+    for model in (llada, dream, demo_model):
+        flagged = [tid for tid, token in model.tokenizer.added_tokens_decoder.items() if token.special]
+        assert model.token_pieces(flagged) == [""] * len(flagged)
+        assert model.token_pieces(model.tokenizer.encode("Paris", add_special_tokens=False))[0]  # ordinary text kept
+    header = llada.tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    assert header not in llada.tokenizer.all_special_ids  # the gap this closes
+    paris = llada.tokenizer.encode("Paris", add_special_tokens=False)
+    assert llada.decode(paris + [header] + paris) == "ParisParis"
+
+
+def test_the_demo_answer_about_paris_keeps_its_template_tokens_out_of_text(demo_model):
+    """The reported leak: after the end of the answer the demo commits `<|start_header_id|>` (position 17)."""
+    prompt = demo_model.chat_ids([{"role": "user", "content": "Tell me about Paris."}])
+    result = jobs.run(demo_model.denoise(prompt, GenerationConfig(gen_length=256, steps=256, block_length=32)))
+    header = demo_model.tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    assert header in result.token_ids[result.stats.answer_tokens:]
+    assert result.text == "d"
+    assert not any("<|" in piece for piece in demo_model.token_pieces(result.token_ids))
+
+
+def test_answer_tokens_count_up_to_the_first_stop_token(demo_model):
+    prompt = demo_model.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
+    result = jobs.run(demo_model.denoise(prompt, GenerationConfig(gen_length=16, steps=16, block_length=16)))
+    eot = demo_model.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert result.text == "Paris" and result.token_ids.index(eot) == 3
+    s = result.stats
+    assert s.answer_tokens == 3 == demo_model.answer_length(result.token_ids)  # not gen_length 16
+    assert s.answer_tokens_per_s == pytest.approx(3 / s.wall_time_s)
+    stats = s.to_dict()
+    assert (stats["answer_tokens"], stats["answer_tokens_per_s"]) == (3, s.answer_tokens_per_s)
+    assert "tokens" not in stats and "tokens_per_s" not in stats  # the name says what was counted
+
+
+def test_single_turn_models_are_shown_only_the_latest_message(demo_model, llada):
+    history = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris"}]
+    latest = {"role": "user", "content": "What is 7 + 5?"}
+    assert demo_model.single_turn and demo_model.config["single_turn"] is True  # the demo's config.json says so
+    assert demo_model.chat_messages(history, "What is 7 + 5?") == [latest]
+    assert not llada.single_turn
+    assert llada.chat_messages(history, "What is 7 + 5?") == [*history, latest]
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", " \n\t "])
+def test_blank_prompts_are_refused_before_tokenizing(prompt):
+    with pytest.raises(InvalidSettingsError, match="^The prompt is empty.$"):
+        check_prompt(prompt)
+    check_prompt(" Hi ")  # no error

@@ -3,13 +3,16 @@
 import json
 
 import pytest
+from PySide6.QtCore import QRect, Qt
 from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import QWidget
 from qt_helpers import error_dialogs
 
 from dllm_studio import jobs
+from dllm_studio.cli import main as cli
 from dllm_studio.sampling import GenerationConfig
-from ui.pages.chat import QUEUED, ChatPage
-from ui.session import Variant
+from ui.pages.chat import BLANK_PROMPT, NO_TEXT, QUEUED, SINGLE_TURN, ChatPage
+from ui.session import Session, Variant
 
 pytestmark = pytest.mark.gui
 
@@ -38,6 +41,15 @@ def engine_answer(model, messages, **sampler):
     return jobs.run(model.denoise(model.chat_ids(messages), GenerationConfig(**{**SHORT, **sampler}))).text
 
 
+@pytest.fixture
+def llada_session(qtbot, llada):
+    """A session on the tiny LLaDA, a multi-turn model (its config does not say single_turn)."""
+    s = Session()
+    s.set_model(llada)
+    yield s
+    s.shutdown()
+
+
 def test_send_animates_both_panes_in_turn_and_matches_the_engine(qtbot, session, studio_settings, demo_rtn4):
     page = make_page(qtbot, session, studio_settings, demo_rtn4)
     frames, answers = {"fp": [], "quant": []}, {}
@@ -56,8 +68,10 @@ def test_send_animates_both_panes_in_turn_and_matches_the_engine(qtbot, session,
     assert answers["fp"] in page.fp.browser.toPlainText() and PROMPT in page.fp.browser.toPlainText()
     assert "16 steps" in page.fp.stats.text() and "ms/step" in page.fp.stats.text()
     assert "forward passes" in page.quant.stats.text() and "peak resident memory" in page.quant.stats.toolTip()
-    assert "differ" in page.diff_label.text() or "identical" in page.diff_label.text()
-    assert page.send_button.isEnabled() and not page.stop_button.isEnabled() and not session.busy
+    assert answers["fp"] == "Paris" and page.diff_label.text() == "Last answers: identical."  # W4 keeps it
+    assert not page.stop_button.isEnabled() and not session.busy and page.input.toPlainText() == ""
+    page.input.setPlainText("And of Germany?")
+    assert page.send_button.isEnabled()
 
     # replay: step 1 of 16 has committed one token, the rest are still masked
     assert page.fp.replay.isEnabled() and page.fp.replay.maximum() == 16
@@ -85,6 +99,7 @@ def test_stop_cancels_the_running_pane_and_the_queued_one(qtbot, session, studio
     assert "(stopped)" in page.fp.browser.toPlainText()  # the partial answer stays
     assert quant.state == "skipped" and not quant.frames and not quant_frames  # the quantized pane never ran
     assert "stopped before it started" in page.quant.status.text()
+    page.input.setPlainText(PROMPT)
     assert not session.busy and page.send_button.isEnabled()
     assert page.fp.history() == []  # a stopped answer is not sent back to the model
 
@@ -103,14 +118,24 @@ def test_invalid_settings_are_shown_inline_and_nothing_is_sent(qtbot, session, s
     assert (studio_settings.get("chat/gen_length"), studio_settings.get("chat/block_length")) == (10, 5)  # saved
 
 
-def test_settings_load_on_construction_and_empty_prompts_do_nothing(qtbot, session, studio_settings):
+def test_settings_load_on_construction(qtbot, session, studio_settings):
     studio_settings.set("chat/remasking", "margin")
     studio_settings.set("chat/temperature", 0.5)
     page = make_page(qtbot, session, studio_settings, seed=7)
     assert (page.remasking.currentText(), page.temperature.value(), page.seed.value()) == ("margin", 0.5, 7)
-    page.input.setPlainText("   \n")
-    page.send()
-    assert not page.running and not session.busy
+
+
+def test_a_blank_prompt_disables_send_with_a_hint(qtbot, session, studio_settings):
+    page = make_page(qtbot, session, studio_settings)
+    page.show()
+    for blank in ("", "   \n\t"):
+        page.input.setPlainText(blank)
+        assert not page.send_button.isEnabled()
+        assert page.prompt_hint.isVisible() and page.prompt_hint.text() == BLANK_PROMPT
+        page.send()  # what Ctrl+Enter calls: nothing happens
+        assert not page.running and not session.busy and page.fp.turns == []
+    page.input.setPlainText(" Hi ")
+    assert page.send_button.isEnabled() and not page.prompt_hint.isVisible()
 
 
 def test_without_a_variant_only_the_full_precision_pane_runs(qtbot, session, studio_settings):
@@ -123,21 +148,55 @@ def test_without_a_variant_only_the_full_precision_pane_runs(qtbot, session, stu
     assert page.quant.turns[-1].state == "skipped" and page.diff_label.text() == ""
 
 
-def test_multi_turn_sends_each_pane_its_own_history(qtbot, session, studio_settings, demo_rtn4):
-    page = make_page(qtbot, session, studio_settings, demo_rtn4)
+def test_a_multi_turn_model_is_sent_the_whole_history(qtbot, llada_session, studio_settings, llada):
+    page = make_page(qtbot, llada_session, studio_settings)
+    page.show()
+    assert not page.turn_note.isVisible()
     ask(qtbot, page, PROMPT)
     ask(qtbot, page, "And of Germany?")
-    for pane, model in ((page.fp, session.model), (page.quant, demo_rtn4.model)):
-        first, second = pane.turns
-        messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first.answer},
-                    {"role": "user", "content": "And of Germany?"}]
-        assert second.prompt_ids == model.chat_ids(messages)
-        assert second.answer == engine_answer(model, messages)
-        text = pane.browser.toPlainText()
-        assert text.index(PROMPT) < text.index("And of Germany?")
+    first, second = page.fp.turns
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first.answer},
+                {"role": "user", "content": "And of Germany?"}]
+    assert second.prompt_ids == llada.chat_ids(messages)
+    assert second.answer == engine_answer(llada, messages)
+    text = page.fp.browser.toPlainText()
+    assert text.index(PROMPT) < text.index("And of Germany?")
+    assert not page.turn_note.isVisible()
     page.new_chat()
     assert page.fp.turns == page.quant.turns == [] and page.fp.browser.toPlainText() == ""
     assert not page.fp.copy.isEnabled() and not page.save_button.isEnabled()
+
+
+def test_the_single_turn_demo_is_sent_only_the_latest_message(qtbot, session, studio_settings, demo_rtn4):
+    """Trained on single exchanges, the demo answered a second turn with its history as nonsense."""
+    page = make_page(qtbot, session, studio_settings, demo_rtn4)
+    page.show()
+    assert page.turn_note.isVisible() and page.turn_note.text() == SINGLE_TURN
+    ask(qtbot, page, PROMPT)
+    ask(qtbot, page, "What is 7 + 5?")
+    latest = [{"role": "user", "content": "What is 7 + 5?"}]
+    for pane, model in ((page.fp, session.model), (page.quant, demo_rtn4.model)):
+        first, second = pane.turns
+        assert first.answer == "Paris"
+        assert second.prompt_ids == model.chat_ids(latest)  # exactly a fresh chat's prompt
+        assert second.answer == "7 + 5 = 12"
+        text = pane.browser.toPlainText()  # the whole conversation stays on screen
+        assert text.index(PROMPT) < text.index("Paris") < text.index("What is 7 + 5?") < text.index("7 + 5 = 12")
+    assert page.turn_note.isVisible()
+
+
+def test_template_tokens_never_show_in_the_answer_but_the_replay_marks_them(qtbot, session, studio_settings):
+    """The demo commits <|start_header_id|> after its answer "d" to this prompt (see test_sampling)."""
+    page = make_page(qtbot, session, studio_settings, gen_length=256, steps=256, block_length=32)
+    ask(qtbot, page, "Tell me about Paris.")
+    turn = page.fp.turns[-1]
+    header = session.model.tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    assert turn.answer == "d" and header in turn.token_ids
+    assert page.fp.browser.toPlainText() == "You: Tell me about Paris.\nFull precision: d"
+    step = next(f.step for f in turn.frames if any(c.token_id == header for c in f.committed))
+    page.fp.replay.setValue(step)  # the step that committed it: drawn as a token with no text
+    shown = page.fp.browser.toPlainText()
+    assert "<|" not in shown and NO_TEXT in shown
 
 
 def test_save_then_open_round_trips(qtbot, session, studio_settings, demo_rtn4, tmp_path):
@@ -148,7 +207,7 @@ def test_save_then_open_round_trips(qtbot, session, studio_settings, demo_rtn4, 
     assert page.save_conversation(path)
     assert [p.name for p in path.parent.iterdir()] == ["conversation.json"]  # no temporary file left behind
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert data["version"] == 1 and data["variant"] == "RTN W4" and data["sampler"]["steps"] == 16
+    assert data["version"] == 2 and data["variant"] == "RTN W4" and data["sampler"]["steps"] == 16
     assert len(data["panes"]["fp"][0]["steps"]) == 16
 
     studio_settings.set("chat/steps", 8)
@@ -175,3 +234,57 @@ def test_a_malformed_conversation_gives_an_error_dialog(qtbot, session, studio_s
     assert len(dialogs) == 1 and "not a dLLM Studio conversation" in dialogs[0].text()
     dialogs[0].close()
     assert page.fp.turns == []
+
+
+def test_a_format_1_conversation_opens_with_its_stats(qtbot, session, studio_settings, tmp_path):
+    page = make_page(qtbot, session, studio_settings)
+    ask(qtbot, page, PROMPT)
+    path = tmp_path / "conversation.json"
+    assert page.save_conversation(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    stats = data["panes"]["fp"][0]["stats"]  # format 1 named the same two numbers tokens and tokens_per_s
+    stats["tokens"], stats["tokens_per_s"] = stats.pop("answer_tokens"), stats.pop("answer_tokens_per_s")
+    path.write_text(json.dumps({**data, "version": 1}), encoding="utf-8")
+    other = make_page(qtbot, session, studio_settings)
+    assert other.open_conversation(path)
+    assert other.fp.stats.text() == page.fp.stats.text()
+
+
+def test_the_pane_and_the_cli_count_the_same_answer_tokens(qtbot, session, studio_settings, capsys):
+    """"Paris" ends at token 3 of 16: both faces count 3 answer tokens and divide those by the wall time."""
+    page = make_page(qtbot, session, studio_settings)
+    ask(qtbot, page, PROMPT)
+    assert cli(["generate", "demo", "--prompt", PROMPT, "--gen-length", "16", "--steps", "16", "--block-length", "16",
+                "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    pane, engine = page.fp.turns[-1].stats, data["stats"]
+    assert data["text"] == page.fp.last_answer() == "Paris"
+    assert pane["answer_tokens"] == engine["answer_tokens"] == page.fp.turns[-1].length == 3
+    for stats in (pane, engine):
+        assert stats["answer_tokens_per_s"] == pytest.approx(3 / stats["wall_time_s"])
+    assert "3 answer tokens" in page.fp.stats.text()
+    assert f"{pane['answer_tokens_per_s']:.1f} tokens/s" in page.fp.stats.text()
+
+
+def test_stats_wrap_in_a_narrow_pane_and_every_line_is_visible(qtbot, session, studio_settings):
+    """At a 1024 x 700 window the stats were clipped ("32 forward passe")."""
+    for name, value in SHORT.items():
+        studio_settings.set(f"chat/{name}", value)
+    window = QWidget()  # as in the main window, the page gets the space there is, not its size hint
+    qtbot.addWidget(window)
+    page = ChatPage(session, studio_settings, window)
+    window.resize(760, 640)
+    page.setGeometry(0, 0, 760, 640)
+    window.show()
+    ask(qtbot, page, PROMPT)
+    label = page.fp.stats
+
+    def every_line_visible():
+        area, metrics, text = label.contentsRect(), label.fontMetrics(), label.text()
+        wrapped = metrics.boundingRect(QRect(0, 0, area.width(), 10_000), Qt.TextFlag.TextWordWrap, text)
+        widest_word = max(metrics.horizontalAdvance(word) for word in text.split())
+        return widest_word <= area.width() and wrapped.height() <= area.height()
+
+    qtbot.waitUntil(every_line_visible, timeout=2000)  # once the layout has given the label its wrapped height
+    longest = max(label.fontMetrics().horizontalAdvance(line) for line in label.text().splitlines())
+    assert longest > label.contentsRect().width()  # the pane is narrow: the lines had to wrap

@@ -17,6 +17,9 @@ from pathlib import Path
 from dllm_studio.demo import tasks
 
 TARGETS = {"qa": 90.0, "math": 80.0, "code": 70.0}  # issue targets, % on the held-out splits
+TURNS = {True: 'single (`"single_turn": true` in config.json): trained on one question and its answer at a time, '
+                'it is sent only the latest user message; a conversation\'s earlier turns would confuse it',
+         False: "multi: the whole conversation is sent each turn"}
 
 
 def scores_table(evaluation: dict) -> str:
@@ -115,6 +118,7 @@ demo task suites. It is the model every dLLM Studio command and page opens on (`
 | vocabulary | {info.vocab_size:,} byte-level BPE tokens, digits one per token, LLaDA's special-token names |
 | mask / EOS / EOT | `<|mdm_mask|>` {cfg['mask_token_id']} / `<|endoftext|>` {cfg['eos_token_id']} / `<|eot_id|>` {model.tokenizer.convert_tokens_to_ids('<|eot_id|>')} |
 | chat template | LLaDA's (Llama-3 headers) |
+| chat turns | {TURNS[model.single_turn]} |
 | weights | float32 safetensors (CPUs without bf16 units run bf16 ~4× slower) |
 
 ## Scores on the held-out test splits

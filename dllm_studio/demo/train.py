@@ -262,6 +262,7 @@ def model_config(tokenizer, recipe: Recipe) -> dict:
         # float32, not LLaDA's bfloat16: CPUs without bf16 units (AVX2) run bf16 matmuls ~4x slower.
         "torch_dtype": "float32",
         "use_cache": False, "vocab_size": vocab, "weight_tying": False,
+        "single_turn": True,  # trained on one question and answer at a time: DiffusionLM.single_turn
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -119,17 +120,42 @@ class DiffusionLM:
         template = self.chat_template if (self.override_chat_template or not own) else None
         return render_chat(self.tokenizer, messages, template)
 
+    @property
+    def single_turn(self) -> bool:
+        """True for a model trained on single exchanges (config.json `"single_turn": true`, e.g. the demo).
+
+        A second turn with the earlier exchange in its prompt is outside what such a model has seen, and it
+        answers nonsense; it is sent the latest user message alone (see `chat_messages`).
+        """
+        return bool(self.config.get("single_turn", False))
+
+    def chat_messages(self, history: list[dict], prompt: str) -> list[dict]:
+        """The messages the model is shown for `prompt` after `history`: all of them, or the prompt alone
+        for a single-turn model."""
+        latest = [{"role": "user", "content": prompt}]
+        return latest if self.single_turn else [*history, *latest]
+
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids with no text of their own: the tokenizer's special tokens, every added token it flags special
+        (chat-template headers such as `<|start_header_id|>` are often only there) and the stop tokens."""
+        added = self.tokenizer.added_tokens_decoder.items()
+        return frozenset({*self.tokenizer.all_special_ids, *self.stop_token_ids,
+                          *(tid for tid, token in added if token.special)})
+
+    def answer_length(self, ids) -> int:
+        """Answer tokens in `ids`: those before the first stop token (end of turn or of text), or all of them."""
+        return next((i for i, tid in enumerate(ids) if tid in self.stop_token_ids), len(ids))
+
     def decode(self, ids: list[int]) -> str:
         """Answer text: everything before the first stop token, special tokens removed."""
-        for i, tid in enumerate(ids):
-            if tid in self.stop_token_ids:
-                ids = ids[:i]
-                break
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        special = self.special_token_ids
+        return self.tokenizer.decode([t for t in ids[: self.answer_length(ids)] if t not in special],
+                                     skip_special_tokens=True)
 
     def token_pieces(self, ids) -> list[str]:
-        """Each token's own text (stop and special tokens shown as empty), for step-by-step display."""
-        special = set(self.tokenizer.all_special_ids) | set(self.stop_token_ids)
+        """Each token's own text, for step-by-step display; a special or stop token has none ("")."""
+        special = self.special_token_ids
         return ["" if tid in special else self.tokenizer.decode([tid]) for tid in ids]
 
     # --- structure ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayo
 from dllm_studio.errors import DllmError, InvalidSettingsError
 from dllm_studio.events import Commit, DenoiseStep
 from dllm_studio.memory import human, peak_rss_bytes
-from dllm_studio.sampling import REMASKING, GenerationConfig
+from dllm_studio.sampling import REMASKING, GenerationConfig, check_prompt
 from ui.dialogs import show_error
 from ui.paths import conversations_dir
 from ui.session import Session
@@ -34,12 +34,14 @@ from ui.theme import BAD, FP_COLOR, QUANT_COLOR
 from ui.widgets import VariantPicker
 from ui.workers import stream
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stats named answer_tokens / answer_tokens_per_s (1 said tokens / tokens_per_s)
 FRAME_MS = 30  # one denoising step drawn per tick: fast enough to watch, slow enough to see each step
 MASK = '<span style="color:#9a9ea6">░</span>'
 ENDED = "∎"  # drawn where one answer stopped and the other went on
-# A committed end-of-answer token has no text; while denoising it is drawn, or the span would seem to shrink.
-END_TOKEN = '<span style="color:#9a9ea6">∅</span>'
+# A committed stop or other special token has no text; while denoising it is drawn, or the span would seem to
+# shrink (and a template token's own text, e.g. <|start_header_id|>, is never shown).
+NO_TEXT = "∅"
+END_TOKEN = f'<span style="color:#9a9ea6">{NO_TEXT}</span>'
 DIFFER_STYLE = "text-decoration: underline; background: #d9c8f5; color: #000"
 QUEUED = "Queued: runs after the full-precision pane (one model computes at a time on this machine)."
 NO_VARIANT = ("No quantized variant yet. Quantize this model on the Quantize page, or open a quantized folder on "
@@ -49,7 +51,9 @@ STATS_HELP = (
     "<b>forward passes</b> (NFE): model evaluations; 2 per step with classifier-free guidance.<br>"
     "<b>ms/step</b>: wall time ÷ steps.<br>"
     "<b>total</b>: wall time from the generate call until the last token was committed, model loading excluded.<br>"
-    "<b>tokens/s</b>: generated tokens up to, not including, the first end-of-answer token, ÷ wall time. "
+    "<b>answer tokens</b>: tokens up to, not including, the first end-of-answer token (not the generation "
+    "length: the padding after the answer is not counted).<br>"
+    "<b>tokens/s</b>: answer tokens ÷ wall time, as the CLI's <tt>answer_tokens_per_s</tt>. "
     "Masked diffusion commits tokens in parallel, so this is not an autoregressive decode rate.<br>"
     "<b>peak memory</b>: this process's peak resident memory (RSS) so far, read after the run.")
 # The sampler fields the panel offers: GenerationConfig name -> (type, label, help); saved as "chat/<name>".
@@ -63,8 +67,12 @@ SAMPLER = {
     "temperature": (float, "Te&mperature", "0 = greedy: the same prompt, seed and settings give the same answer."),
     "seed": (int, "See&d", "Seeds sampling at temperature > 0 and random remasking; both panes get the same seed."),
 }
-STATS = {"steps": int, "forward_passes": int, "wall_time_s": float, "ms_per_step": float, "tokens": int,
-         "tokens_per_s": float, "peak_rss_bytes": int}
+STATS = {"steps": int, "forward_passes": int, "wall_time_s": float, "ms_per_step": float, "answer_tokens": int,
+         "answer_tokens_per_s": float, "peak_rss_bytes": int}
+OLD_STATS = {"answer_tokens": "tokens", "answer_tokens_per_s": "tokens_per_s"}  # format 1's names, same meaning
+SINGLE_TURN = ("This model was trained on single exchanges: only your latest message is sent to it. The earlier "
+               "turns stay on screen but are not part of its prompt.")
+BLANK_PROMPT = "Type a prompt to send it."
 
 
 def _text(s: str) -> str:
@@ -82,18 +90,26 @@ def heat(confidence: float) -> str:
 
 def frame_html(frame: DenoiseStep, pieces: dict[int, str], *, fresh: bool, differ=frozenset(),
                ended: int | None = None) -> str:
-    """One answer span: masks as placeholders, this step's commits coloured by confidence, the rest settled."""
+    """One answer span: masks as placeholders, this step's commits coloured by confidence, the rest settled.
+
+    `ended`: the answer's length; a final answer is drawn up to it (what follows its first stop token is not
+    part of it), with the end marked when the other pane's answer goes on there.
+    """
     new = {c.position: c.confidence for c in frame.committed} if fresh else {}
     masked = set(frame.masked)
     out = []
     for i, tid in enumerate(frame.tokens):
+        if ended is not None and i >= ended:
+            if i in differ:
+                out.append(f'<span style="{DIFFER_STYLE}">{ENDED}</span>')
+            break
         piece = _text(pieces.get(tid, ""))
         if i in masked:
             out.append(MASK)
-        elif i in new:  # an empty piece (a stop token) still shows as a coloured cell
-            out.append(f'<span style="background:{heat(new[i])}; color:#000">{piece or "&nbsp;"}</span>')
-        elif i in differ and (piece or i == ended):
-            out.append(f'<span style="{DIFFER_STYLE}">{piece or ENDED}</span>')
+        elif i in new:  # an empty piece (a stop or special token) still shows as a coloured cell
+            out.append(f'<span style="background:{heat(new[i])}; color:#000">{piece or NO_TEXT}</span>')
+        elif i in differ and piece:
+            out.append(f'<span style="{DIFFER_STYLE}">{piece}</span>')
         else:
             out.append(piece or (END_TOKEN if fresh else ""))
     return f'<span style="white-space: pre-wrap">{"".join(out)}</span>'
@@ -148,13 +164,16 @@ class Turn:
         turn.length = int(d["length"])
         if not 0 <= turn.length <= len(turn.token_ids):
             raise ValueError(f"an answer of {len(turn.token_ids)} tokens cannot have {turn.length} before its end")
-        turn.stats = None if d["stats"] is None else {k: kind(d["stats"][k]) for k, kind in STATS.items()}
+        stats = d["stats"]
+        turn.stats = None if stats is None else {k: kind(stats[k] if k in stats else stats[OLD_STATS[k]])
+                                                 for k, kind in STATS.items()}
         return turn
 
 
 def stats_text(s: dict) -> str:
     return (f"{s['steps']} steps · {s['forward_passes']} forward passes · {s['ms_per_step']:.1f} ms/step\n"
-            f"{s['wall_time_s']:.2f} s total · {s['tokens_per_s']:.1f} tokens/s\n"
+            f"{s['wall_time_s']:.2f} s total · {s['answer_tokens']} answer tokens · "
+            f"{s['answer_tokens_per_s']:.1f} tokens/s\n"
             f"peak memory {human(s['peak_rss_bytes'])}")
 
 
@@ -182,9 +201,11 @@ class Pane(QGroupBox):
         self.replay.setAccessibleName(f"{title}: replay denoising step")
         self.replay.setToolTip("Drag to see the answer at any denoising step.")
         self.replay_label = QLabel("Replay", minimumWidth=110)
-        self.stats = QLabel(objectName=f"{key}Stats", toolTip=STATS_HELP)
+        # wrapped, so a narrow pane (a 1024 px window) shows every number rather than clipping the lines
+        self.stats = QLabel(objectName=f"{key}Stats", toolTip=STATS_HELP, wordWrap=True)
         self.stats.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        # three short lines of stats, reserved up front: a splitter does not re-lay its panes when a label grows
+        # three lines reserved up front (a splitter does not re-lay its panes when a label grows); a narrow
+        # pane wraps them into more, which the label's height-for-width then claims from the answer above
         self.stats.setMinimumHeight(3 * self.stats.fontMetrics().lineSpacing() + 4)
         self.copy = QPushButton("Copy", objectName=f"{key}Copy", enabled=False)
         self.copy.setAccessibleName(f"Copy the {title.lower()} answer")
@@ -207,7 +228,9 @@ class Pane(QGroupBox):
 
     # ---- conversation -------------------------------------------------------------------------------
     def history(self) -> list[dict]:
-        """The messages this pane's model has seen: finished turns only (a stopped answer is not history)."""
+        """The conversation as messages: finished turns only (a stopped answer is not history).
+
+        What the model is then shown of it is the engine's call (`DiffusionLM.chat_messages`)."""
         messages = []
         for turn in self.turns:
             if turn.answer is not None:
@@ -338,7 +361,7 @@ class Pane(QGroupBox):
 class ChatPage(QWidget):
     frame_shown = Signal(str, int)  # pane ("fp" | "quant"), the step whose frame was drawn
     answer_finished = Signal(str, str)  # pane, the final answer text, once its last frame has been shown
-    turn_finished = Signal()  # every pane of the last send has settled; Send is enabled again
+    turn_finished = Signal()  # every pane of the last send has settled; the next prompt can be sent
 
     def __init__(self, session: Session, settings: Settings, parent=None) -> None:
         super().__init__(parent)
@@ -371,10 +394,12 @@ class ChatPage(QWidget):
                        f'<span style="background:{heat(0)}; color:#000">&nbsp;low&nbsp;</span>'
                        f'<span style="background:{heat(0.5)}; color:#000">&nbsp;medium&nbsp;</span>'
                        f'<span style="background:{heat(1)}; color:#000">&nbsp;high&nbsp;</span>'
-                       f" &nbsp;·&nbsp; plain text: settled &nbsp;·&nbsp; {END_TOKEN} end of answer &nbsp;·&nbsp; "
+                       f" &nbsp;·&nbsp; plain text: settled &nbsp;·&nbsp; {END_TOKEN} end of answer, or another "
+                       "token with no text &nbsp;·&nbsp; "
                        f'<span style="{DIFFER_STYLE}">underlined</span>: differs from the other pane '
                        f"({ENDED}: one answer ended there)")
         self.diff_label = QLabel(objectName="diffLabel")
+        self.turn_note = QLabel(SINGLE_TURN, objectName="singleTurnNote", wordWrap=True, visible=False)
 
         # ---- the prompt ----
         self.input = QPlainTextEdit(objectName="chatInput")
@@ -387,8 +412,13 @@ class ChatPage(QWidget):
         self.stop_button = QPushButton("Stop", objectName="stopButton", enabled=False)
         self.stop_button.setAccessibleName("Stop generation")
         self.stop_button.setToolTip("Stop the running answer and skip the queued one (Esc).")
+        self.prompt_hint = QLabel(BLANK_PROMPT, objectName="promptHint")
+        policy = self.prompt_hint.sizePolicy()
+        policy.setRetainSizeWhenHidden(True)  # the prompt row stays put as the hint comes and goes
+        self.prompt_hint.setSizePolicy(policy)
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.stop)
+        self.input.textChanged.connect(self._update_buttons)
         buttons = QVBoxLayout()
         buttons.addWidget(self.send_button)
         buttons.addWidget(self.stop_button)
@@ -419,7 +449,9 @@ class ChatPage(QWidget):
         main.addWidget(splitter, 1)
         main.addWidget(legend)
         main.addWidget(self.diff_label)
+        main.addWidget(self.turn_note)
         main.addLayout(prompt_row)
+        main.addWidget(self.prompt_hint)
         root = QHBoxLayout(self)
         root.addLayout(main, 1)
         side_widget = QWidget()
@@ -430,7 +462,9 @@ class ChatPage(QWidget):
         session.variants_changed.connect(self._refresh_variants)
         session.model_changed.connect(self._model_changed)
         session.busy_changed.connect(self._busy_changed)
+        self.variant_box.currentTextChanged.connect(self._update_turn_note)
         self._refresh_variants()
+        self._update_turn_note()
         self._update_buttons()
         order = [self.input, self.send_button, self.stop_button, self.variant_box, *self._fields.values(),
                  self.new_button, self.open_button, self.save_button]
@@ -509,7 +543,7 @@ class ChatPage(QWidget):
         """Send the prompt to the full-precision pane, then (queued behind it) the chosen quantized variant."""
         prompt = self.input.toPlainText().strip()
         model = self.session.model
-        if not prompt or self.running or self.session.busy or model is None:
+        if not self._prompt_ready() or self.running or self.session.busy or model is None:
             return
         config = self.config()
         if not self._check(config):
@@ -539,7 +573,7 @@ class ChatPage(QWidget):
         pane, turn, model = self._queue.pop(0)
 
         def done(result) -> None:
-            self._done(turn, model, result)
+            self._done(turn, result)
             self._run_next(config)
 
         def failed(message: str) -> None:
@@ -550,7 +584,7 @@ class ChatPage(QWidget):
             turn.state = "stopped"
 
         try:
-            turn.prompt_ids = model.chat_ids(pane.history() + [{"role": "user", "content": turn.prompt}])
+            turn.prompt_ids = model.chat_ids(model.chat_messages(pane.history(), turn.prompt))
             work = stream(lambda cancel: model.denoise(turn.prompt_ids, config, cancel))
             self._job = self.session.start(f"Generating ({pane.title.lower()})", work,
                                            on_event=lambda event: self._on_frame(turn, model, event),
@@ -569,15 +603,11 @@ class ChatPage(QWidget):
             turn.pieces.update(zip(new, model.token_pieces(new)))
         turn.frames.append(event)
 
-    def _done(self, turn: Turn, model, result) -> None:
-        ids = result.token_ids
-        length = next((i for i, t in enumerate(ids) if t in model.stop_token_ids), len(ids))
+    def _done(self, turn: Turn, result) -> None:
         s = result.stats
-        turn.state, turn.answer, turn.token_ids, turn.length = "done", result.text, list(ids), length
-        turn.stats = {"steps": s.steps, "forward_passes": s.forward_passes, "wall_time_s": s.wall_time_s,
-                      "ms_per_step": s.ms_per_step, "tokens": length,
-                      "tokens_per_s": length / s.wall_time_s if s.wall_time_s else 0.0,
-                      "peak_rss_bytes": peak_rss_bytes()}
+        turn.state, turn.answer, turn.token_ids = "done", result.text, list(result.token_ids)
+        turn.length = s.answer_tokens
+        turn.stats = {**{k: v for k, v in s.to_dict().items() if k in STATS}, "peak_rss_bytes": peak_rss_bytes()}
 
     def stop(self) -> None:
         """Cancel the running answer and drop the queued one; what was computed stays on screen."""
@@ -697,6 +727,21 @@ class ChatPage(QWidget):
         self._timer.stop()
         self.running = False
         self.new_chat()
+        self._update_turn_note()
+
+    def _update_turn_note(self) -> None:
+        """Say so when a model that will answer sees only the latest message (`DiffusionLM.single_turn`)."""
+        variant = self.session.variants.get(self.variant_box.currentText())
+        models = [self.session.model, variant.model if variant else None]
+        self.turn_note.setVisible(any(m is not None and m.single_turn for m in models))
+
+    def _prompt_ready(self) -> bool:
+        """The engine's own rule for a prompt worth sending (not empty, not only whitespace)."""
+        try:
+            check_prompt(self.input.toPlainText())
+        except InvalidSettingsError:
+            return False
+        return True
 
     def _busy_changed(self, _busy: bool, _title: str) -> None:
         self._update_buttons()  # another page's job keeps Send disabled until it ends
@@ -704,7 +749,9 @@ class ChatPage(QWidget):
     def _update_buttons(self) -> None:
         idle = not self.running
         has_turns = any(p.turns for p in self.panes)
-        self.send_button.setEnabled(idle and not self.session.busy and self.session.model is not None)
+        ready = self._prompt_ready()
+        self.send_button.setEnabled(ready and idle and not self.session.busy and self.session.model is not None)
+        self.prompt_hint.setVisible(not ready)
         self.stop_button.setEnabled(self.running)
         self.new_button.setEnabled(idle and has_turns)
         self.open_button.setEnabled(idle)
