@@ -165,3 +165,51 @@ def test_event_loop_never_stalls_while_quantizing_and_generating(qtbot, window):
     print(f"event-loop stall p99 {p99:.1f} ms over {len(meter.gaps)} ticks")
     assert len(meter.gaps) > 100
     assert p99 < 50
+
+
+def test_recent_list_orders_dedupes_caps_and_prunes(tmp_path):
+    from ui.settings import remembered, still_there
+
+    recent = []
+    for source in ("demo", "org/name", "demo", *(f"/m{i}" for i in range(12))):
+        recent = remembered(recent, source)
+    assert recent == [f"/m{i}" for i in range(11, 1, -1)]  # most recent first, ten at most
+    assert remembered(["a", "b", "c"], "b") == ["b", "a", "c"]  # a repeat moves to the front, once
+    (tmp_path / "here").mkdir()
+    assert still_there(["demo", "org/name", str(tmp_path / "gone"), str(tmp_path / "here")]) == [
+        "demo", "org/name", str(tmp_path / "here")]
+
+
+def test_open_recent_survives_a_restart_and_forgets_deleted_folders(qtbot, studio_settings, tmp_path):
+    import shutil
+
+    from dllm_studio.hub import DEMO_PATH
+    from ui.app import create_window
+    from ui.settings import Settings
+
+    first = create_window(None, studio_settings)
+    qtbot.addWidget(first)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        shutil.copytree(DEMO_PATH, folder)
+        with qtbot.waitSignal(first.session.busy_changed, timeout=30_000, check_params_cb=lambda busy, _t: not busy):
+            first.models.open(str(folder))
+    first.close()
+
+    second = create_window(None, Settings())  # a restart: new settings object and window, same settings file
+    qtbot.addWidget(second)
+
+    def entries():
+        second.recent_menu.aboutToShow.emit()
+        return [a.text() for a in second.recent_menu.actions() if not a.isSeparator()]
+
+    assert entries() == [str(folders[1]), str(folders[0]), "&Clear the list"]
+    shutil.rmtree(folders[1])
+    assert entries() == [str(folders[0]), "&Clear the list"]
+    with qtbot.waitSignal(second.models.loaded, timeout=30_000):  # the same path as opening it on the Models page
+        second.recent_menu.actions()[0].trigger()
+    assert second.session.model.path == folders[0]
+    qtbot.waitUntil(lambda: not second.session.busy)
+    second.recent_menu.actions()[-1].trigger()  # Clear
+    assert entries() == ["&Clear the list"] and not second.recent_menu.actions()[-1].isEnabled()
+    second.session.shutdown()
