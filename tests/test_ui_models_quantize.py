@@ -253,3 +253,12 @@ def test_a_model_needing_its_own_code_asks_without_cli_flags(qtbot, models_page,
     assert questions and "modeling_custom.py" in questions[0].text() and questions[0].text().endswith("Run it?")
     assert "--" not in questions[0].text()
     questions[0].close()
+
+
+def test_a_sequence_longer_than_the_context_is_explained_without_cli_flags(qtbot, quantize_page, session):
+    quantize_page.seq_len.setValue(session.model.context_length + 8)
+    with qtbot.waitSignal(session.job_failed, timeout=20_000) as failed:
+        quantize_page.start_button.click()
+    message = failed.args[1]
+    assert f"sequence length of {session.model.context_length + 8} tokens exceeds" in message
+    assert "--" not in message

@@ -89,7 +89,7 @@ def test_journey_quantize_chat_compare_export_reload(qtbot, window, tmp_path):
     rows = compared.args[0]
     assert {r["suite"] for r in rows} >= {"qa", "math", "code"}
 
-    # export, verified by reloading, then open the folder again as a variant
+    # export, verified by reloading, then open the folder again: it is the variant already open
     w.show_page("export")
     export = w.export
     out = tmp_path / "demo-gptq-w4"
@@ -98,9 +98,9 @@ def test_journey_quantize_chat_compare_export_reload(qtbot, window, tmp_path):
         export.export()
     report = exported.args[1]
     assert (out / "config.json").is_file() and report["max_abs_logit_diff"] == 0.0 and report["argmax_agrees"]
-    with qtbot.waitSignal(w.models.loaded, timeout=30_000):
-        w.models.open(str(out))
-    assert "demo-gptq-w4" in w.session.variants
+    w.models.open(str(out))  # the exported variant lives there now: selected, not opened a second time
+    assert list(w.session.variants) == [variant.name] and variant.folder == out and not w.session.busy
+    assert w.export.variant.currentText() == variant.name
 
 
 def test_shortcuts_quit_and_escape(qtbot, window):
