@@ -21,8 +21,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-# Set by the job that loads a model (`models.open_model`): called with (done, total) after each tensor
-# `load_into` assigns; it reports progress and raises `Cancelled` once the user cancels. A context variable,
+# Set by the job that loads a model (`models.open_model`): called with (done, total) as `load_into` reads
+# each tensor; it reports progress and raises `Cancelled` once the user cancels. A context variable,
 # because the families' loaders between that job and this loop take no callback.
 tensor_progress: ContextVar[Callable[[int, int], None] | None] = ContextVar("tensor_progress", default=None)
 

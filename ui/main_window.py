@@ -134,11 +134,11 @@ class MainWindow(QMainWindow):
     def _fill_recent(self) -> None:
         """The models opened before, most recent first; each opens as the Models page would open it."""
         self.recent_menu.clear()
-        for source in self.settings.recent_models():
+        recent = self.settings.recent_models()
+        for source in recent:
             self.recent_menu.addAction(source).triggered.connect(lambda _=False, s=source: self.models.open(s))
         self.recent_menu.addSeparator()
-        clear = self.recent_menu.addAction("&Clear the list", self.settings.clear_recent_models)
-        clear.setEnabled(bool(self.settings.recent_models()))
+        self.recent_menu.addAction("&Clear the list", self.settings.clear_recent_models).setEnabled(bool(recent))
 
     def show_page(self, name: str) -> None:
         self.sidebar.setCurrentRow(list(self.pages).index(name))
