@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -19,6 +20,11 @@ from dllm_studio.errors import ModelLoadError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+# Set by the job that loads a model (`models.open_model`): called with (done, total) as `load_into` reads
+# each tensor; it reports progress and raises `Cancelled` once the user cancels. A context variable,
+# because the families' loaders between that job and this loop take no callback.
+tensor_progress: ContextVar[Callable[[int, int], None] | None] = ContextVar("tensor_progress", default=None)
 
 
 def read_config(folder: Path) -> dict:
@@ -177,11 +183,15 @@ def load_into(module: torch.nn.Module, folder: Path, dtype: torch.dtype, *, shap
 
     For quantized checkpoints: `shapes` are the tensors' shapes once `convert(name, tensor)` (which may
     drop a tensor by returning None) has mapped them to the module's layout, and tensors for which
-    `keep_dtype(name)` holds keep their stored dtype (packed codes, fp16 scales).
+    `keep_dtype(name)` holds keep their stored dtype (packed codes, fp16 scales). `tensor_progress`, when set,
+    hears of every tensor read and may stop the load there.
     """
-    check_shapes(tensor_shapes(folder) if shapes is None else shapes,
-                 {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
-    for name, tensor in iter_tensors(folder):
+    stored = tensor_shapes(folder)
+    check_shapes(stored if shapes is None else shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
+    report = tensor_progress.get()
+    for done, (name, tensor) in enumerate(iter_tensors(folder), 1):
+        if report is not None:
+            report(done, len(stored))
         if convert is not None and (tensor := convert(name, tensor)) is None:
             continue
         if tensor.is_floating_point() and not (keep_dtype is not None and keep_dtype(name)):

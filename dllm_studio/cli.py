@@ -152,11 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     except DllmError as exc:
         if os.environ.get("DLLM_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(filter(None, (str(exc), cli_remedy(exc))))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def cli_remedy(error: DllmError) -> str | None:
+    """The flag that changes the outcome, for the errors whose remedy is a switch (the GUI names its own controls)."""
+    from dllm_studio.errors import FolderExistsError, InsufficientMemoryError, RemoteCodeRefusedError
+
+    if isinstance(error, FolderExistsError):
+        return "Choose another --out or pass --force to replace it."
+    if isinstance(error, InsufficientMemoryError):
+        return "Pass --no-memory-check to try anyway."
+    if isinstance(error, RemoteCodeRefusedError):
+        return "Pass --trust-remote-code to run it."
+    return None
 
 
 def open_desktop(argv: list[str] | None = None) -> int:
@@ -172,11 +185,16 @@ def open_desktop(argv: list[str] | None = None) -> int:
     return next(iter(faces)).load()(argv or [])
 
 
-def _load(args: argparse.Namespace, device: str | None = None):
+def _load(args: argparse.Namespace, device: str | None = None, stages: bool = True):
+    """Load MODEL as the flags say, printing a download's progress and, with `stages`, the loading stages."""
     from dllm_studio.models import load_model
 
+    def on_event(event: Event) -> None:
+        if stages or isinstance(event, DownloadProgress):
+            _print_progress(event)
+
     return load_model(args.model, dtype=args.dtype, device=device or args.device,
-                      trust_remote_code=args.trust_remote_code, on_event=_print_progress,
+                      trust_remote_code=args.trust_remote_code, on_event=on_event,
                       check_memory=not args.no_memory_check)
 
 
@@ -184,6 +202,10 @@ def _print_progress(event: Event) -> None:
     if isinstance(event, DownloadProgress):
         total = f"{event.total / 1e6:,.1f}" if event.total else "?"
         print(f"\rdownloading {event.repo_id}: {event.downloaded / 1e6:,.1f} / {total} MB", end="", file=sys.stderr)
+    elif isinstance(event, LoadProgress) and event.total:  # one line, redrawn per tensor on a terminal
+        if event.done == event.total or sys.stderr.isatty():
+            print(f"\r{event.stage} {event.done}/{event.total}", end="\n" if event.done == event.total else "",
+                  file=sys.stderr)
     elif isinstance(event, LoadProgress):
         print(event.stage, file=sys.stderr)
 
@@ -330,7 +352,7 @@ def _score(result) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dllm_studio import jobs
-    from dllm_studio.errors import ExportError
+    from dllm_studio.errors import FolderExistsError
     from dllm_studio.quant.export import save_quantized
     from dllm_studio.quant.pipeline import check_supported, quantize, working_set
     from dllm_studio.quant.recipe import QuantRecipe
@@ -343,9 +365,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          seq_len=args.seq_len, masked_calib=not args.no_masked_calib, skip=skip, seed=args.seed).validate()
     out = Path(args.out)
     if out.exists() and not args.force:
-        raise ExportError(f"{out} already exists; choose another --out or pass --force to replace it.")
+        raise FolderExistsError(out)
     profile_out = Path(args.profile_json) if args.profile_json else None
-    described = _load(args, device="meta")
+    described = _load(args, device="meta", stages=False)  # for the checks; the real load below says its stages
     check_supported(described)
     preflight(f"Quantizing {args.model}", working_set(described, recipe), args.device, force=args.no_memory_check)
     model = _load(args)

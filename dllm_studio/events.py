@@ -38,6 +38,15 @@ class LoadProgress(Event):
 
 
 @dataclass(frozen=True)
+class ExportProgress(Event):
+    """A step of writing a quantized folder: `stage` ("tensors", "files") with `done` of `total` finished."""
+
+    stage: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class Commit:
     """One position of the answer revealed in a denoising step."""
 

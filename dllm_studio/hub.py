@@ -41,7 +41,13 @@ def resolve(model: str, on_event: Callable[[Event], None] | None = None) -> Path
 
 
 def download(repo_id: str, on_event: Callable[[Event], None] | None = None) -> Path:
-    """Fetch `repo_id` into the HF cache, or use the cached copy when the hub is unreachable."""
+    """Fetch `repo_id` into the HF cache, or use the cached copy when the hub is unreachable.
+
+    `on_event` hears every chunk written and may stop the download by raising (`Cancelled`). That leaves the
+    cache usable: huggingface_hub writes each file to a temporary `.incomplete` file of its own and moves it
+    into the cache only once complete, deleting it on any error; files already finished stay and the next
+    download of the repository skips them.
+    """
     import huggingface_hub
     from huggingface_hub import errors
     from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError

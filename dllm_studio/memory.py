@@ -106,7 +106,7 @@ def preflight(what: str, needed: dict[str, int], device="cpu", *, force: bool = 
         where = "VRAM" if str(device).startswith("cuda") else "RAM"
         raise InsufficientMemoryError(
             f"{what} needs about {human(total)} ({parts}) but only {human(free)} of {where} is free; "
-            "close other programs, pick fewer bits or a smaller model, or pass --no-memory-check to try anyway.")
+            "close other programs, pick fewer bits or a smaller model.", total, free)
     return total
 
 

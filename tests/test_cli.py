@@ -168,3 +168,19 @@ def test_unreadable_weights_never_fall_back_to_pickle(tmp_path):
     folder = make_llada(tmp_path / "both", shards=1)
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 would run code")
     assert [f.name for f in weight_files(folder)] == ["model.safetensors"]
+
+
+def test_quantize_says_its_loading_stages_once(capsys, tmp_path):
+    # The recipe is checked against a description of the model first; only the real load reports.
+    code, _, err = run_cli(capsys, "quantize", "demo", "--method", "rtn", "--calib-samples", 2, "--seq-len", 32,
+                           "--out", tmp_path / "q")
+    assert code == 0
+    lines = err.splitlines()
+    assert lines.count("ready") == 1 and sum(line.startswith("loading llada weights") for line in lines) == 1
+    assert lines.count("reading weights 39/39") == 1  # not a terminal: only the finished count, once
+
+
+def test_cli_errors_name_the_flag_that_changes_the_outcome(capsys, tmp_path):
+    (tmp_path / "q").mkdir()
+    code, _, err = run_cli(capsys, "quantize", "demo", "--method", "rtn", "--out", tmp_path / "q")
+    assert code == 1 and err == f"error: {tmp_path / 'q'} already exists. Choose another --out or pass --force to replace it.\n"

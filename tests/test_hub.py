@@ -1,4 +1,4 @@
-"""MODEL -> local folder: the demo, folder paths, and hub ids through the Hugging Face cache, offline."""
+"""MODEL -> local folder: the demo, folder paths, and hub ids through the Hugging Face cache, offline; cancelling a load."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 from checkpoints import make_llada
 
-from dllm_studio import hub
-from dllm_studio.errors import ModelNotFoundError
-from dllm_studio.events import DownloadProgress
-from dllm_studio.models import load_model
+from dllm_studio import hub, jobs
+from dllm_studio.errors import Cancelled, ModelNotFoundError
+from dllm_studio.events import CancelToken, DownloadProgress
+from dllm_studio.models import WEIGHTS_STAGE, load_model, open_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -148,3 +149,46 @@ def test_progress_class_emits_byte_events() -> None:
     hub._progress_class("org/name", events.append)(total=3, unit="it").update(1)  # not bytes: silent
     hub._progress_class("org/name", None)(total=10, unit="B").update(5)  # no listener: just counts
     assert events == [DownloadProgress("org/name", 512, None), DownloadProgress("org/name", 1536, 2048)]
+
+
+# ---- cancelling ----------------------------------------------------------------------------------
+
+def cancel_at_first(stage: type | str, cancel: CancelToken, seen: list):
+    """An on_event that records every event and cancels at the first one of `stage` (an event type or a stage)."""
+    def on_event(event) -> None:
+        seen.append(event)
+        if isinstance(event, stage) if isinstance(stage, type) else getattr(event, "stage", None) == stage:
+            cancel.cancel()
+
+    return on_event
+
+
+def test_a_cancelled_load_stops_at_the_next_tensor_and_keeps_the_open_model(llada, llada_dir) -> None:
+    before = {name: tensor.clone() for name, tensor in llada.module.state_dict().items()}
+    cancel, seen = CancelToken(), []
+    with pytest.raises(Cancelled):
+        jobs.run(open_model(llada_dir, dtype="float32", cancel=cancel), cancel_at_first(WEIGHTS_STAGE, cancel, seen))
+    reads = [e for e in seen if e.stage == WEIGHTS_STAGE]
+    assert [e.done for e in reads] == [1] and reads[0].total > 1 and seen[-1] is reads[0]  # no "ready"
+    after = llada.module.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_cancelled_download_stops_at_the_next_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written, calls = [], []
+
+    def snapshot_download(repo_id, *, tqdm_class=None, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        bar = tqdm_class(total=400, initial=0, unit="B", desc="Reconstructing")
+        for _ in range(4):  # as huggingface_hub does: the bar hears of each chunk before it is written
+            bar.update(100)
+            written.append(100)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    cancel, seen = CancelToken(), []
+    with pytest.raises(Cancelled):
+        jobs.run(open_model("org/name", cancel=cancel), cancel_at_first(DownloadProgress, cancel, seen))
+    assert seen == [DownloadProgress("org/name", 100, 400)] and written == []
+    assert calls == [False]  # a cancel is no network failure: the cache is not tried instead

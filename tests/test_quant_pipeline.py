@@ -14,7 +14,7 @@ from dllm_studio.errors import Cancelled, ExportError, InsufficientMemoryError
 from dllm_studio.events import BlockQuantized, CancelToken, LayerQuantized, LayerStats, MemorySample
 from dllm_studio.memory import preflight
 from dllm_studio.models import load_model
-from dllm_studio.quant.export import VERIFY_MASKS, save_quantized, verify
+from dllm_studio.quant.export import VERIFY_MASKS, export, save_quantized, verify
 from dllm_studio.quant.pipeline import quantize
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
@@ -180,6 +180,38 @@ def test_export_refuses_an_existing_folder_and_survives_a_full_disk(llada, gptq_
         save_quantized(result.model, out, force=True)
     assert (out / "keep.txt").read_text() == "mine"  # the old folder is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # and no partial folder remains
+
+
+@pytest.mark.parametrize("fmt", ["native", "gptq"])
+@pytest.mark.parametrize("stage", ["tensors", "files", "reading weights"])  # the last: the check's reload
+def test_a_cancelled_export_leaves_nothing(gptq_w4, tmp_path, stage, fmt):
+    result, _ = gptq_w4
+    out, old = tmp_path / "q", tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    for target, force in ((out, False), (old, True)):
+        cancel, seen = CancelToken(), []
+
+        def cancel_at_first(event):
+            seen.append(event)
+            if event.stage == stage:
+                cancel.cancel()
+
+        with pytest.raises(Cancelled):
+            jobs.run(export(result.model, target, fmt=fmt, force=force, check=True, cancel=cancel), cancel_at_first)
+        assert sum(e.stage == stage for e in seen) == 1  # stopped at the next unit of work
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no folder, no temporary folder
+        assert [p.name for p in old.iterdir()] == ["keep.txt"]  # what it would have replaced is untouched
+
+
+def test_a_checked_export_reports_its_files_and_comparison(gptq_w4, tmp_path):
+    result, _ = gptq_w4
+    events = []
+    report = jobs.run(export(result.model, tmp_path / "q", check=True), events.append)
+    assert report["path"] == str(tmp_path / "q") and report["max_abs_logit_diff"] == 0.0
+    assert report["total_bytes"] == sum(p.stat().st_size for p in (tmp_path / "q").iterdir())
+    assert [e.stage for e in events if e.stage in ("tensors", "files")][-1] == "files"
+    assert [e.stage for e in events][-1] == "ready"  # the reload came last, before the rename
 
 
 def test_preflight_refuses_with_the_numbers():

@@ -12,6 +12,7 @@ import torch
 from checkpoints import REMOTE_CODE_MARKER, make_dream, make_llada
 
 from dllm_studio import jobs
+from dllm_studio.cli import main
 from dllm_studio.errors import ModelLoadError, RemoteCodeRefusedError
 from dllm_studio.models import load_model
 from dllm_studio.models.remote import RemoteCodeModel, model_logits
@@ -135,7 +136,7 @@ def _forget_remote_modules() -> None:
 
 # ---- consent ---------------------------------------------------------------------------------
 
-def test_refused_without_consent_and_no_code_runs(tmp_path: Path) -> None:
+def test_refused_without_consent_and_no_code_runs(tmp_path: Path, capsys) -> None:
     marker = tmp_path / "TINYDIFF_CODE_RAN"
     folder = make_tinydiff(tmp_path / "tinydiff", marker)
 
@@ -143,7 +144,9 @@ def test_refused_without_consent_and_no_code_runs(tmp_path: Path) -> None:
         load_model(folder)
     message = str(refused.value)
     assert "configuration_tinydiff.py" in message and "modeling_tinydiff.py" in message
-    assert "--trust-remote-code" in message
+    assert "--" not in message  # the engine names no face's switch; the CLI adds its flag:
+    assert main(["info", str(folder)]) == 1
+    assert "Pass --trust-remote-code" in capsys.readouterr().err
     assert not marker.exists()
 
 

@@ -248,3 +248,76 @@ def test_export_suggests_a_folder(export_page, variant):
     export_page.format.setCurrentIndex(export_page.format.findData("gptq"))
     assert export_page.path.text().endswith("rtn-w4-gptq")
     assert "vLLM" in export_page.format.itemData(1, 3)  # 3: Qt.ToolTipRole
+
+
+@pytest.fixture
+def models_page(open_page):
+    from ui.pages.models import ModelsPage
+
+    return open_page(ModelsPage)
+
+
+def hold_after_first_event(monkeypatch, module, name, pressed):
+    """Replace the job `module.name` with one that waits, after its first event, until the test has pressed
+    cancel: the worker would otherwise finish a demo-sized job before the GUI thread sees that event."""
+    real = getattr(module, name)
+
+    def held(*args, **kwargs):
+        job = real(*args, **kwargs)
+        yield next(job)
+        assert pressed.wait(30)
+        return (yield from job)
+
+    monkeypatch.setattr(module, name, held)
+
+
+def test_cancelling_an_export_keeps_nothing(qtbot, export_page, session, variant, tmp_path, monkeypatch):
+    import threading
+
+    import ui.pages.export
+
+    pressed = threading.Event()
+    hold_after_first_event(monkeypatch, ui.pages.export, "export", pressed)
+    out = tmp_path / "exports" / "model"
+    out.parent.mkdir()
+    export_page.path.setText(str(out))
+
+    def press_cancel(_event):
+        session.cancel()  # what Esc (MainWindow.stop) does
+        pressed.set()
+
+    with qtbot.waitSignal(session.busy_changed, timeout=TIMEOUT_MS, check_params_cb=lambda busy, _t: not busy):
+        export_page.export()
+        export_page.job.event.connect(press_cancel)
+    assert export_page.state.text() == "Cancelled; nothing was kept"
+    assert list(out.parent.iterdir()) == []  # no folder, no hidden temporary folder
+    assert variant.folder is None and not export_page.result_box.isVisibleTo(export_page)
+    assert export_page.export_button.isEnabled()
+
+
+def test_an_exported_variant_shows_its_folder_and_reopening_it_selects_it(qtbot, export_page, models_page, session,
+                                                                         variant, tmp_path):
+    def row():
+        return models_page.variant_list.item(0).text()
+
+    assert "in memory (export it to keep it)" in row()
+    out = tmp_path / "model"
+    export_to(qtbot, export_page, out, "native")
+    assert row().endswith(f" — {out}") and "in memory" not in row()  # the list follows the export
+
+    export_page.variant.setCurrentIndex(-1)
+    (tmp_path / "elsewhere").mkdir()
+    models_page.open(str(tmp_path / "elsewhere" / ".." / "model"))  # the same folder, spelled differently
+    assert not session.busy and list(session.variants) == ["RTN W4"]  # nothing loaded, no duplicate
+    assert export_page.variant.currentText() == "RTN W4" and models_page.variant_list.currentRow() == 0
+    assert "already open as the quantized variant RTN W4" in models_page.status.text()
+
+
+def test_export_over_an_existing_folder_names_the_replace_control(qtbot, export_page, session, variant, tmp_path):
+    (tmp_path / "model").mkdir()
+    export_page.path.setText(str(tmp_path / "model"))
+    with qtbot.waitSignal(session.job_failed, timeout=TIMEOUT_MS) as failed:
+        export_page.export()
+    message = failed.args[1]
+    assert f"\u201c{export_page.force.text()}\u201d" in message and "Replace if it exists" in message
+    assert "--" not in message

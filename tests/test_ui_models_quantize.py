@@ -227,6 +227,7 @@ def test_a_model_too_big_for_memory_shows_its_card_and_stays_closed(qtbot, model
         models_page.open("demo")
     assert session.model is opened  # nothing replaced
     assert "Not opened" in models_page.status.text() and "free" in models_page.status.text()
+    assert "--" not in models_page.status.text()  # no CLI flag; the card offers what fits instead
     table = models_page.memory_table
     assert [table.item(r, 2).text() for r in range(table.rowCount())] == ["won't fit"] * 5
 
@@ -270,3 +271,67 @@ def test_a_long_chart_title_is_elided_with_the_full_title_in_the_tooltip(qtbot, 
 
     chart.resize(900, 200)  # wide enough again: the whole title, the plain tooltip
     assert chart.plotItem.titleLabel.text == full and chart.toolTip() == chart.description
+
+
+def test_cancelling_an_open_keeps_the_model_that_was_open(qtbot, models_page, session, studio_settings, tmp_path,
+                                                           monkeypatch):
+    import shutil
+    import threading
+
+    import ui.pages.models
+    from dllm_studio.hub import DEMO_PATH
+
+    folder = tmp_path / "copy"
+    shutil.copytree(DEMO_PATH, folder)
+    real, pressed = ui.pages.models.open_model, threading.Event()
+
+    def held(*args, **kwargs):  # waits after its first event until cancel is pressed (the demo loads too fast)
+        job = real(*args, **kwargs)
+        yield next(job)
+        assert pressed.wait(30)
+        return (yield from job)
+
+    def press_cancel(_event):
+        session.cancel()  # what Esc (MainWindow.stop) does
+        pressed.set()
+
+    monkeypatch.setattr(ui.pages.models, "open_model", held)
+    opened = session.model
+    with qtbot.waitSignal(session.busy_changed, timeout=20_000, check_params_cb=lambda busy, _t: not busy):
+        models_page.open(str(folder))
+        session.job.event.connect(press_cancel)
+    assert session.model is opened and session.variants == {}
+    assert models_page.status.text() == "Cancelled; nothing was changed."
+    assert not models_page.progress.isVisible() and models_page.demo_button.isEnabled()
+    assert studio_settings.recent_models() == []
+
+
+def test_reopening_the_open_folder_selects_it(models_page, session):
+    from dllm_studio.hub import DEMO_PATH
+
+    models_page.open(str(DEMO_PATH))
+    assert not session.busy  # nothing loaded again
+    assert models_page.status.text() == f"{DEMO_PATH} is already open as the full-precision model."
+
+
+def test_a_model_needing_its_own_code_asks_without_cli_flags(qtbot, models_page, session, tmp_path):
+    from PySide6.QtWidgets import QApplication
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {"AutoModel": "modeling_custom.M"}}))
+    with qtbot.waitSignal(session.busy_changed, timeout=20_000, check_params_cb=lambda busy, _t: not busy):
+        models_page.open(str(folder))
+    questions = [w for w in QApplication.topLevelWidgets() if w.objectName() == "questionDialog" and w.isVisible()]
+    assert questions and "modeling_custom.py" in questions[0].text() and questions[0].text().endswith("Run it?")
+    assert "--" not in questions[0].text()
+    questions[0].close()
+
+
+def test_a_sequence_longer_than_the_context_is_explained_without_cli_flags(qtbot, quantize_page, session):
+    quantize_page.seq_len.setValue(session.model.context_length + 8)
+    with qtbot.waitSignal(session.job_failed, timeout=20_000) as failed:
+        quantize_page.start_button.click()
+    message = failed.args[1]
+    assert f"sequence length of {session.model.context_length + 8} tokens exceeds" in message
+    assert "--" not in message

@@ -99,7 +99,7 @@ def test_journey_quantize_chat_compare_export_reload(qtbot, window, tmp_path):
     rows = compared.args[0]
     assert {r["suite"] for r in rows} >= {"qa", "math", "code"}
 
-    # export, verified by reloading, then open the folder again as a variant
+    # export, verified by reloading, then open the folder again: it is the variant already open
     w.show_page("export")
     export = w.export
     out = tmp_path / "demo-gptq-w4"
@@ -108,9 +108,9 @@ def test_journey_quantize_chat_compare_export_reload(qtbot, window, tmp_path):
         export.export()
     report = exported.args[1]
     assert (out / "config.json").is_file() and report["max_abs_logit_diff"] == 0.0 and report["argmax_agrees"]
-    with qtbot.waitSignal(w.models.loaded, timeout=30_000):
-        w.models.open(str(out))
-    assert "demo-gptq-w4" in w.session.variants
+    w.models.open(str(out))  # the exported variant lives there now: selected, not opened a second time
+    assert list(w.session.variants) == [variant.name] and variant.folder == out and not w.session.busy
+    assert w.export.variant.currentText() == variant.name
 
 
 def test_shortcuts_quit_and_escape(qtbot, window):
@@ -223,3 +223,51 @@ def test_help_quick_start_explains_charts_colours_and_bands(qtbot, window):
     assert "negligible under 1%, moderate 1% to 4%, significant over 4%" in text and "not significant" in text
     w.quick_start_action.trigger()  # a second press raises the same window
     assert len(w.findChildren(QDialog, "quickStart")) == 1
+
+
+def test_recent_list_orders_dedupes_caps_and_prunes(tmp_path):
+    from ui.settings import remembered, still_there
+
+    recent = []
+    for source in ("demo", "org/name", "demo", *(f"/m{i}" for i in range(12))):
+        recent = remembered(recent, source)
+    assert recent == [f"/m{i}" for i in range(11, 1, -1)]  # most recent first, ten at most
+    assert remembered(["a", "b", "c"], "b") == ["b", "a", "c"]  # a repeat moves to the front, once
+    (tmp_path / "here").mkdir()
+    assert still_there(["demo", "org/name", str(tmp_path / "gone"), str(tmp_path / "here")]) == [
+        "demo", "org/name", str(tmp_path / "here")]
+
+
+def test_open_recent_survives_a_restart_and_forgets_deleted_folders(qtbot, studio_settings, tmp_path):
+    import shutil
+
+    from dllm_studio.hub import DEMO_PATH
+    from ui.app import create_window
+    from ui.settings import Settings
+
+    first = create_window(None, studio_settings)
+    qtbot.addWidget(first)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        shutil.copytree(DEMO_PATH, folder)
+        with qtbot.waitSignal(first.session.busy_changed, timeout=30_000, check_params_cb=lambda busy, _t: not busy):
+            first.models.open(str(folder))
+    first.close()
+
+    second = create_window(None, Settings())  # a restart: new settings object and window, same settings file
+    qtbot.addWidget(second)
+
+    def entries():
+        second.recent_menu.aboutToShow.emit()
+        return [a.text() for a in second.recent_menu.actions() if not a.isSeparator()]
+
+    assert entries() == [str(folders[1]), str(folders[0]), "&Clear the list"]
+    shutil.rmtree(folders[1])
+    assert entries() == [str(folders[0]), "&Clear the list"]
+    with qtbot.waitSignal(second.models.loaded, timeout=30_000):  # the same path as opening it on the Models page
+        second.recent_menu.actions()[0].trigger()
+    assert second.session.model.path == folders[0]
+    qtbot.waitUntil(lambda: not second.session.busy)
+    second.recent_menu.actions()[-1].trigger()  # Clear
+    assert entries() == ["&Clear the list"] and not second.recent_menu.actions()[-1].isEnabled()
+    second.session.shutdown()

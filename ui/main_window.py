@@ -112,6 +112,9 @@ class MainWindow(QMainWindow):
         file = bar.addMenu("&File")
         self._action(file, "&Open model folder…", self.models.choose_folder, [QKeySequence.StandardKey.Open])
         self._action(file, "Open the &demo model", lambda: self.models.open("demo"))
+        self.recent_menu = file.addMenu("Open &recent")
+        self.recent_menu.aboutToShow.connect(self._fill_recent)
+        self._fill_recent()
         file.addSeparator()
         self._action(file, "Open &conversation…", self.chat.choose_open_file)
         self._action(file, "&Save conversation…", self.chat.choose_save_file, [QKeySequence.StandardKey.Save])
@@ -143,6 +146,15 @@ class MainWindow(QMainWindow):
                                                [QKeySequence.StandardKey.HelpContents, "F1"],
                                                "What each page's charts, colours and verdicts mean")
         self._action(help_menu, "&About dLLM Studio", self._about)
+
+    def _fill_recent(self) -> None:
+        """The models opened before, most recent first; each opens as the Models page would open it."""
+        self.recent_menu.clear()
+        recent = self.settings.recent_models()
+        for source in recent:
+            self.recent_menu.addAction(source).triggered.connect(lambda _=False, s=source: self.models.open(s))
+        self.recent_menu.addSeparator()
+        self.recent_menu.addAction("&Clear the list", self.settings.clear_recent_models).setEnabled(bool(recent))
 
     def show_page(self, name: str) -> None:
         self.sidebar.setCurrentRow(list(self.pages).index(name))

@@ -34,7 +34,8 @@ def is_quantized(model: DiffusionLM) -> bool:
 
 class Session(QObject):
     model_changed = Signal()  # the full-precision model was (re)loaded
-    variants_changed = Signal()
+    variants_changed = Signal()  # one added, or one's folder became known
+    variant_selected = Signal(str)  # the user asked for this variant (e.g. by opening its folder again)
     busy_changed = Signal(bool, str)  # running?, the job's title
     job_failed = Signal(str, str)  # title, message
 
@@ -60,6 +61,21 @@ class Session(QObject):
         self.variants[name] = variant
         self.variants_changed.emit()
         return variant
+
+    def set_folder(self, variant: Variant, folder: Path) -> None:
+        """`variant` now lives in `folder` (it was exported there)."""
+        variant.folder = folder
+        self.variants_changed.emit()
+
+    def select_variant(self, variant: Variant) -> None:
+        self.variant_selected.emit(variant.name)
+
+    def holding(self, folder: Path) -> DiffusionLM | Variant | None:
+        """What is open from `folder` already (paths compared resolved): the full-precision model, a variant, or None."""
+        folder = folder.resolve()
+        if self.model is not None and Path(self.model.path).resolve() == folder:
+            return self.model
+        return next((v for v in self.variants.values() if v.folder is not None and v.folder.resolve() == folder), None)
 
     # ---- jobs ---------------------------------------------------------------------------------------
     @property

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from PySide6.QtCore import QSettings
 
 ORGANIZATION = "dLLM Studio"
@@ -22,7 +25,20 @@ DEFAULTS: dict[str, object] = {
     "quantize/calib_samples": 32,
     "quantize/masked_calib": True,
     "export/format": "native",
+    "recent/models": "[]",  # JSON list, most recent first (an INI file would turn a one-item list into a string)
 }
+
+RECENT_LIMIT = 10
+
+
+def remembered(recent: list[str], source: str, limit: int = RECENT_LIMIT) -> list[str]:
+    """`recent` with `source` moved to the front, at most `limit` long."""
+    return [source, *(r for r in recent if r != source)][:limit]
+
+
+def still_there(recent: list[str]) -> list[str]:
+    """`recent` without the folders that are gone; 'demo' and hub ids (never absolute paths) stay as they are."""
+    return [r for r in recent if not Path(r).is_absolute() or Path(r).is_dir()]
 
 
 class Settings:
@@ -43,6 +59,25 @@ class Settings:
         if key not in DEFAULTS:
             raise KeyError(key)
         self._store.setValue(key, value)
+
+    # models opened, for File > Open Recent: "demo", hub ids and absolute folder paths
+    def recent_models(self) -> list[str]:
+        """Most recent first; folders deleted since are dropped (and forgotten)."""
+        try:
+            stored = json.loads(self.get("recent/models"))
+        except ValueError:
+            stored = []
+        stored = [r for r in stored if isinstance(r, str)] if isinstance(stored, list) else []
+        recent = still_there(stored)
+        if recent != stored:
+            self.set("recent/models", json.dumps(recent))
+        return recent
+
+    def add_recent_model(self, source: str) -> None:
+        self.set("recent/models", json.dumps(remembered(self.recent_models(), source)))
+
+    def clear_recent_models(self) -> None:
+        self.set("recent/models", "[]")
 
     # window geometry and splitter states are opaque bytes
     def raw(self, key: str):

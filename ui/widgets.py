@@ -11,7 +11,7 @@ class VariantPicker(QComboBox):
     """The session's quantized variants, kept in step with it.
 
     The user's choice stays while that variant exists; otherwise the newest variant (the one most likely
-    just made) is offered. It refreshes before the page's own `variants_changed` handlers run, because it
+    just made) is offered. A variant the session selects (its folder opened again) becomes the choice. It refreshes before the page's own `variants_changed` handlers run, because it
     connects first.
     """
 
@@ -20,6 +20,7 @@ class VariantPicker(QComboBox):
         self.session = session
         self.setAccessibleName("Quantized variant")
         session.variants_changed.connect(self.refresh)
+        session.variant_selected.connect(self.setCurrentText)
         self.refresh()
 
     def refresh(self) -> None:

@@ -1,21 +1,27 @@
 """The model-family registry: config.json's `model_type` picks the family that loads a folder.
 
     model = load_model("demo" | "path/to/folder" | "org/name")
+    model = jobs.run(open_model(...), on_event)   # the same, as a cancellable job
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import torch
 
+from dllm_studio import jobs
 from dllm_studio.checkpoint import read_config
 from dllm_studio.errors import RemoteCodeRefusedError, UnsupportedModelError
-from dllm_studio.events import Event, LoadProgress
+from dllm_studio.events import CancelToken, Event, LoadProgress
 from dllm_studio.models.base import DiffusionLM, LinearLayer, ModelInfo
 
-__all__ = ["DiffusionLM", "LinearLayer", "ModelInfo", "MODEL_TYPES", "family_for", "load_model"]
+__all__ = ["DiffusionLM", "LinearLayer", "ModelInfo", "MODEL_TYPES", "family_for", "load_model", "open_model"]
+
+# LoadProgress stages: one per weight tensor read (done of total), and the last one.
+WEIGHTS_STAGE = "reading weights"
+READY_STAGE = "ready"
 
 
 # model_type (lower-cased; Dream's config says "Dream") -> the module and class of its family.
@@ -38,8 +44,6 @@ def _family(key: str) -> type[DiffusionLM]:
     return getattr(importlib.import_module(f"dllm_studio.models.{module}"), cls)
 
 
-
-
 def family_for(config: dict, folder: Path, trust_remote_code: bool = False) -> type[DiffusionLM]:
     model_type = str(config.get("model_type", "")).lower()
     if model_type in MODEL_TYPES:
@@ -51,7 +55,7 @@ def family_for(config: dict, folder: Path, trust_remote_code: bool = False) -> t
             files = sorted({str(v).split(".")[0] + ".py" for v in _flat(config["auto_map"])})
             raise RemoteCodeRefusedError(
                 f"{folder} (model_type {model_type!r}) needs the Python code in its folder ({', '.join(files)}) to run; "
-                "dLLM Studio runs it only if you agree: pass --trust-remote-code (trust_remote_code=True).")
+                "dLLM Studio runs it only if you agree.", folder, files)
         from dllm_studio.models.remote import RemoteCodeModel
 
         return RemoteCodeModel
@@ -60,17 +64,34 @@ def family_for(config: dict, folder: Path, trust_remote_code: bool = False) -> t
         f"{folder}: model_type {config.get('model_type')!r} is not a dLLM family dLLM Studio supports ({supported}).")
 
 
-def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               trust_remote_code: bool = False, on_event: Callable[[Event], None] | None = None,
-               check_memory: bool = True) -> DiffusionLM:
-    """Load `model` ("demo", a local folder or a hub id) as a ready-to-run DiffusionLM.
+def open_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               trust_remote_code: bool = False, check_memory: bool = True,
+               cancel: CancelToken | None = None) -> Generator[Event, None, DiffusionLM]:
+    """The job that loads `model` ("demo", a local folder or a hub id) as a ready-to-run DiffusionLM.
 
+    Yields DownloadProgress while a hub id downloads and LoadProgress per stage and per weight tensor. Once
+    `cancel` is set it stops at the next download chunk or tensor with `Cancelled`, and what it loaded is
+    dropped (a cancelled download keeps the files it finished in the hub cache; see `hub.download`).
     dtype "auto" keeps the checkpoint's own floating-point precision. Code from the model's folder
     runs only when `trust_remote_code` is True (and only for families without a native port).
     """
-    from dllm_studio import hub
+    # On a helper thread: the download and the families' loaders report from inside code that cannot yield.
+    return jobs.threaded(lambda emit: _load(model, dtype, device, trust_remote_code, check_memory, emit), cancel)
 
-    emit = on_event or (lambda event: None)
+
+def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               trust_remote_code: bool = False, on_event: Callable[[Event], None] | None = None,
+               check_memory: bool = True) -> DiffusionLM:
+    """`open_model` run to the end, each event handed to `on_event`."""
+    return jobs.run(open_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               check_memory=check_memory), on_event)
+
+
+def _load(model: str | Path, dtype: str | torch.dtype, device: str, trust_remote_code: bool, check_memory: bool,
+          emit: Callable[[Event], None]) -> DiffusionLM:
+    from dllm_studio import hub
+    from dllm_studio.checkpoint import tensor_progress
+
     folder = hub.resolve(str(model), emit)
     config = read_config(folder)
     family = family_for(config, folder, trust_remote_code)
@@ -83,14 +104,18 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: 
         # Refuse early, not mid-load.
         weights = load_bytes(folder, torch_dtype.itemsize)
         preflight(f"Loading {model}", {"weights": weights, "activations and buffers": int(weights * ACTIVATION_SHARE)}, device)
-    loaded = family.load(folder, source=str(model), dtype=torch_dtype, device=torch.device(device))
+    reporting = tensor_progress.set(lambda done, total: emit(LoadProgress(WEIGHTS_STAGE, done, total)))
+    try:
+        loaded = family.load(folder, source=str(model), dtype=torch_dtype, device=torch.device(device))
+    finally:
+        tensor_progress.reset(reporting)
     if config.get("quantization_config") and (folder / "recipe.json").is_file():
         import json
 
         from dllm_studio.quant.recipe import QuantRecipe
 
         loaded.quantization = QuantRecipe.from_dict(json.loads((folder / "recipe.json").read_text()))
-    emit(LoadProgress("ready"))
+    emit(LoadProgress(READY_STAGE))
     return loaded
 
 

@@ -47,10 +47,11 @@ def calibration_batch(model: DiffusionLM, recipe: QuantRecipe) -> tuple[torch.Te
     stream = builtin_token_stream(model) if recipe.calib == "builtin" else file_token_stream(model, Path(recipe.calib))
     n, length = recipe.calib_samples, recipe.seq_len
     if len(stream) < length:
-        raise QuantizationError(f"The calibration text has {len(stream)} tokens; one sequence of "
-                                f"--seq-len {length} needs at least that many (use a longer file or a shorter --seq-len).")
+        raise QuantizationError(f"The calibration text has {len(stream)} tokens; one sequence of {length} tokens "
+                                "needs at least that many (use a longer file or a shorter sequence length).")
     if length > model.context_length:
-        raise QuantizationError(f"--seq-len {length} exceeds the model's context of {model.context_length} tokens.")
+        raise QuantizationError(f"A sequence length of {length} tokens exceeds the model's context of "
+                                f"{model.context_length} tokens.")
     gen = torch.Generator().manual_seed(recipe.seed)
     tokens = torch.tensor(stream)
     starts = torch.randint(0, len(stream) - length + 1, (n,), generator=gen)
@@ -59,7 +60,7 @@ def calibration_batch(model: DiffusionLM, recipe: QuantRecipe) -> tuple[torch.Te
     if recipe.masked_calib:
         if model.mask_token_id is None:
             raise QuantizationError(f"{model.family} has no mask token, so masked calibration cannot apply; "
-                                    "pass --no-masked-calib to calibrate on clean text.")
+                                    "turn masked calibration off to calibrate on clean text.")
         ratios = (torch.randperm(n, generator=gen) + torch.rand(n, generator=gen)) / n
         masked = torch.rand(n, length, generator=gen) < ratios[:, None]
         ids = torch.where(masked, model.mask_token_id, ids)

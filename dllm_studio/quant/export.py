@@ -8,8 +8,8 @@
     DIR/README.md            a model card: method, bits, sizes, scores when known
 
 Everything goes to a hidden sibling folder first and is renamed into place at the end, so a full
-disk or a crash never leaves a half-written model under DIR; an existing DIR is replaced only with
-`force`, and only once the new folder is complete.
+disk, a crash or a cancel never leaves a half-written model under DIR; an existing DIR is replaced only
+with `force`, and only once the new folder is complete (and, when checked, reloaded and compared).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
 
-from dllm_studio.errors import ExportError
+from dllm_studio import jobs
+from dllm_studio.errors import ExportError, FolderExistsError
+from dllm_studio.events import CancelToken, Event, ExportProgress
 from dllm_studio.memory import quantized_sizes
 from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant.qlinear import QuantLinear
@@ -34,45 +37,81 @@ NOT_COPIED = {"config.json", "README.md", "recipe.json", "profile.json", "traini
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
 
 
-def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
-                   profile: dict | None = None, scores: dict | None = None) -> Path:
-    """Write `model` (a quantization result) to `out`; returns the folder."""
+def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
+           profile: dict | None = None, scores: dict | None = None, check: bool = False,
+           cancel: CancelToken | None = None) -> Generator[Event, None, dict]:
+    """The job that writes `model` (a quantization result) to `out`; yields ExportProgress per tensor and file.
+
+    With `check`, the written folder is reloaded and compared with `model` (see `verify`) before it is moved
+    into place. Once `cancel` is set it stops at the next tensor, file or reloaded tensor with `Cancelled`,
+    and nothing is left: no `out`, no temporary folder, an existing `out` untouched. Returns the folder's
+    path, format, files [(name, bytes)] and total bytes, and with `check` the comparison's report.
+    """
     from safetensors.torch import save_file
 
     recipe = getattr(model, "quantization", None)
     if recipe is None:
-        raise ExportError(f"{model.source} is not quantized; quantize it first (dllm-studio quantize).")
+        raise ExportError(f"{model.source} is not quantized; quantize it first.")
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     out = Path(out)
     if out.exists() and not force:
-        raise ExportError(f"{out} already exists; choose another --out or pass --force to replace it.")
+        raise FolderExistsError(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder.")
-    state = gptq_state(model) if fmt == "gptq" else _unique(model.module.state_dict())
     config = {**model.config, "quantization_config": gptq_config(recipe) if fmt == "gptq" else model.config["quantization_config"]}
     # The unquantized tensors are stored at the dtype the model ran at, so "auto" reloads it as it was.
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "torch_dtype":
             config[key] = str(model.dtype).removeprefix("torch.")
+    copied = [source for source in sorted(Path(model.path).iterdir())
+              if source.is_file() and source.name not in NOT_COPIED and not source.name.endswith(WEIGHT_SUFFIXES)]
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        state = {}
+        tensors = gptq_state(model) if fmt == "gptq" else _unique(model.module.state_dict())
+        for done, (name, tensor) in enumerate(tensors.items(), 1):
+            _check(cancel)
+            state[name] = tensor.detach().contiguous().cpu()  # the copy off an accelerator happens here
+            yield ExportProgress("tensors", done, len(tensors))
         tmp.mkdir(parents=True)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for source in sorted(Path(model.path).iterdir()):
-            if source.is_file() and source.name not in NOT_COPIED and not source.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(source, tmp / source.name)
-        (tmp / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        (tmp / "profile.json").write_text(json.dumps(profile or {}, indent=1) + "\n")
-        (tmp / "README.md").write_text(model_card(model, fmt, profile or {}, scores))
+        del state
+        written = {"config.json": json.dumps(config, indent=2) + "\n",
+                   "recipe.json": json.dumps(recipe.to_dict(), indent=2) + "\n",
+                   "profile.json": json.dumps(profile or {}, indent=1) + "\n",
+                   "README.md": model_card(model, fmt, profile or {}, scores)}
+        for done, item in enumerate([*written.items(), *copied], 1):
+            _check(cancel)
+            if isinstance(item, Path):
+                shutil.copy2(item, tmp / item.name)
+            else:
+                (tmp / item[0]).write_text(item[1])
+            yield ExportProgress("files", done, len(written) + len(copied))
+        report = (yield from verification(model, tmp, cancel)) if check else {}
+        _check(cancel)
         _replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise ExportError(f"Could not write {out}: {reason}; nothing was written there.") from None
-    return out
+    except BaseException:  # cancelled, interrupted or closed early: keep nothing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
+    return {"path": str(out), "format": fmt, "files": files, "total_bytes": sum(size for _, size in files), **report}
+
+
+def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
+                   profile: dict | None = None, scores: dict | None = None) -> Path:
+    """`export` run to the end, without the check; returns the folder."""
+    return Path(jobs.run(export(model, out, fmt=fmt, force=force, profile=profile, scores=scores))["path"])
+
+
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()
 
 
 def read_profile(folder: str | Path) -> dict:
@@ -89,20 +128,26 @@ VERIFY_PROMPT = [{"role": "user", "content": "What is 2 plus 3?"}]
 VERIFY_MASKS = 16  # a masked answer span, as the model sees its input while denoising
 
 
-@torch.inference_mode()
 def verify(model: DiffusionLM, folder: str | Path) -> dict:
-    """Reload `folder` and compare its logits with `model`'s on a chat prompt followed by masked positions.
+    """`verification` run to the end."""
+    return jobs.run(verification(model, folder))
+
+
+def verification(model: DiffusionLM, folder: str | Path, cancel: CancelToken | None = None) -> Generator[Event, None, dict]:
+    """The job that reloads `folder` (yielding its LoadProgress) and compares its logits with `model`'s on a chat
+    prompt followed by masked positions.
 
     A folder that loads but answers differently is worse than no folder; this is the check that it does not.
     """
-    from dllm_studio.models import load_model
+    from dllm_studio.models import open_model
 
-    reloaded = load_model(folder, device=str(model.device))
+    reloaded = yield from open_model(folder, device=str(model.device), cancel=cancel)
     ids = model.chat_ids(VERIFY_PROMPT)
     if model.mask_token_id is not None:
         ids += [model.mask_token_id] * VERIFY_MASKS
     x = torch.tensor([ids])
-    a, b = model.forward(x).float().cpu(), reloaded.forward(x).float().cpu()
+    with torch.inference_mode():
+        a, b = model.forward(x).float().cpu(), reloaded.forward(x).float().cpu()
     disagree = int((a.argmax(-1) != b.argmax(-1)).sum())
     return {"max_abs_logit_diff": float((a - b).abs().max()), "argmax_agrees": disagree == 0,
             "argmax_disagreements": disagree, "positions": len(ids)}
@@ -119,13 +164,13 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, each stored once (safetensors refuses shared storage)."""
+    """Each tensor once (safetensors refuses shared storage); `export` makes them contiguous on the CPU."""
     seen, unique = set(), {}
     for name, tensor in state.items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if key not in seen:
             seen.add(key)
-            unique[name] = tensor.detach().contiguous().cpu()
+            unique[name] = tensor
     return unique
 
 

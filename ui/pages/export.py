@@ -1,8 +1,8 @@
 """Export: write a quantized variant to a folder, then prove the folder holds the same model.
 
-The engine writes atomically (a hidden sibling folder renamed into place), so a failed export leaves
-nothing behind; the page then reloads the folder and compares its logits with the in-memory variant's
-on a fixed prompt, because a folder that loads but answers differently is worse than no folder.
+The engine writes atomically (a hidden sibling folder renamed into place), so a failed or cancelled export
+leaves nothing behind; before the rename it reloads the folder and compares its logits with the in-memory
+variant's on a fixed prompt, because a folder that loads but answers differently is worse than no folder.
 """
 
 from __future__ import annotations
@@ -15,21 +15,25 @@ from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
+from dllm_studio.errors import ExportError, FolderExistsError
+from dllm_studio.events import ExportProgress, LoadProgress
 from dllm_studio.memory import human
-from dllm_studio.quant.export import VERIFY_MASKS, save_quantized, verify
+from dllm_studio.models import WEIGHTS_STAGE
+from dllm_studio.quant.export import VERIFY_MASKS, export
 from dllm_studio.quant.recipe import FORMATS
 from ui.dialogs import show_error
 from ui.paths import models_dir
 from ui.session import Session, Variant
 from ui.theme import BAD, GOOD
 from ui.widgets import VariantPicker
+from ui.workers import stream
 
 FORMAT_HELP = {
     "native": "dLLM Studio's packed format; reloads in dLLM Studio.",
     "gptq": "The GPTQ v1 layout (int32 qweight/qzeros, fp16 scales, g_idx) that transformers, GPTQModel "
             "and vLLM read.",
 }
-STAGES = ("Writing…", "Reloading and comparing outputs…")
+PHASES = {"tensors": "Writing tensors", "files": "Writing files", WEIGHTS_STAGE: "Reloading to compare outputs"}
 
 
 def slug(name: str) -> str:
@@ -73,7 +77,7 @@ class ExportPage(QWidget):
         self.force.setToolTip("The old folder is replaced only once the new one is completely written.")
         self.export_button = QPushButton("&Export", objectName="exportRun")
         self.hint = QLabel(wordWrap=True, objectName="exportHint")
-        self.progress = QProgressBar(objectName="exportProgress", textVisible=True, maximum=len(STAGES))
+        self.progress = QProgressBar(objectName="exportProgress", textVisible=True)
         self.progress.setFormat("")
         self.progress.setValue(0)
         self.state = QLabel("Ready", objectName="exportState")
@@ -132,7 +136,7 @@ class ExportPage(QWidget):
         self.browse_button.clicked.connect(self._browse)
         self.export_button.clicked.connect(self.export)
         self.open_button.clicked.connect(self._open_folder)
-        session.variants_changed.connect(self._suggest_path)
+        session.variants_changed.connect(self._update_controls)  # a new current variant suggests its own path
         session.busy_changed.connect(self._update_controls)
         self._format_changed()  # suggests the first path too
 
@@ -186,28 +190,30 @@ class ExportPage(QWidget):
         out, fmt, force = Path(self.path.text().strip()).expanduser().absolute(), self.fmt, self.force.isChecked()
         profile = {"summary": variant.summary, "layers": variant.layers}
 
-        def work(emit, cancel) -> dict:
-            emit(STAGES[0])
-            save_quantized(variant.model, out, fmt=fmt, force=force, profile=profile)
-            emit(STAGES[1])  # reloading and comparing outputs are one engine call
-            report = verify(variant.model, out)
-            files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
-            return {"path": str(out), "format": fmt, "files": files, "total_bytes": sum(size for _, size in files),
-                    **report}
+        replace = self.force.text()
+
+        def job(cancel):
+            try:
+                return (yield from export(variant.model, out, fmt=fmt, force=force, profile=profile, check=True,
+                                          cancel=cancel))
+            except FolderExistsError as exists:  # the engine's message names no control; this page has one
+                raise ExportError(f"{exists} Choose another folder, or tick \u201c{replace}\u201d to replace it.") from None
 
         self.result_box.hide()
         self.state.setText("Exporting…")
-        self.job = self.session.start(f"Exporting {variant.name}", work, on_event=self._on_stage,
+        self.job = self.session.start(f"Exporting {variant.name}", stream(job), on_event=self._on_progress,
                                       on_done=lambda report: self._on_done(variant, report),
                                       on_failed=lambda message: self._ended("Export failed"),
-                                      on_cancelled=lambda: self._ended("Cancelled"))
+                                      on_cancelled=lambda: self._ended("Cancelled; nothing was kept"))
 
-    def _on_stage(self, stage: str) -> None:
-        self.progress.setValue(STAGES.index(stage))
-        self.progress.setFormat(stage)
+    def _on_progress(self, event) -> None:
+        if isinstance(event, (ExportProgress, LoadProgress)) and event.total:
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+            self.progress.setFormat(f"{PHASES.get(event.stage, event.stage)}: %v of %m")
 
     def _on_done(self, variant: Variant, report: dict) -> None:
-        variant.folder = Path(report["path"])
+        self.session.set_folder(variant, Path(report["path"]))
         text, color = verdict(report)
         self.folder_label.setText(report["path"])
         self.size_label.setText(human(report["total_bytes"]))

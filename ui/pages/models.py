@@ -12,12 +12,14 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
 
 from dllm_studio.errors import InsufficientMemoryError, RemoteCodeRefusedError
 from dllm_studio.events import DownloadProgress, LoadProgress
+from dllm_studio.hub import DEMO_NAME
 from dllm_studio.memory import ACTIVATION_SHARE, HEADROOM, available_bytes, fit, human
-from dllm_studio.models import DiffusionLM, load_model
+from dllm_studio.models import DiffusionLM, open_model
 from dllm_studio.quant.export import read_profile
 from ui.dialogs import ask
 from ui.session import Session, Variant, is_quantized
 from ui.theme import FIT_COLORS
+from ui.workers import stream
 
 
 class ModelsPage(QWidget):
@@ -100,24 +102,43 @@ class ModelsPage(QWidget):
             self.open(folder)
 
     def open(self, source: str, trust_remote_code: bool = False) -> None:
-        """Load `source` ("demo", a folder or a hub id) on a worker; a quantized folder becomes a variant."""
+        """Load `source` ("demo", a folder or a hub id) on a worker; a quantized folder becomes a variant.
+
+        A folder already open (as the full-precision model or a variant) is selected, not loaded twice.
+        """
         if not source or self.session.busy:
             return
+        folder = Path(source).expanduser()
+        if source != DEMO_NAME and folder.is_dir() and (held := self.session.holding(folder)) is not None:
+            self._select(held)
+            self.settings.add_recent_model(str(folder.resolve()))
+            return
 
-        def work(emit, cancel):
+        def job(cancel):
             try:
-                return load_model(source, on_event=emit, trust_remote_code=trust_remote_code)
+                return (yield from open_model(source, trust_remote_code=trust_remote_code, cancel=cancel))
             except RemoteCodeRefusedError as refused:  # not a failure yet: the user decides
                 return refused
             except InsufficientMemoryError as too_big:  # still worth a card: what it is, what would fit
-                described = load_model(source, device="meta", trust_remote_code=trust_remote_code)
+                described = yield from open_model(source, device="meta", trust_remote_code=trust_remote_code,
+                                                  cancel=cancel)
                 return too_big, described
 
         self.progress.setRange(0, 0)
+        self.progress.setFormat("")
         self.progress.setVisible(True)
         self.status.setText(f"Opening {source}…")
-        self.session.start(f"Opening {source}", work, on_event=self._on_event,
-                           on_done=lambda result: self._opened(source, result), on_failed=self._failed)
+        self.session.start(f"Opening {source}", stream(job), on_event=self._on_event,
+                           on_done=lambda result: self._opened(source, result), on_failed=self._failed,
+                           on_cancelled=self._cancelled)
+
+    def _select(self, held) -> None:
+        if isinstance(held, Variant):
+            self.session.select_variant(held)
+            self.variant_list.setCurrentRow(list(self.session.variants).index(held.name))
+            self.status.setText(f"{held.folder} is already open as the quantized variant {held.name}; it is selected.")
+        else:
+            self.status.setText(f"{held.path} is already open as the full-precision model.")
 
     def _on_event(self, event) -> None:
         if isinstance(event, DownloadProgress):
@@ -126,6 +147,10 @@ class ModelsPage(QWidget):
                 self.progress.setValue(int(1000 * event.downloaded / event.total))
             self.progress.setFormat(f"downloading {human(event.downloaded)}"
                                     + (f" of {human(event.total)}" if event.total else ""))
+        elif isinstance(event, LoadProgress) and event.total:
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+            self.progress.setFormat(f"{event.stage}: %v of %m tensors")
         elif isinstance(event, LoadProgress):
             self.status.setText(event.stage)
 
@@ -143,6 +168,9 @@ class ModelsPage(QWidget):
             self.status.setText(f"<b>Not opened:</b> {error}<br>Its card is shown: pick a bit-width that fits.")
             return
         model: DiffusionLM = result
+        # Folders are remembered by their full path, so Open Recent finds them from any working directory.
+        local = source != DEMO_NAME and Path(source).expanduser().is_dir()
+        self.settings.add_recent_model(str(Path(model.path).resolve()) if local else source)
         if is_quantized(model):
             folder = Path(model.path)
             profile = read_profile(folder)  # what the quantizer measured, carried into a re-export
@@ -153,6 +181,10 @@ class ModelsPage(QWidget):
             self.session.set_model(model)
             self.status.setText(f"Opened {source}.")
         self.loaded.emit(model)
+
+    def _cancelled(self) -> None:
+        self.progress.setVisible(False)
+        self.status.setText("Cancelled; nothing was changed.")
 
     def _failed(self, message: str) -> None:
         self.progress.setVisible(False)
