@@ -66,7 +66,7 @@ def test_compare_rows_match_direct_evaluation(qtbot, compare, session, variant, 
         assert (row["weight_bytes_fp"], row["weight_bytes_q"]) == (demo_model.weight_bytes(), variant.model.weight_bytes())
         stats = compare_results(fp, q)
         assert (row["verdict"], row["p_value"], row["relative_drop"]) == (stats.verdict, stats.p_value, stats.drop)
-        assert compare.table.item(rows.index(row), VERDICT_COLUMN).text() == stats.verdict
+        assert shown(compare, rows.index(row), VERDICT_COLUMN) == stats.verdict
         if metric == "accuracy":  # Wilson intervals around both accuracies
             assert (row["fp_low"], row["fp_high"]) == stats.fp_interval and row["fp_low"] <= row["fp"] <= row["fp_high"]
         else:
@@ -103,6 +103,24 @@ def fake_evaluations(monkeypatch, fp_model, fp_correct, q_correct):
     monkeypatch.setattr("ui.pages.compare.evaluate", evaluate)
 
 
+def shown(compare, row: int, column: int) -> str:
+    """A cell's text as read, whatever lines it is broken into."""
+    return " ".join(compare.table.item(row, column).text().split())
+
+
+def test_the_table_fits_a_1024_pixel_window_unscrolled(qtbot, monkeypatch, compare, variant, demo_model):
+    fake_evaluations(monkeypatch, demo_model, [True] * 20, [True] * 17 + [False] * 3)
+    choose(compare, "qa", limit=20)
+    compare.resize(860, 600)  # the page's width in a 1024-pixel window, beside the sidebar
+    compare.show()
+    with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS):
+        compare.run()
+    table = compare.table
+    qtbot.waitUntil(lambda: table.horizontalHeader().length() > 0, timeout=5_000)
+    assert table.horizontalHeader().length() <= table.viewport().width()  # every column visible, no scrolling
+    assert shown(compare, 0, 3) == "85.0 % (64.0–94.8)"
+
+
 def test_one_flipped_item_is_not_significant(qtbot, monkeypatch, compare, variant, demo_model, tmp_path):
     from ui.pages.compare import DROP_COLUMN, VERDICT_COLUMN
 
@@ -114,11 +132,11 @@ def test_one_flipped_item_is_not_significant(qtbot, monkeypatch, compare, varian
     assert row["relative_drop"] == pytest.approx(0.2) and row["p_value"] == 1.0  # exact McNemar, b = 1, c = 0
     assert row["band"] == "" and row["verdict"] == "not significant at n = 5"
     verdict = compare.table.item(0, VERDICT_COLUMN)
-    assert verdict.text() == "not significant at n = 5"
+    assert shown(compare, 0, VERDICT_COLUMN) == "not significant at n = 5"
     assert verdict.background().style() == Qt.BrushStyle.NoBrush  # no band colour for what the items cannot show
-    change = compare.table.item(0, DROP_COLUMN).text()
+    change = shown(compare, 0, DROP_COLUMN)
     assert change.startswith("\u221220.0 % (\u2212") and "+" in change  # the interval straddles no change
-    assert compare.table.item(0, 3).text() == "80.0 % (37.6–96.4)"  # Wilson 4/5
+    assert shown(compare, 0, 3) == "80.0 % (37.6–96.4)"  # Wilson 4/5
     assert "exact McNemar" in verdict.toolTip() and "p = 1" in verdict.toolTip()
 
     out = tmp_path / "compare.csv"
@@ -225,6 +243,7 @@ def test_export_writes_and_verifies(qtbot, export_page, session, variant, studio
     assert studio_settings.get("export/format") == fmt
     assert export_page.result_box.isVisibleTo(export_page)
     assert export_page.verified.text() == "Verified: reloaded model gives identical outputs"
+    assert export_page.progress.value() == export_page.progress.maximum() > 0  # a finished export reads full
 
 
 def test_export_refuses_existing_folder_without_force(qtbot, export_page, session, variant, tmp_path):
@@ -290,6 +309,7 @@ def test_cancelling_an_export_keeps_nothing(qtbot, export_page, session, variant
         export_page.export()
         export_page.job.event.connect(press_cancel)
     assert export_page.state.text() == "Cancelled; nothing was kept"
+    assert export_page.progress.value() == 0  # a stopped export does not read as done
     assert list(out.parent.iterdir()) == []  # no folder, no hidden temporary folder
     assert variant.folder is None and not export_page.result_box.isVisibleTo(export_page)
     assert export_page.export_button.isEnabled()

@@ -266,7 +266,9 @@ def test_a_long_chart_title_is_elided_with_the_full_title_in_the_tooltip(qtbot, 
     chart.set_profile("model.transformer.blocks.0.attn_out", [1.0, 2.0, 30.0])
     shown = chart.plotItem.titleLabel.text
     assert shown.endswith("…") and full.startswith(shown[:-1]) and len(shown) < len(full)
-    assert chart.plotItem.titleLabel.item.boundingRect().width() <= chart.width()  # it fits, nothing clipped
+    qtbot.waitUntil(lambda: chart.plotItem.titleLabel.item.sceneBoundingRect().width() > 0, timeout=5_000)
+    title = chart.plotItem.titleLabel.item.sceneBoundingRect()  # where the text is drawn, in widget pixels
+    assert 0 <= title.left() and title.right() <= chart.width()  # all of it on the chart: nothing clipped
     assert chart.toolTip().startswith(full) and chart.description in chart.toolTip()
 
     chart.resize(900, 200)  # wide enough again: the whole title, the plain tooltip

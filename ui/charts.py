@@ -26,6 +26,11 @@ class _Chart(pg.PlotWidget):
     def __init__(self, title: str, x_label: str, y_label: str, description: str, parent=None) -> None:
         super().__init__(parent)
         self.setMinimumHeight(150)
+        # pyqtgraph centres the title over the plot column alone, so a title elided to the chart's width still
+        # ran past its right edge; spanning the axis columns too gives it the width it is elided to.
+        layout, label = self.plotItem.layout, self.plotItem.titleLabel
+        layout.removeItem(label)
+        layout.addItem(label, 0, 0, 1, layout.columnCount())
         self.description = description
         self.setLabel("bottom", x_label)
         self.setLabel("left", y_label)

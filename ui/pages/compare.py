@@ -81,7 +81,7 @@ def _score(row: dict, which: str) -> str:
         return "—"
     if row["metric"] == "nll_per_token":
         return f"{value:.3f} nats/token"
-    return f"{100 * value:.1f} % ({100 * row[which + '_low']:.1f}–{100 * row[which + '_high']:.1f})"
+    return f"{100 * value:.1f} %\n({100 * row[which + '_low']:.1f}–{100 * row[which + '_high']:.1f})"
 
 
 def _ms(value: float | None) -> str:
@@ -94,7 +94,7 @@ def _change_text(row: dict) -> str:
         return "n/a"
     text = f"{0.0 - 100 * row['relative_drop']:+.1f} %"
     if row["drop_low"] is not None:  # the change's interval is the drop's, mirrored
-        text += f" ({0.0 - 100 * row['drop_high']:+.1f} to {0.0 - 100 * row['drop_low']:+.1f})"
+        text += f"\n({0.0 - 100 * row['drop_high']:+.1f} to {0.0 - 100 * row['drop_low']:+.1f})"
     return text.replace("-", MINUS)
 
 
@@ -172,6 +172,7 @@ class ComparePage(QWidget):
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setAccessibleName("Comparison results")
         self.chart = GroupedBars("Accuracy per suite", "accuracy (%)",
                                  "Share of items answered correctly, full precision (blue) beside quantized "
@@ -326,9 +327,10 @@ class ComparePage(QWidget):
     # ---- results ----------------------------------------------------------------------------------
     def _add_row(self, row: dict) -> None:
         self.rows.append(row)
+        # Two lines a cell (value, then its interval or baseline): the table fits a 1024-pixel window unscrolled.
         cells = (row["suite"], str(row["items"]), _score(row, "fp"), _score(row, "q"), _change_text(row),
-                 row["verdict"], _ms(row["ms_per_step_fp"]), _ms(row["ms_per_step_q"]),
-                 size_change(row["weight_bytes_fp"], row["weight_bytes_q"], self._held))
+                 row["verdict"].replace(" at n", "\nat n"), _ms(row["ms_per_step_fp"]), _ms(row["ms_per_step_q"]),
+                 size_change(row["weight_bytes_fp"], row["weight_bytes_q"], self._held).replace(" → ", " →\n"))
         r = self.table.rowCount()
         self.table.insertRow(r)
         for column, text in enumerate(cells):

@@ -223,14 +223,15 @@ class ExportPage(QWidget):
         self.verified.setText(text)
         self.verified.setStyleSheet(f"color: {color}; font-weight: bold")
         self.result_box.show()
-        self._ended(f"Exported ({report['format']})")
+        self._ended(f"Exported ({report['format']})", complete=True)
         self.exported.emit(report["path"], report)
 
-    def _ended(self, state: str) -> None:
+    def _ended(self, state: str, complete: bool = False) -> None:
         self.job = None
         self.state.setText(state)
-        self.progress.setValue(0)  # the bar is for an export in progress; the label says how it ended
-        self.progress.setFormat("")
+        self.progress.setRange(0, 1)  # full when the export completed, empty when it stopped; the label says how
+        self.progress.setValue(1 if complete else 0)
+        self.progress.setFormat("done" if complete else "")
         self._update_controls()
 
     def _open_folder(self) -> None:
