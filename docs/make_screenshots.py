@@ -71,6 +71,9 @@ def main() -> int:
     wait(lambda: window.session.model is not None and not window.session.busy)
     OUT.mkdir(exist_ok=True)
     shoot(window, "models", suffix)
+    window.show_quick_start()
+    shoot(window._quick_start, "quick-start", suffix)
+    window._quick_start.close()
 
     window.show_page("quantize")
     q = window.quantize
