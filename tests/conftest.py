@@ -75,10 +75,7 @@ def open_page(qtbot, session, studio_settings):
 
 @pytest.fixture
 def session(qtbot, demo_model):
-    """A studio session holding the demo model; waits for any job a test leaves running."""
-    from ui.session import Session
+    """A studio session holding the demo model."""
+    from qt_helpers import studio_session
 
-    s = Session()
-    s.set_model(demo_model)
-    yield s
-    s.shutdown()
+    yield from studio_session(demo_model)

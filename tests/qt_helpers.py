@@ -16,3 +16,13 @@ def shortcut_owners(window) -> dict[str, list[str]]:
         for key in action.shortcuts():
             owners.setdefault(key.toString(QKeySequence.SequenceFormat.PortableText), []).append(action.text())
     return owners
+
+
+def studio_session(model):
+    """A studio session holding `model`, for a fixture to yield; waits for any job a test leaves running."""
+    from ui.session import Session
+
+    s = Session()
+    s.set_model(model)
+    yield s
+    s.shutdown()

@@ -6,13 +6,13 @@ import pytest
 from PySide6.QtCore import QRect, Qt
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import QWidget
-from qt_helpers import error_dialogs
+from qt_helpers import error_dialogs, studio_session
 
 from dllm_studio import jobs
 from dllm_studio.cli import main as cli
 from dllm_studio.sampling import GenerationConfig
 from ui.pages.chat import BLANK_PROMPT, NO_TEXT, QUEUED, SINGLE_TURN, ChatPage
-from ui.session import Session, Variant
+from ui.session import Variant
 
 pytestmark = pytest.mark.gui
 
@@ -44,10 +44,7 @@ def engine_answer(model, messages, **sampler):
 @pytest.fixture
 def llada_session(qtbot, llada):
     """A session on the tiny LLaDA, a multi-turn model (its config does not say single_turn)."""
-    s = Session()
-    s.set_model(llada)
-    yield s
-    s.shutdown()
+    yield from studio_session(llada)
 
 
 def test_send_animates_both_panes_in_turn_and_matches_the_engine(qtbot, session, studio_settings, demo_rtn4):
