@@ -30,7 +30,7 @@ from dllm_studio.memory import quantized_sizes
 from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import FORMATS
-from dllm_studio.quant.storage import to_gptq
+from dllm_studio.quant.storage import gptq_checkpoint_format, to_gptq
 
 NOT_COPIED = {"config.json", "README.md", "recipe.json", "profile.json", "training.json", "eval.json",
               "recipe_search.json"}
@@ -175,22 +175,22 @@ def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def gptq_state(model: DiffusionLM) -> dict[str, torch.Tensor]:
-    state = {}
+    state, layout = {}, gptq_checkpoint_format(model.quantization.symmetric)
     quantized = {name: m for name, m in model.module.named_modules() if isinstance(m, QuantLinear)}
     for name, tensor in _unique(model.module.state_dict()).items():
         if name.rpartition(".")[0] not in quantized:
             state[name] = tensor
     for name, layer in quantized.items():
         try:
-            state.update({f"{name}.{k}": v.contiguous().cpu() for k, v in to_gptq(layer).items()})
+            state.update({f"{name}.{k}": v.contiguous().cpu() for k, v in to_gptq(layer, layout).items()})
         except ValueError as exc:
             raise ExportError(f"{name} cannot be written in the GPTQ format: {exc}.") from None
     return state
 
 
 def gptq_config(recipe) -> dict:
-    return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": recipe.wbits,
-            "group_size": recipe.group_size or -1, "desc_act": recipe.act_order, "sym": recipe.symmetric,
+    return {"quant_method": "gptq", "checkpoint_format": gptq_checkpoint_format(recipe.symmetric),
+            "bits": recipe.wbits, "group_size": recipe.group_size or -1, "desc_act": recipe.act_order, "sym": recipe.symmetric,
             "damp_percent": recipe.damp, "true_sequential": True, "static_groups": False,
             "quantizer": f"dllm-studio ({recipe.method})"}
 
@@ -198,11 +198,12 @@ def gptq_config(recipe) -> dict:
 def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None) -> str:
     recipe = model.quantization
     summary = profile.get("summary", {})
+    layout = f"GPTQ ({gptq_checkpoint_format(recipe.symmetric)}) checkpoint" if fmt == "gptq" else "dLLM Studio packed"
     lines = [f"# {Path(str(model.source)).name} — {recipe.label}", "",
              f"Quantized by dLLM Studio from `{model.source}` ({model.family}) with {recipe.method.upper()}, "
              f"{recipe.wbits}-bit weights, {'per-channel' if not recipe.group_size else f'group size {recipe.group_size}'}, "
              f"{'symmetric' if recipe.symmetric else 'asymmetric'}; stored in the "
-             f"{'GPTQ (v1) checkpoint' if fmt == 'gptq' else 'dLLM Studio packed'} format.", ""]
+             f"{layout} format.", ""]
     if summary:
         lines += [f"- {line}" for line in quantized_sizes(summary, model.dtype)]
         lines += [f"- bits per quantized weight: {summary['bits_per_weight']} (bf16: 16)", ""]

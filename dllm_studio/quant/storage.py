@@ -4,13 +4,12 @@ Native (`quant_method: "dllm_studio"`): each quantized linear's `QuantLinear` bu
 in memory (uint8 codes packed along the input dimension, fp16 scales, packed zero points, g_idx only
 with act-order); every other tensor as the original model had it.
 
-GPTQ (`quant_method: "gptq"`, `checkpoint_format: "gptq"`), the layout transformers, GPTQModel, vLLM
-and SGLang read: `qweight` int32 (in * bits / 32, out) packed along the input dimension, `qzeros`
-int32 (groups, out * bits / 32) holding zero - 1 (the v1 convention) packed along the output
-dimension, `scales` fp16 (groups, out) and `g_idx` int32 (in,). Both pack one little-endian bit
-stream (see `packing`), so converting between them is a transpose and a reinterpretation of bytes.
-A group whose weights are all >= 0 has zero point 0, which v1 stores as -1; that wraps to 2^bits - 1,
-as GPTQ's own packer writes it.
+GPTQ (`quant_method: "gptq"`), the layout transformers, GPTQModel, vLLM and SGLang read: `qweight` int32
+(in * bits / 32, out) packed along the input dimension, `qzeros` int32 (groups, out * bits / 32) packed along
+the output dimension, `scales` fp16 (groups, out) and `g_idx` int32 (in,). Both pack one little-endian bit
+stream (see `packing`), so converting between them is a transpose and a reinterpretation of bytes. The
+`checkpoint_format` decides what a `qzeros` field holds: zero - 1 in v1 (`"gptq"`), the zero point itself in
+v2 (`"gptq_v2"`); `gptq_checkpoint_format` says which one an export is written in, and why.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from dllm_studio.quant.packing import pack, packed_size, unpack
 from dllm_studio.quant.qlinear import QuantLinear
 
 QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
+# What each GPTQ layout subtracts from a zero point before packing it.
+GPTQ_ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 
 
 def quant_format(qconfig: dict) -> str:
@@ -30,9 +31,9 @@ def quant_format(qconfig: dict) -> str:
     if method == "dllm_studio":
         return "native"
     if method == "gptq":
-        if str(qconfig.get("checkpoint_format", "gptq")).lower() != "gptq":
-            raise ModelLoadError(f"GPTQ checkpoint format {qconfig.get('checkpoint_format')!r} is not supported "
-                                 "(only the v1 'gptq' layout).")
+        if _checkpoint_format(qconfig) not in GPTQ_ZERO_OFFSETS:
+            raise ModelLoadError(f"GPTQ checkpoint format {_checkpoint_format(qconfig)!r} is not supported "
+                                 "(only the 'gptq' (v1) and 'gptq_v2' layouts).")
         return "gptq"
     raise ModelLoadError(f"quantization method {qconfig.get('quant_method')!r} in config.json is not one dLLM "
                          "Studio reads (it reads its own checkpoints and the GPTQ format).")
@@ -66,15 +67,36 @@ def keeps_dtype(module: nn.Module, name: str) -> bool:
 
 # ---- GPTQ format ---------------------------------------------------------------------------------
 
-def to_gptq(layer: QuantLinear) -> dict[str, torch.Tensor]:
-    """The layer's tensors in the GPTQ v1 layout (names relative to the layer)."""
+def gptq_checkpoint_format(symmetric: bool) -> str:
+    """The GPTQ layout an export is written in: v1 (`"gptq"`) for a symmetric grid, v2 (`"gptq_v2"`) for an
+    asymmetric one, so that every reader decodes exactly the zero points we store.
+
+    v1 stores zero - 1, so an asymmetric group whose weights are all >= 0 (zero point 0) has no v1 encoding:
+    written as 2^b - 1, transformers + optimum + gptqmodel convert v1 to v2 with one add per int32 word
+    (0x11111111 at 4 bits), and the carry changes the neighbouring output channel's zero point; a per-field + 1
+    reader gets 2^b; and GPTQModel.load refuses asymmetric v1 from any producer but itself
+    (quantization-runtimes.md §8). v2 stores the zero point as is; optimum hands `checkpoint_format` to
+    gptqmodel, which skips the conversion for `gptq_v2`, and GPTQModel.load asks for exactly that (§8).
+    Keeping v1 with every zero point >= 1 instead would mean quantizing asymmetric grids differently for
+    this one export format, chosen only after quantization, and v1 asymmetric would still be refused by
+    GPTQModel. A symmetric grid's zero point is 2^(b-1) >= 1, which v1 holds exactly and every GPTQ reader,
+    including v1-only ones, decodes as stored (§8).
+    """
+    return "gptq" if symmetric else "gptq_v2"
+
+
+def to_gptq(layer: QuantLinear, checkpoint_format: str) -> dict[str, torch.Tensor]:
+    """The layer's tensors in a GPTQ layout (`GPTQ_ZERO_OFFSETS`; names relative to the layer)."""
     bits = layer.bits
     if layer.in_features * bits % 32 or layer.out_features * bits % 32:
         raise ValueError(f"GPTQ packing needs in/out features whose bit count divides into 32-bit words "
                          f"({layer.in_features}x{layer.out_features} at {bits} bits)")
     qweight = layer.qweight.contiguous().view(torch.int32).T.contiguous()  # same bit stream, int32 words
-    zeros_v1 = (layer.zeros().T.to(torch.int32) - 1) & ((1 << bits) - 1)
-    qzeros = pack(zeros_v1, bits).contiguous().view(torch.int32)
+    stored = layer.zeros().T.to(torch.int32) - GPTQ_ZERO_OFFSETS[checkpoint_format]
+    if (stored < 0).any():  # would wrap to 2^bits - 1, which readers decode as another zero point
+        raise ValueError("a zero point 0 has no encoding in the GPTQ v1 layout (it stores zero - 1); "
+                         "write the gptq_v2 layout")
+    qzeros = pack(stored, bits).contiguous().view(torch.int32)
     tensors = {"qweight": qweight, "qzeros": qzeros, "scales": layer.scales.T.contiguous(),
                "g_idx": layer.column_groups().to(torch.int32)}
     if layer.bias is not None:
@@ -110,10 +132,17 @@ def from_gptq(name: str, tensor: torch.Tensor, qconfig: dict) -> torch.Tensor | 
         return tensor.T.contiguous().view(torch.uint8)
     if attr == "qzeros":
         out_features = tensor.shape[1] * 32 // bits
-        zeros = (unpack(tensor.contiguous().view(torch.uint8), bits, out_features).to(torch.int32) + 1) & ((1 << bits) - 1)
+        stored = unpack(tensor.contiguous().view(torch.uint8), bits, out_features).to(torch.int32)
+        # Wrapping per field (never carrying) also reads back the 2^bits - 1 that v1 writers store for zero 0.
+        zeros = (stored + GPTQ_ZERO_OFFSETS[_checkpoint_format(qconfig)]) & ((1 << bits) - 1)
         return pack(zeros.T.contiguous().reshape(-1), bits)
     if attr == "scales":
         return tensor.T.contiguous()
     if attr == "g_idx" and not desc_act:
         return None
     return tensor
+
+
+def _checkpoint_format(qconfig: dict) -> str:
+    """The GPTQ layout a config declares (`format` is transformers' newer name for it; v1 when absent)."""
+    return str(qconfig.get("checkpoint_format") or qconfig.get("format") or "gptq").lower()
