@@ -314,6 +314,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = []
     for suite in suites:
         results.append(jobs.run(evaluate(model, suite, overrides, args.limit), _print_eval_progress))
+        for skipped in results[-1].skipped:
+            print(f"skipped item {skipped.id}: {skipped.reason}", file=sys.stderr)
         if out is not None:  # after every suite, so an interrupted run keeps what it finished
             _write_json(out, {"model": args.model, "split": args.split, "overrides": overrides, "threads": args.threads,
                               "suites": [r.to_dict() for r in results]})
@@ -333,8 +335,8 @@ def _print_eval_progress(event: Event) -> None:
 
 
 def _print_eval_table(results: list) -> None:
-    header = ("suite", "items", "score", "ms/step", "passes/answer", "s/answer", "peak RSS")
-    rows = [header] + [(r.suite, str(r.items), _score(r), "-" if r.ms_per_step is None else f"{r.ms_per_step:.1f}",
+    header = ("suite", "items", "skipped", "score", "ms/step", "passes/answer", "s/answer", "peak RSS")
+    rows = [header] + [(r.suite, str(r.items), str(len(r.skipped)), _score(r), "-" if r.ms_per_step is None else f"{r.ms_per_step:.1f}",
                         f"{r.forward_passes_per_item:.1f}", f"{r.wall_time_per_item_s:.2f}", human(r.peak_rss_bytes))
                        for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -395,18 +397,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write `data` to `path` atomically: a temporary file in the same folder, then os.replace."""
-    from dllm_studio.errors import InvalidSettingsError
+    """Write `data` to `path` as indented JSON, all or nothing (`files.atomic_write_text`)."""
+    from dllm_studio.files import atomic_write_text
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InvalidSettingsError(f"Cannot write {path} ({exc.strerror or exc}).") from None
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,7 @@ class FolderExistsError(ExportError):
     def __init__(self, path: Path) -> None:
         super().__init__(f"{path} already exists.")
         self.path = Path(path)
+
+
+class WriteError(DllmError):
+    """A file cannot be written (full disk, no permission, read-only place); nothing half-written is left."""

@@ -125,6 +125,7 @@ class ScriptedModel:
     family = "scripted"
     mask_token_id = None
     shift_logits = False
+    context_length = 4096
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
@@ -195,8 +196,8 @@ def test_cli_eval_suite_path_writes_json(capsys, llada_dir, suite_files, tmp_pat
     assert [l.split()[:3] for l in err.splitlines() if l.startswith("qa ")] == [
         ["qa", "1/3", "qa-1:"], ["qa", "2/3", "qa-2:"], ["qa", "3/3", "qa-3:"]]
     header, row = out.splitlines()
-    assert header.split() == ["suite", "items", "score", "ms/step", "passes/answer", "s/answer", "peak", "RSS"]
-    assert row.split()[:3] == ["qa", "3", "acc"] and row.split()[5] == "16.0"
+    assert header.split() == ["suite", "items", "skipped", "score", "ms/step", "passes/answer", "s/answer", "peak", "RSS"]
+    assert row.split()[:4] == ["qa", "3", "0", "acc"] and row.split()[6] == "16.0"
     data = json.loads(out_file.read_text())
     assert data["model"] == str(llada_dir) and data["overrides"] == {} and len(data["suites"]) == 1
     qa = data["suites"][0]

@@ -53,6 +53,12 @@ class ItemRecord:
 
 
 @dataclass
+class SkippedItem:
+    id: str
+    reason: str  # e.g. "prompt of 300 tokens + gen_length 32 exceeds context 256"
+
+
+@dataclass
 class EvalResult:
     suite: str
     path: str
@@ -66,6 +72,7 @@ class EvalResult:
     wall_time_s: float
     settings: dict | None  # the GenerationConfig used; for text only the seed matters
     records: list[ItemRecord] = field(default_factory=list)
+    skipped: list[SkippedItem] = field(default_factory=list)  # not answered; `items` counts the rest
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,26 +105,50 @@ def evaluate(model: DiffusionLM, suite: Suite | str | Path, config_overrides: di
         suite = load_suite(suite)
     if limit is not None and limit < 1:
         raise InvalidSettingsError(f"limit must be at least 1, not {limit}.")
-    items = suite.items[:limit]
     config = suite_config(suite.name, config_overrides)
     start = time.perf_counter()
+    items, skipped = _fitting(model, suite, suite.items[:limit], config)
+    if not items:
+        raise InvalidSettingsError(f"No item of {suite.path} fits the model's context: {skipped[0].reason} "
+                                   f"(item {skipped[0].id}), and so on for all {len(skipped)}.")
     records: list[ItemRecord] = []
-    for item in items:
+    for item, prompt_ids in items:
         if cancel is not None:
             cancel.check()
         if suite.name == "text":
             records.append(_text_item(model, item, config.seed + len(records)))
         else:
-            records.append(_answer_item(model, suite.name, item, config, cancel))
+            records.append(_answer_item(model, suite.name, item, prompt_ids, config, cancel))
         yield _progress(suite.name, records, len(items))
-    return _summary(suite, records, config, time.perf_counter() - start)
+    result = _summary(suite, records, config, time.perf_counter() - start)
+    result.skipped = skipped
+    return result
+
+
+def _fitting(model: DiffusionLM, suite: Suite, items: tuple[dict, ...], config: GenerationConfig
+             ) -> tuple[list[tuple[dict, list[int] | None]], list[SkippedItem]]:
+    """The items whose prompt and answer fit the model's context, with their prompt ids, and the rest.
+
+    One over-long item should not cost the whole run, so it is set aside with the reason. Text items always
+    fit: their likelihood is scored on as much of the sentence as the context holds.
+    """
+    if suite.name == "text":
+        return [(item, None) for item in items], []
+    fitting, skipped = [], []
+    for item in items:
+        prompt_ids = model.chat_ids([{"role": "user", "content": item["prompt"]}])
+        if len(prompt_ids) + config.gen_length > model.context_length:
+            skipped.append(SkippedItem(item["id"], f"prompt of {len(prompt_ids)} tokens + gen_length "
+                                                   f"{config.gen_length} exceeds context {model.context_length}"))
+        else:
+            fitting.append((item, prompt_ids))
+    return fitting, skipped
 
 
 # ---- answering --------------------------------------------------------------------------------------
 
-def _answer_item(model: DiffusionLM, suite: str, item: dict, config: GenerationConfig,
+def _answer_item(model: DiffusionLM, suite: str, item: dict, prompt_ids: list[int], config: GenerationConfig,
                  cancel: CancelToken | None) -> ItemRecord:
-    prompt_ids = model.chat_ids([{"role": "user", "content": item["prompt"]}])
     result = jobs.run(model.denoise(prompt_ids, config, cancel))
     correct, reason = judge(suite, result.text, item)
     return ItemRecord(item["id"], item["prompt"], item["answer"], result.text, correct, reason,

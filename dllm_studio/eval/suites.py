@@ -133,6 +133,37 @@ def _check_suite_specifics(where: str, item: dict) -> None:
         for test in item["tests"]:
             if not isinstance(test, str) or not test.strip():
                 raise SuiteError(f"{where}: every entry of 'tests' must be a non-empty string, found {test!r}.")
+            _check_compiles(where, item, "test", test)
+        _check_compiles(where, item, "reference answer", item["answer"])
+        if item["entry_point"] not in _top_level_names(item["answer"]):
+            raise SuiteError(f"{where}: item {item['id']!r}: the reference answer defines no "
+                             f"{item['entry_point']!r} (its entry_point).")
+
+
+def _check_compiles(where: str, item: dict, what: str, source: str) -> None:
+    """A test (or reference answer) that is not Python would score every answer as wrong: refuse it here."""
+    try:
+        compile(source, f"{item['id']} {what}", "exec")
+    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte in the source
+        detail = f"{exc.msg} at its line {exc.lineno}" if isinstance(exc, SyntaxError) else str(exc)
+        raise SuiteError(f"{where}: item {item['id']!r} has a {what} that is not valid Python "
+                         f"({detail}): {source.strip()!r}.") from None
+
+
+def _top_level_names(source: str) -> set[str]:
+    """Names a module binds at its top level by def, class, assignment or import."""
+    import ast
+
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
 
 
 _TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",

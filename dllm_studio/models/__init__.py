@@ -104,19 +104,57 @@ def _load(model: str | Path, dtype: str | torch.dtype, device: str, trust_remote
         # Refuse early, not mid-load.
         weights = load_bytes(folder, torch_dtype.itemsize)
         preflight(f"Loading {model}", {"weights": weights, "activations and buffers": int(weights * ACTIVATION_SHARE)}, device)
+    recipe = read_recipe(folder) if config.get("quantization_config") else None  # refused before the weights load
     reporting = tensor_progress.set(lambda done, total: emit(LoadProgress(WEIGHTS_STAGE, done, total)))
     try:
         loaded = family.load(folder, source=str(model), dtype=torch_dtype, device=torch.device(device))
     finally:
         tensor_progress.reset(reporting)
-    if config.get("quantization_config") and (folder / "recipe.json").is_file():
-        import json
-
-        from dllm_studio.quant.recipe import QuantRecipe
-
-        loaded.quantization = QuantRecipe.from_dict(json.loads((folder / "recipe.json").read_text()))
+    if recipe is not None:
+        loaded.quantization = recipe
     emit(LoadProgress(READY_STAGE))
     return loaded
+
+
+def read_recipe(folder: Path):
+    """The QuantRecipe in a quantized folder's recipe.json, or None when there is none (a peer's export).
+
+    The file only describes how the folder was made, but a broken one is refused, naming the file and the
+    setting, rather than failing somewhere later.
+    """
+    import json
+
+    from dllm_studio.errors import DllmError, ModelLoadError
+    from dllm_studio.quant.recipe import QuantRecipe
+
+    path = folder / "recipe.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object of recipe settings, not {type(raw).__name__}.")
+    for name, kinds in _RECIPE_TYPES.items():
+        value = raw.get(name)
+        if name in raw and not (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+                                and (name != "skip" or all(isinstance(v, str) for v in value))):
+            raise ModelLoadError(f"{path}: setting {name!r} has the invalid value {value!r}.")
+    try:
+        return QuantRecipe.from_dict(raw).validate()
+    except DllmError as exc:
+        raise ModelLoadError(f"{path} is not a valid recipe: {exc}") from None
+
+
+# recipe.json setting -> the JSON types it may hold (bool is refused where a number is meant).
+_RECIPE_TYPES = {"method": (str,), "wbits": (int,), "abits": (int,), "group_size": (int, type(None)),
+                 "symmetric": (bool,), "act_order": (bool,), "damp": (int, float), "calib": (str,),
+                 "calib_samples": (int,), "seq_len": (int,), "masked_calib": (bool,), "skip": (list,), "seed": (int,)}
 
 
 def _dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:

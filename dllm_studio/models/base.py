@@ -118,7 +118,8 @@ class DiffusionLM:
 
         own = getattr(self.tokenizer, "chat_template", None)
         template = self.chat_template if (self.override_chat_template or not own) else None
-        return render_chat(self.tokenizer, messages, template)
+        source = None if template is None else f"dLLM Studio's {self.family} template"
+        return render_chat(self.tokenizer, messages, template, source)
 
     @property
     def single_turn(self) -> bool:

@@ -14,7 +14,6 @@ with `force`, and only once the new folder is complete (and, when checked, reloa
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import torch
 from dllm_studio import jobs
 from dllm_studio.errors import ExportError, FolderExistsError
 from dllm_studio.events import CancelToken, Event, ExportProgress
+from dllm_studio.files import writing
 from dllm_studio.memory import quantized_sizes
 from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant.qlinear import QuantLinear
@@ -69,34 +69,31 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        state = {}
-        tensors = gptq_state(model) if fmt == "gptq" else _unique(model.module.state_dict())
-        for done, (name, tensor) in enumerate(tensors.items(), 1):
+        with writing(out, ExportError, after="; nothing was written there"):
+            state = {}
+            tensors = gptq_state(model) if fmt == "gptq" else _unique(model.module.state_dict())
+            for done, (name, tensor) in enumerate(tensors.items(), 1):
+                _check(cancel)
+                state[name] = tensor.detach().contiguous().cpu()  # the copy off an accelerator happens here
+                yield ExportProgress("tensors", done, len(tensors))
+            tmp.mkdir(parents=True)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            del state
+            written = {"config.json": json.dumps(config, indent=2) + "\n",
+                       "recipe.json": json.dumps(recipe.to_dict(), indent=2) + "\n",
+                       "profile.json": json.dumps(profile or {}, indent=1) + "\n",
+                       "README.md": model_card(model, fmt, profile or {}, scores)}
+            for done, item in enumerate([*written.items(), *copied], 1):
+                _check(cancel)
+                if isinstance(item, Path):
+                    shutil.copy2(item, tmp / item.name)
+                else:
+                    (tmp / item[0]).write_text(item[1], encoding="utf-8")
+                yield ExportProgress("files", done, len(written) + len(copied))
+            report = (yield from verification(model, tmp, cancel)) if check else {}
             _check(cancel)
-            state[name] = tensor.detach().contiguous().cpu()  # the copy off an accelerator happens here
-            yield ExportProgress("tensors", done, len(tensors))
-        tmp.mkdir(parents=True)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del state
-        written = {"config.json": json.dumps(config, indent=2) + "\n",
-                   "recipe.json": json.dumps(recipe.to_dict(), indent=2) + "\n",
-                   "profile.json": json.dumps(profile or {}, indent=1) + "\n",
-                   "README.md": model_card(model, fmt, profile or {}, scores)}
-        for done, item in enumerate([*written.items(), *copied], 1):
-            _check(cancel)
-            if isinstance(item, Path):
-                shutil.copy2(item, tmp / item.name)
-            else:
-                (tmp / item[0]).write_text(item[1])
-            yield ExportProgress("files", done, len(written) + len(copied))
-        report = (yield from verification(model, tmp, cancel)) if check else {}
-        _check(cancel)
-        _replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise ExportError(f"Could not write {out}: {reason}; nothing was written there.") from None
-    except BaseException:  # cancelled, interrupted or closed early: keep nothing
+            _replace(tmp, out)
+    except BaseException:  # a full disk, a cancel, an interruption, a bug, an early close: keep nothing
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
@@ -159,7 +156,11 @@ def _replace(tmp: Path, out: Path) -> None:
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # the existing folder stays as it was
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -26,6 +26,25 @@ QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
 GPTQ_ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 
 
+STORED_BITS = (2, 3, 4, 8)
+
+
+def check_qconfig(qconfig: object) -> None:
+    """Refuse a `quantization_config` whose numbers no layer can be built from, naming the field."""
+    where = "config.json: quantization_config"
+    if not isinstance(qconfig, dict):
+        raise ModelLoadError(f"{where} must be an object, not {type(qconfig).__name__}.")
+    bits, group = qconfig.get("bits"), qconfig.get("group_size", -1)
+    if type(bits) is not int or bits not in STORED_BITS:
+        raise ModelLoadError(f"{where}.bits is {bits!r}; quantized weights have "
+                             f"{', '.join(map(str, STORED_BITS))} bits.")
+    if type(group) is not int or not (group == -1 or group > 0):
+        raise ModelLoadError(f"{where}.group_size is {group!r}; it must be a positive number of columns, "
+                             "or -1 for one group per output channel.")
+    if not isinstance(qconfig.get("desc_act", False), bool):
+        raise ModelLoadError(f"{where}.desc_act is {qconfig['desc_act']!r}, not true or false.")
+
+
 def quant_format(qconfig: dict) -> str:
     method = str(qconfig.get("quant_method", "")).lower()
     if method == "dllm_studio":
@@ -41,6 +60,7 @@ def quant_format(qconfig: dict) -> str:
 
 def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int, ...]]) -> None:
     """Replace every nn.Linear whose checkpoint holds a `qweight` by an empty QuantLinear of the right shape."""
+    check_qconfig(qconfig)
     fmt = quant_format(qconfig)
     bits = int(qconfig["bits"])
     group = int(qconfig.get("group_size", -1))

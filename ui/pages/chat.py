@@ -11,8 +11,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +20,9 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayo
                                QPlainTextEdit, QPushButton, QSlider, QSpinBox, QSplitter, QTextBrowser, QVBoxLayout,
                                QWidget)
 
-from dllm_studio.errors import DllmError, InvalidSettingsError
+from dllm_studio.errors import DllmError, InvalidSettingsError, WriteError
 from dllm_studio.events import Commit, DenoiseStep
+from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import human, peak_rss_bytes
 from dllm_studio.sampling import REMASKING, GenerationConfig, check_prompt
 from ui.dialogs import show_error
@@ -655,7 +654,7 @@ class ChatPage(QWidget):
         self._update_buttons()
 
     def save_conversation(self, path) -> bool:
-        """Write both conversations as JSON, atomically: a temporary file in the same folder, then a rename."""
+        """Write both conversations as JSON, all or nothing (`files.atomic_write_text`)."""
         path = Path(path)
         data = {"version": FORMAT_VERSION,
                 "model": self.session.model.source if self.session.model is not None else None,
@@ -663,16 +662,9 @@ class ChatPage(QWidget):
                 "sampler": self._sampler_values(),
                 "panes": {pane.key: [turn.to_dict() for turn in pane.turns] for pane in self.panes}}
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(data, f, ensure_ascii=False)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except OSError as exc:
-            show_error(self, "Could not save the conversation", f"{path}: {exc.strerror or exc}")
+            atomic_write_text(path, json.dumps(data, ensure_ascii=False))
+        except WriteError as exc:
+            show_error(self, "Could not save the conversation", str(exc))
             return False
         return True
 

@@ -10,7 +10,7 @@ and gives the 95 % intervals this page shows.
 from __future__ import annotations
 
 import csv
-import os
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +22,13 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, Q
                                QVBoxLayout, QWidget)
 
 from dllm_studio import jobs
-from dllm_studio.errors import SuiteError
+from dllm_studio.errors import SuiteError, WriteError
 from dllm_studio.eval.drop import compare_results
 from dllm_studio.eval.scoring import code_runner_missing
 from dllm_studio.eval.runner import EvalResult, evaluate
 from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
+from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import size_change
 from ui.charts import GroupedBars
 from ui.dialogs import show_error
@@ -363,16 +364,13 @@ class ComparePage(QWidget):
 
     def save_csv(self, path: str | Path) -> bool:
         """Write the table's rows (raw numbers, accuracy as a fraction) to `path`, all or nothing."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
         try:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                writer.writeheader()
-                writer.writerows(self.rows)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            show_error(self, "Cannot save the table", f"Could not write {path} ({exc.strerror or exc}).")
+            atomic_write_text(path, table.getvalue())
+        except WriteError as exc:
+            show_error(self, "Cannot save the table", str(exc))
             return False
         return True
