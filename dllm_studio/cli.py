@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from dllm_studio.errors import DllmError
-from dllm_studio.events import DenoiseStep, DownloadProgress, EvalProgress, Event, LoadProgress
+from dllm_studio.events import DenoiseStep, DownloadProgress, EvalProgress, Event, LoadProgress, LoadWarning
 from dllm_studio.memory import human, quantized_sizes
 
 EXAMPLES = """examples:
@@ -208,6 +208,8 @@ def _print_progress(event: Event) -> None:
                   file=sys.stderr)
     elif isinstance(event, LoadProgress):
         print(event.stage, file=sys.stderr)
+    elif isinstance(event, LoadWarning):
+        print(f"warning: {event.message}", file=sys.stderr)
 
 
 # ---- info ---------------------------------------------------------------------------------------

@@ -38,6 +38,14 @@ class LoadProgress(Event):
 
 
 @dataclass(frozen=True)
+class LoadWarning(Event):
+    """Something wrong with a model that still loaded (e.g. NaN weights): `message` is one sentence."""
+
+    message: str
+    tensors: tuple[str, ...] = ()  # the tensors it concerns, by name
+
+
+@dataclass(frozen=True)
 class ExportProgress(Event):
     """A step of writing a quantized folder: `stage` ("tensors", "files") with `done` of `total` finished."""
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from dllm_studio import jobs
-from dllm_studio.checkpoint import read_config
+from dllm_studio.checkpoint import check_config_sizes, nonfinite_tensors, read_config
 from dllm_studio.errors import RemoteCodeRefusedError, UnsupportedModelError
-from dllm_studio.events import CancelToken, Event, LoadProgress
+from dllm_studio.events import CancelToken, Event, LoadProgress, LoadWarning
 from dllm_studio.models.base import DiffusionLM, LinearLayer, ModelInfo
 
 __all__ = ["DiffusionLM", "LinearLayer", "ModelInfo", "MODEL_TYPES", "family_for", "load_model", "open_model"]
@@ -95,6 +95,7 @@ def _load(model: str | Path, dtype: str | torch.dtype, device: str, trust_remote
     folder = hub.resolve(str(model), emit)
     config = read_config(folder)
     family = family_for(config, folder, trust_remote_code)
+    check_config_sizes(folder, config)  # arithmetic only, before a module of absurd size is built
     emit(LoadProgress(f"loading {family.family} weights from {folder}"))
     torch_dtype = _dtype(dtype, config)
     if check_memory and torch.device(device).type != "meta":
@@ -112,6 +113,12 @@ def _load(model: str | Path, dtype: str | torch.dtype, device: str, trust_remote
         tensor_progress.reset(reporting)
     if recipe is not None:
         loaded.quantization = recipe
+    module = loaded.module
+    bad = nonfinite_tensors([*module.named_parameters(), *module.named_buffers()])
+    if bad:  # the model runs, but its answers are garbage: say so, and which tensors
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        emit(LoadWarning(f"{folder}: tensor {bad[0]}{more} holds NaN or infinite values; the model's answers will be "
+                         "meaningless and it cannot be quantized.", tuple(bad)))
     emit(LoadProgress(READY_STAGE))
     return loaded
 

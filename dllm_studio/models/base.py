@@ -240,7 +240,7 @@ def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device
     A config.json with a `quantization_config` gets `QuantLinear` layers where the checkpoint holds
     packed weights (dLLM Studio's own layout, or the GPTQ format converted on the way in).
     """
-    from dllm_studio.checkpoint import check_shapes, load_into, read_config, tensor_shapes
+    from dllm_studio.checkpoint import check_dtypes, check_shapes, load_into, read_config, tensor_shapes
 
     module = build_on_meta(factory)
     shapes = tensor_shapes(folder)
@@ -254,6 +254,7 @@ def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device
         if storage.quant_format(qconfig) == "gptq":
             shapes = storage.gptq_shapes(shapes, qconfig)
             convert = lambda name, tensor: storage.from_gptq(name, tensor, qconfig)  # noqa: E731
+    check_dtypes(folder, module)
     if device.type == "meta":
         check_shapes(shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
         return module.to(dtype)
@@ -283,7 +284,7 @@ def load_transformers_model(model_cls, folder: Path, dtype: torch.dtype, device:
     transformers would otherwise initialise absent weights at random, with only a warning. With device
     "meta" the model is built from config.json and checked against the safetensors headers, no weight read.
     """
-    from dllm_studio.checkpoint import check_shapes, tensor_shapes
+    from dllm_studio.checkpoint import check_dtypes, check_shapes, tensor_shapes
     from dllm_studio.errors import ModelLoadError
 
     found = tensor_shapes(folder)  # the engine's own errors for missing, pickle-only, truncated or corrupt files
@@ -302,6 +303,7 @@ def load_transformers_model(model_cls, folder: Path, dtype: torch.dtype, device:
         for names in tied.values():
             expected.update([(n, shape) for n, shape in names if n in found] or names[:1])
         check_shapes({k: v for k, v in found.items() if k in expected}, expected, folder)
+        check_dtypes(folder, module)
         return module
     try:
         module, info = model_cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
@@ -311,4 +313,5 @@ def load_transformers_model(model_cls, folder: Path, dtype: torch.dtype, device:
     bad = sorted(info["missing_keys"]) or sorted(str(k) for k in info["mismatched_keys"])
     if bad:
         raise ModelLoadError(f"{folder}: tensor {bad[0]} is missing from the weights or has the wrong shape.")
+    check_dtypes(folder, module)
     return module.to(device)

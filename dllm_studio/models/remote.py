@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dllm_studio.checkpoint import read_config
+from dllm_studio.checkpoint import check_dtypes, read_config
 from dllm_studio.errors import ModelLoadError
 from dllm_studio.models.base import DiffusionLM, LinearLayer, check_token_ids, special_ids
 
@@ -66,6 +66,7 @@ class RemoteCodeModel(DiffusionLM):
         except Exception as exc:  # the folder's own code can fail in any way; keep the cause chained
             raise ModelLoadError(
                 f"The code in {folder} failed to load the model ({type(exc).__name__}: {exc}).") from exc
+        check_dtypes(folder, module)
         if getattr(module.config, "use_cache", False):
             module.config.use_cache = False  # the sampler re-runs the whole sequence; a KV cache is waste
         module = module.to(device)

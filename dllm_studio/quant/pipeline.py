@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dllm_studio.checkpoint import nonfinite_tensors
 from dllm_studio.errors import QuantizationError
 from dllm_studio.events import BlockQuantized, CancelToken, Event, LayerQuantized, LayerStats
 from dllm_studio.memory import MemorySampler
@@ -137,9 +138,14 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
 
 
 def check_supported(model: DiffusionLM) -> None:
-    """Refuse, before any work, a family the block-by-block quantizer cannot take."""
+    """Refuse, before any work, a family the block-by-block quantizer cannot take, or weights it cannot."""
     if model.not_quantizable:
         raise QuantizationError(f"{model.source} ({model.family}) cannot be quantized: {model.not_quantizable}.")
+    bad = nonfinite_tensors(model.module.named_parameters())
+    if bad:  # they would poison the calibration activations and GPTQ's Hessians
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise QuantizationError(f"{model.source} cannot be quantized: tensor {bad[0]}{more} holds NaN or infinite "
+                                "values. Repair or replace the checkpoint first.")
 
 
 @dataclass
