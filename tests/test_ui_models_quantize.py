@@ -337,3 +337,17 @@ def test_a_sequence_longer_than_the_context_is_explained_without_cli_flags(qtbot
     message = failed.args[1]
     assert f"sequence length of {session.model.context_length + 8} tokens exceeds" in message
     assert "--" not in message
+
+
+def test_a_load_warning_is_shown_on_the_page(qtbot, models_page, session, tmp_path, llada_dir):
+    import shutil
+
+    from test_checkpoint import poison
+
+    folder = shutil.copytree(llada_dir, tmp_path / "nan-model")
+    poison(folder)
+    with qtbot.waitSignal(models_page.loaded, timeout=30_000):
+        models_page.open(str(folder))
+    text = models_page.status.text()
+    assert text.startswith(f"Opened {folder}.") and "<b>Warning:</b>" in text
+    assert "tensor model.transformer.blocks.0.q_proj.weight and 1 more holds NaN or infinite values" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -11,14 +12,14 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
                                QWidget)
 
 from dllm_studio.errors import InsufficientMemoryError, RemoteCodeRefusedError
-from dllm_studio.events import DownloadProgress, LoadProgress
+from dllm_studio.events import DownloadProgress, LoadProgress, LoadWarning
 from dllm_studio.hub import DEMO_NAME
 from dllm_studio.memory import ACTIVATION_SHARE, HEADROOM, available_bytes, fit, human
 from dllm_studio.models import DiffusionLM, open_model
 from dllm_studio.quant.export import read_profile
 from ui.dialogs import ask
 from ui.session import Session, Variant, is_quantized
-from ui.theme import FIT_COLORS
+from ui.theme import BAD, FIT_COLORS
 from ui.workers import stream
 
 
@@ -124,6 +125,7 @@ class ModelsPage(QWidget):
                                                   cancel=cancel)
                 return too_big, described
 
+        self.warnings: list[str] = []  # the engine's LoadWarnings for this open, shown once it is done
         self.progress.setRange(0, 0)
         self.progress.setFormat("")
         self.progress.setVisible(True)
@@ -153,6 +155,8 @@ class ModelsPage(QWidget):
             self.progress.setFormat(f"{event.stage}: %v of %m tensors")
         elif isinstance(event, LoadProgress):
             self.status.setText(event.stage)
+        elif isinstance(event, LoadWarning):
+            self.warnings.append(event.message)
 
     def _opened(self, source: str, result) -> None:
         self.progress.setVisible(False)
@@ -180,6 +184,9 @@ class ModelsPage(QWidget):
         else:
             self.session.set_model(model)
             self.status.setText(f"Opened {source}.")
+        if self.warnings:
+            self.status.setText(self.status.text() + "".join(f"<br><span style='color:{BAD}'><b>Warning:</b> "
+                                                             f"{html.escape(w)}</span>" for w in self.warnings))
         self.loaded.emit(model)
 
     def _cancelled(self) -> None:
