@@ -258,3 +258,24 @@ def test_the_probe_names_what_to_install(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(sys, "platform", "linux")
     assert "apt install bubblewrap" in sandbox.unavailable.__wrapped__()
+
+
+@pytest.mark.gui
+def test_compare_asks_before_running_code_without_a_sandbox(qtbot, no_sandbox, open_page, session, demo_rtn4):
+    from PySide6.QtWidgets import QApplication
+
+    from ui.pages.compare import ComparePage
+    from ui.session import Variant
+
+    session.add_variant(Variant("RTN W4", demo_rtn4.model, demo_rtn4.summary, demo_rtn4.layers))
+    compare = open_page(ComparePage)
+    for name, box in compare.suite_boxes.items():
+        box.setChecked(name == "code")
+    compare.limit.setValue(1)
+    compare.run_button.click()
+    questions = [w for w in QApplication.topLevelWidgets() if w.objectName() == "questionDialog" and w.isVisible()]
+    assert len(questions) == 1 and REASON in questions[0].text() and "--" not in questions[0].text()
+    assert compare.job is None and not session.busy  # nothing runs until the user agrees
+    with qtbot.waitSignal(compare.finished, timeout=120_000) as done:
+        questions[0].accept()
+    assert [row["suite"] for row in done.args[0]] == ["code"]
