@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["test", "train"], help="shipped suites' split (default test)")
     ev.add_argument("--limit", type=int, metavar="N", help="score only each suite's first N items")
     ev.add_argument("--json", metavar="OUT", help="also write every number and every item's answer to this JSON file")
+    ev.add_argument("--unsafe-code-eval", action="store_true",
+                    help="run the code suite's generated code even where no OS sandbox (bubblewrap) can isolate it")
     _sampler_args(ev, per_suite=True)
     ev.set_defaults(run=cmd_eval)
 
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli_remedy(error: DllmError) -> str | None:
     """The flag that changes the outcome, for the errors whose remedy is a switch (the GUI names its own controls)."""
-    from dllm_studio.errors import FolderExistsError, InsufficientMemoryError, RemoteCodeRefusedError
+    from dllm_studio.errors import (FolderExistsError, InsufficientMemoryError, RemoteCodeRefusedError,
+                                    SandboxUnavailableError)
 
     if isinstance(error, FolderExistsError):
         return "Choose another --out or pass --force to replace it."
@@ -169,6 +172,8 @@ def cli_remedy(error: DllmError) -> str | None:
         return "Pass --no-memory-check to try anyway."
     if isinstance(error, RemoteCodeRefusedError):
         return "Pass --trust-remote-code to run it."
+    if isinstance(error, SandboxUnavailableError):
+        return "Pass --unsafe-code-eval to run the code suite without isolation."
     return None
 
 
@@ -295,6 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dllm_studio import jobs
     from dllm_studio.errors import InvalidSettingsError
     from dllm_studio.eval.runner import evaluate, suite_config
+    from dllm_studio.eval.scoring import require_sandbox
     from dllm_studio.eval.suites import SUITES, load_suite
 
     # Suites, settings and the output folder are checked before loading: a typo should not cost a model load.
@@ -308,6 +314,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         problem = "it is a folder" if out.is_dir() else f"the folder {out.parent} does not exist"
         raise InvalidSettingsError(f"Cannot write {out}: {problem}.")
+    if any(suite.name == "code" for suite in suites):
+        require_sandbox(args.unsafe_code_eval)
     model = _load(args)
     if args.suite == "all" and model.mask_token_id is None:
         # The text suite's likelihood needs a mask token; such families still answer the other suites.
@@ -315,7 +323,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         suites = [s for s in suites if s.name != "text"]
     results = []
     for suite in suites:
-        results.append(jobs.run(evaluate(model, suite, overrides, args.limit), _print_eval_progress))
+        results.append(jobs.run(evaluate(model, suite, overrides, args.limit, unsafe_code_eval=args.unsafe_code_eval),
+                                _print_eval_progress))
         for skipped in results[-1].skipped:
             print(f"skipped item {skipped.id}: {skipped.reason}", file=sys.stderr)
         if out is not None:  # after every suite, so an interrupted run keeps what it finished

@@ -36,6 +36,10 @@ class RemoteCodeRefusedError(ModelLoadError):
         self.folder, self.files = folder, files
 
 
+class SandboxUnavailableError(DllmError):
+    """Generated code would run without operating-system isolation, and the user has not agreed to that."""
+
+
 class InvalidSettingsError(DllmError):
     """Generation (or other job) settings that cannot work together."""
 

@@ -122,13 +122,16 @@ def test_processes_cannot_be_started_or_signalled():
     assert "processes is disabled" in run("import os\nos.kill(os.getppid(), 9)\n" + GOOD).reason
 
 
-def test_files_land_in_a_temporary_directory_that_is_removed():
+def test_files_land_in_the_work_directory_which_is_removed(monkeypatch):
+    from dllm_studio.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "unavailable", lambda: "no sandbox in this test")  # the host-side work dir
     code = "import os\nopen('scratch.txt', 'w').write('hi')\nprint(os.getcwd())\n" + GOOD
-    outcome = run(code)
+    outcome = run_code_tests(code, "larger", LARGER, unsafe_code_eval=True)
     assert outcome.passed
     workdir = Path(outcome.output.strip())
     assert workdir.name == "work" and workdir.is_relative_to(Path(tempfile.gettempdir()).resolve())
-    assert not workdir.exists()
+    assert not workdir.parent.exists()
 
 
 def test_writing_outside_the_work_directory_is_refused(tmp_path):

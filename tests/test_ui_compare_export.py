@@ -90,7 +90,7 @@ def fake_evaluations(monkeypatch, fp_model, fp_correct, q_correct):
     from dllm_studio.eval.runner import EvalResult, ItemRecord
     from dllm_studio.events import EvalProgress
 
-    def evaluate(model, source, limit=None, cancel=None):
+    def evaluate(model, source, limit=None, cancel=None, unsafe_code_eval=False):
         correct = fp_correct if model is fp_model else q_correct
         records = [ItemRecord(f"{source}-{i}", "prompt", "answer", "answer" if c else "wrong", c, "")
                    for i, c in enumerate(correct)]

@@ -20,7 +20,7 @@ import torch
 
 from dllm_studio import jobs
 from dllm_studio.errors import InvalidSettingsError
-from dllm_studio.eval.scoring import final_number, normalize, score_code, score_math, score_qa
+from dllm_studio.eval.scoring import final_number, normalize, require_sandbox, score_code, score_math, score_qa
 from dllm_studio.eval.suites import Suite, load_suite
 from dllm_studio.events import CancelToken, EvalProgress
 from dllm_studio.memory import peak_rss_bytes
@@ -98,11 +98,16 @@ def suite_config(suite: str, overrides: dict | None = None) -> GenerationConfig:
 
 
 def evaluate(model: DiffusionLM, suite: Suite | str | Path, config_overrides: dict | None = None,
-             limit: int | None = None, cancel: CancelToken | None = None
+             limit: int | None = None, cancel: CancelToken | None = None, unsafe_code_eval: bool = False
              ) -> Generator[EvalProgress, None, EvalResult]:
-    """Answer and score the first `limit` items of `suite` (all by default), one `EvalProgress` each."""
+    """Answer and score the first `limit` items of `suite` (all by default), one `EvalProgress` each.
+
+    A code suite is refused before any answer is generated where no OS sandbox can isolate the code,
+    unless `unsafe_code_eval` (see `scoring.require_sandbox`)."""
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
+    if suite.name == "code":
+        require_sandbox(unsafe_code_eval)
     if limit is not None and limit < 1:
         raise InvalidSettingsError(f"limit must be at least 1, not {limit}.")
     config = suite_config(suite.name, config_overrides)
@@ -118,7 +123,7 @@ def evaluate(model: DiffusionLM, suite: Suite | str | Path, config_overrides: di
         if suite.name == "text":
             records.append(_text_item(model, item, config.seed + len(records)))
         else:
-            records.append(_answer_item(model, suite.name, item, prompt_ids, config, cancel))
+            records.append(_answer_item(model, suite.name, item, prompt_ids, config, cancel, unsafe_code_eval))
         yield _progress(suite.name, records, len(items))
     result = _summary(suite, records, config, time.perf_counter() - start)
     result.skipped = skipped
@@ -148,15 +153,15 @@ def _fitting(model: DiffusionLM, suite: Suite, items: tuple[dict, ...], config: 
 # ---- answering --------------------------------------------------------------------------------------
 
 def _answer_item(model: DiffusionLM, suite: str, item: dict, prompt_ids: list[int], config: GenerationConfig,
-                 cancel: CancelToken | None) -> ItemRecord:
+                 cancel: CancelToken | None, unsafe_code_eval: bool = False) -> ItemRecord:
     result = jobs.run(model.denoise(prompt_ids, config, cancel))
-    correct, reason = judge(suite, result.text, item)
+    correct, reason = judge(suite, result.text, item, unsafe_code_eval)
     return ItemRecord(item["id"], item["prompt"], item["answer"], result.text, correct, reason,
                       steps=result.stats.steps, forward_passes=result.stats.forward_passes,
                       wall_time_s=result.stats.wall_time_s)
 
 
-def judge(suite: str, generated: str, item: dict) -> tuple[bool, str]:
+def judge(suite: str, generated: str, item: dict, unsafe_code_eval: bool = False) -> tuple[bool, str]:
     """Whether `generated` answers `item` correctly, and a short reason."""
     if suite == "qa":
         if score_qa(generated, item["answer"]):
@@ -168,7 +173,7 @@ def judge(suite: str, generated: str, item: dict) -> tuple[bool, str]:
             return False, "no number in the answer"
         return score_math(generated, item["answer"]), f"final number {found}, expected {expected}"
     if suite == "code":
-        outcome = score_code(generated, item)
+        outcome = score_code(generated, item, unsafe_code_eval)
         return outcome.passed, outcome.reason
     raise InvalidSettingsError(f"Suite {suite!r} has no answers to judge.")
 

@@ -3,17 +3,25 @@
 QA answers are compared exactly after `normalize`; math answers by their last number; code by
 running the task's assert statements in a separate, limited Python process.
 
-The code sandbox, in order of strength:
-  1. OS-level fences (the real ones): a separate process in its own session, killed with its whole
-     process group at a wall-clock timeout; rlimits on address space, CPU time, file size and
-     (for non-root users) process count; a fresh temporary working directory deleted afterwards;
-     a minimal environment (no inherited variables, so no tokens or keys) and `python -I`.
-  2. An in-process guard installed before the generated code runs (best effort only: Python code
-     that sets out to escape it can): socket creation and name lookup raise, process creation and
-     signalling raise, writes outside the working directory raise, and imports of socket, ssl and
-     ctypes modules not yet loaded are refused, so a re-import cannot restore the originals.
-It is no container: generated code can still read any file the user can. Run untrusted models'
-code only on a machine where that is acceptable.
+Threat model: the code under test is hostile. It must not write outside its own working directory,
+reach any network (the host's loopback included), leave a process running after its verdict, or
+exhaust the machine. The layers, in order of strength:
+  1. Operating-system isolation (`dllm_studio.eval.sandbox`, Linux with bubblewrap): namespaces with no
+     network, a read-only host file tree with one private size-capped writable folder, no capabilities,
+     a PID namespace whose processes all die with it, and for root a pids cgroup. Where it is missing,
+     code suites are refused (`SandboxUnavailableError`) unless the caller passes unsafe_code_eval=True.
+  2. Kernel limits the child sets on itself before the code runs: address space, CPU time, file size,
+     open files and processes; plus a wall-clock timeout after which the child is killed with its
+     process group (and, sandboxed, its whole PID namespace).
+  3. A fresh working directory, a minimal environment (no inherited variables, so no tokens or keys)
+     and `python -I`.
+  4. An in-process guard (best effort only: Python code that sets out to escape it can, e.g. through
+     io.FileIO or by loading an extension module from its file): socket creation and name lookup raise,
+     process creation and signalling raise, writes outside the working directory raise, and imports of
+     socket, ssl and ctypes modules not yet loaded are refused. It gives clear reasons for honest
+     mistakes; it is not a fence.
+The sandbox does not hide the host's files from reading (only the task folder is replaced); run
+untrusted models' code only on a machine whose readable files may be seen by it.
 """
 
 from __future__ import annotations
@@ -28,11 +36,13 @@ import string
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from dllm_studio.errors import InvalidSettingsError
+from dllm_studio.errors import InvalidSettingsError, SandboxUnavailableError
+from dllm_studio.eval import sandbox
 
 _PUNCTUATION = string.punctuation + "“”‘’«»…–—¡¿。，、！？"
 _ARTICLES = re.compile(r"^(?:(?:a|an|the)\s+)+")
@@ -43,6 +53,9 @@ _FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 MEMORY_LIMIT = 512 * 2**20  # bytes of address space for the code under test
 OUTPUT_LIMIT = 2 * 2**20  # bytes the code may print (and write to any one file)
 OUTPUT_SHOWN = 2000  # characters of the code's output kept in a CodeOutcome
+FILE_LIMIT = 256  # open files
+# The in-process guard (layer 4); tests switch it off to prove that the OS layers hold on their own.
+IN_PROCESS_GUARDS = True
 # The interpreter that runs code under test. In a frozen (PyInstaller) build sys.executable is the app
 # itself, so such a build must point this at a real Python before the code suite can run.
 PYTHON = sys.executable
@@ -96,12 +109,12 @@ def extract_code(generated: str) -> str:
     return "\n\n".join(blocks) if blocks else generated
 
 
-def score_code(generated: str, item: dict) -> CodeOutcome:
+def score_code(generated: str, item: dict, unsafe_code_eval: bool = False) -> CodeOutcome:
     """Run the answer's code against the item's tests (see `run_code_tests`)."""
     code = extract_code(generated)
     if not code.strip():
         return CodeOutcome(False, "the answer holds no code")
-    return run_code_tests(code, item["entry_point"], item["tests"])
+    return run_code_tests(code, item["entry_point"], item["tests"], unsafe_code_eval=unsafe_code_eval)
 
 
 def code_runner_missing() -> str | None:
@@ -112,35 +125,52 @@ def code_runner_missing() -> str | None:
     return None
 
 
-def run_code_tests(code: str, entry_point: str, tests: list[str], timeout_s: float = 5.0) -> CodeOutcome:
+def require_sandbox(unsafe_code_eval: bool = False) -> None:
+    """Raise `SandboxUnavailableError` (with the reason) if generated code cannot be isolated here,
+    unless the user has agreed to run it without isolation."""
+    reason = sandbox.unavailable()
+    if reason and not unsafe_code_eval:
+        raise SandboxUnavailableError(reason + " Generated code is not run without isolation unless you agree to it.")
+
+
+def run_code_tests(code: str, entry_point: str, tests: list[str], timeout_s: float = 5.0,
+                   unsafe_code_eval: bool = False) -> CodeOutcome:
     """Run `code`, then each assert in `tests`, in a sandboxed child process; passed only if all ran and held.
 
-    The child proves it finished by printing a secret token it read from stdin after the last test,
-    so code that exits early (sys.exit(0), os._exit(0)) cannot pass.
+    Without an OS sandbox this refuses (`require_sandbox`) unless `unsafe_code_eval`; then only
+    layers 2 to 4 of the module docstring apply. The child proves it finished by printing a secret
+    token it read from stdin after the last test, so code that exits early (sys.exit(0), os._exit(0))
+    cannot pass.
     """
     missing = code_runner_missing()
     if missing:
         raise InvalidSettingsError(missing)
+    require_sandbox(unsafe_code_eval)
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="dllm-code-", ignore_cleanup_errors=True) as root:
-        work = Path(root, "work")
-        work.mkdir()
+        Path(root, "work").mkdir()  # the working directory (the sandbox mounts its own tmpfs here)
         Path(root, "solution.py").write_text(code, encoding="utf-8")
         Path(root, "tests.json").write_text(json.dumps({"entry_point": entry_point, "tests": list(tests)}))
         output = Path(root, "output")
-        returncode, timed_out = _run_child(root, work, output, token, timeout_s)
+        returncode, timed_out = _run_child(root, output, token, timeout_s, sandbox.unavailable() is None)
         return _outcome(output, token, returncode, timed_out, timeout_s)
 
 
-def _run_child(root: str, work: Path, output: Path, token: str, timeout_s: float) -> tuple[int | None, bool]:
+def _run_child(root: str, output: Path, token: str, timeout_s: float, sandboxed: bool) -> tuple[int | None, bool]:
     cpu_s = math.ceil(timeout_s) + 1
-    command = [PYTHON, "-I", "-X", "utf8", "-c", _HARNESS, root, str(MEMORY_LIMIT), str(cpu_s), str(OUTPUT_LIMIT)]
+    task, processes = (sandbox.TASK_DIR, sandbox.PROCESS_LIMIT) if sandboxed else (root, 0)
+    command = [PYTHON, "-I", "-X", "utf8", "-c", _HARNESS, task, str(MEMORY_LIMIT), str(cpu_s), str(OUTPUT_LIMIT),
+               str(FILE_LIMIT), str(processes), str(int(IN_PROCESS_GUARDS))]
+    work = Path(root, "work")
     env = {"PATH": os.defpath, "HOME": str(work), "TMPDIR": str(work), "LC_ALL": "C.UTF-8"}
     if os.name == "nt":
         env["SYSTEMROOT"] = os.environ.get("SYSTEMROOT", "")
     # The limits are set by the child itself before any generated code runs, not by preexec_fn:
     # preexec_fn is unsafe in a threaded parent (the GUI runs evaluations on worker threads).
-    with open(output, "wb") as sink:
+    with ExitStack() as stack:
+        if sandboxed:
+            command = sandbox.wrap(command, root, stack.enter_context(sandbox.pids_cgroup()))
+        sink = stack.enter_context(open(output, "wb"))
         proc = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.PIPE, stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -151,10 +181,30 @@ def _run_child(root: str, work: Path, output: Path, token: str, timeout_s: float
         try:
             return proc.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
+            if sandboxed:
+                _kill_pid_namespace(proc)
             return None, True
         finally:
             _kill_group(proc)  # also any process the code left behind in its group
             proc.wait()
+
+
+def _kill_pid_namespace(proc: subprocess.Popen) -> None:
+    """Kill bwrap's child, the sandbox's init: the kernel then kills every process in its PID namespace,
+    and bwrap exits only once they are all gone, so waiting for bwrap waits for the whole sandbox."""
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            os.kill(int(child), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass  # the group kill that follows takes bwrap itself; --die-with-parent takes its init
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -195,11 +245,12 @@ def _exit_reason(returncode: int | None, output_bytes: int) -> str:
     return f"it exited with status {returncode} before the tests finished"
 
 
-# The child's program. argv: sandbox root, address-space bytes, CPU seconds, file-size bytes.
-# It reads the token from stdin, so the token appears in no file, argument or environment variable.
+# The child's program. argv: task folder, address-space bytes, CPU seconds, file-size bytes, open files,
+# processes, in-process guards (1 or 0). It reads the token from stdin, so the token appears in no file,
+# argument or environment variable.
 _HARNESS = r'''
 import builtins, io, json, os, sys
-root, memory, cpu, fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+root, memory, cpu, fsize, files, processes, guards = sys.argv[1], *map(int, sys.argv[2:])
 token = sys.stdin.readline().strip()
 with open(os.path.join(root, "solution.py"), encoding="utf-8") as f:
     source = f.read()
@@ -232,7 +283,7 @@ def set_limits():
     except ImportError:
         return
     wanted = [("RLIMIT_AS", memory, memory), ("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_FSIZE", fsize, fsize),
-              ("RLIMIT_CORE", 0, 0), ("RLIMIT_NPROC", 0, 0)]
+              ("RLIMIT_CORE", 0, 0), ("RLIMIT_NOFILE", files, files), ("RLIMIT_NPROC", processes, processes)]
     for name, soft, hard in wanted:
         which = getattr(resource, name, None)
         if which is None:
@@ -339,10 +390,11 @@ class BlockImports:
 
 
 set_limits()
-guard_network()
-guard_processes()
-guard_writes()
-sys.meta_path.insert(0, BlockImports)
+if guards:
+    guard_network()
+    guard_processes()
+    guard_writes()
+    sys.meta_path.insert(0, BlockImports)
 namespace = {"__name__": "solution"}  # not "__main__": a demo block at the bottom should not run
 try:
     program = compile(source, "solution.py", "exec")

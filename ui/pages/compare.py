@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, Q
 
 from dllm_studio import jobs
 from dllm_studio.errors import SuiteError, WriteError
+from dllm_studio.eval import sandbox
 from dllm_studio.eval.drop import compare_results
 from dllm_studio.eval.scoring import code_runner_missing
 from dllm_studio.eval.runner import EvalResult, evaluate
@@ -31,7 +32,7 @@ from dllm_studio.events import EvalProgress
 from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import size_change
 from ui.charts import GroupedBars
-from ui.dialogs import show_error
+from ui.dialogs import ask, show_error
 from ui.session import Session
 from ui.theme import BAND_COLORS
 from ui.widgets import VariantPicker
@@ -83,6 +84,14 @@ def _score(row: dict, which: str) -> str:
     if row["metric"] == "nll_per_token":
         return f"{value:.3f} nats/token"
     return f"{100 * value:.1f} %\n({100 * row[which + '_low']:.1f}–{100 * row[which + '_high']:.1f})"
+
+
+def _runs_code(suites: list[tuple[str, str | Path]]) -> bool:
+    """Whether any chosen suite is a code suite (whose answers run as code)."""
+    try:
+        return any(load_suite(source).name == "code" for _, source in suites)
+    except SuiteError:  # a suite file gone since it was added: the job reports it
+        return False
 
 
 def _ms(value: float | None) -> str:
@@ -268,15 +277,22 @@ class ComparePage(QWidget):
         self._update_controls()
 
     # ---- running ----------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, *, unsafe_code_eval: bool = False) -> None:
         """Evaluate the chosen suites on full precision and on the chosen variant, as one job."""
         blocker = self._blocker()
         if blocker is not None:
             show_error(self, "Cannot compare yet", blocker)
             return
+        suites = self.chosen_suites()
+        unsandboxed = sandbox.unavailable() if not unsafe_code_eval and _runs_code(suites) else None
+        if unsandboxed:  # the engine would refuse; only the user can agree to run the code without isolation
+            ask(self, "Run generated code without a sandbox?",
+                f"{unsandboxed}\n\nThe code suite runs code the model wrote. Without a sandbox it can read, change "
+                "or delete your files and reach the network. Run it anyway?",
+                lambda: self.run(unsafe_code_eval=True))
+            return
         fp_model = self.session.model
         q_model = self.session.variants[self.variant.currentText()].model
-        suites = self.chosen_suites()
         limit = self.limit.value() or None
         self._clear_results()
         self._weights = (fp_model.weight_bytes(), q_model.weight_bytes())
@@ -288,7 +304,8 @@ class ComparePage(QWidget):
                 fp_q = []
                 for which, model in (("full precision", fp_model), ("quantized", q_model)):
                     emit(Stage(label, which))
-                    fp_q.append(jobs.run(evaluate(model, source, limit=limit, cancel=cancel), emit))
+                    fp_q.append(jobs.run(evaluate(model, source, limit=limit, cancel=cancel,
+                                                  unsafe_code_eval=unsafe_code_eval), emit))
                 pairs.append(SuitePair(label, *fp_q))
                 emit(pairs[-1])  # the row can be shown (and kept on cancel) before the next suite starts
             return pairs
