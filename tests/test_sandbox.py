@@ -279,3 +279,27 @@ def test_compare_asks_before_running_code_without_a_sandbox(qtbot, no_sandbox, o
     with qtbot.waitSignal(compare.finished, timeout=120_000) as done:
         questions[0].accept()
     assert [row["suite"] for row in done.args[0]] == ["code"]
+
+
+@needs_sandbox
+def test_an_interpreter_under_tmp_still_runs_inside(monkeypatch):
+    """The sandbox's private /tmp hid a checkout's .venv under /tmp (CI's clone can live there): every code
+    item failed with "bwrap: execvp ...python: No such file or directory"."""
+    folder = Path(tempfile.mkdtemp(prefix="dllm-venv-", dir="/tmp"))
+    try:
+        python = folder / "bin" / "python"
+        python.parent.mkdir()
+        python.symlink_to(sys.executable)
+        monkeypatch.setattr(scoring, "PYTHON", str(python))
+        assert str(python.parent) in sandbox.kept_in_tmp(python)
+        outcome = run("")
+        assert outcome.passed, outcome.output
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_only_folders_under_tmp_are_bound_again():
+    assert sandbox.kept_in_tmp("/usr/bin/python3") == sorted(
+        {p for p in (sys.prefix, sys.exec_prefix, sys.base_prefix) if p.startswith("/tmp/")})
+    assert "/tmp/ci/.venv/bin" in sandbox.kept_in_tmp("/tmp/ci/.venv/bin/python")
+    assert "/tmp" not in sandbox.kept_in_tmp("/tmp/python")

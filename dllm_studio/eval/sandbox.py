@@ -36,10 +36,21 @@ WORK_DIR = TASK_DIR + "/work"
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORK_DIR, "TMPDIR": WORK_DIR, "LC_ALL": "C.UTF-8"}
 
 
-def bwrap_flags(task: str | Path) -> list[str]:
-    """bwrap's arguments (before the command) for a sandbox whose task files are the folder `task`."""
-    flags = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-             "--ro-bind", str(task), TASK_DIR, "--size", str(WORK_LIMIT), "--tmpfs", WORK_DIR,
+def kept_in_tmp(program: str | Path) -> list[str]:
+    """The host folders under /tmp that running `program` needs, which the sandbox's private /tmp would hide:
+    the program's own folder and Python's prefixes (a checkout, or its .venv, may well live under /tmp)."""
+    wanted = {Path(program).absolute().parent, *(Path(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix))}
+    tmp = Path("/tmp")
+    return sorted({str(p) for p in wanted if p != tmp and tmp in p.parents})
+
+
+def bwrap_flags(task: str | Path, program: str | Path = sys.executable) -> list[str]:
+    """bwrap's arguments (before the command) for a sandbox whose task files are the folder `task` and that
+    runs `program`."""
+    flags = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for folder in kept_in_tmp(program):  # bound read-only again over the private /tmp
+        flags += ["--ro-bind", folder, folder]
+    flags += ["--ro-bind", str(task), TASK_DIR, "--size", str(WORK_LIMIT), "--tmpfs", WORK_DIR,
              "--remount-ro", "/tmp", "--remount-ro", "/dev",
              "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
              "--die-with-parent", "--new-session", "--clearenv", "--chdir", WORK_DIR]
@@ -50,7 +61,7 @@ def bwrap_flags(task: str | Path) -> list[str]:
 
 def wrap(command: list[str], task: str | Path, cgroup: Path | None = None) -> list[str]:
     """`command` run inside the sandbox; with `cgroup`, the sandbox joins it before its first fork."""
-    wrapped = [shutil.which("bwrap") or "bwrap", *bwrap_flags(task), "--", *command]
+    wrapped = [shutil.which("bwrap") or "bwrap", *bwrap_flags(task, command[0]), "--", *command]
     if cgroup is None:
         return wrapped
     # The shell moves itself into the cgroup, then becomes bwrap: no process of the sandbox starts outside it.
@@ -68,8 +79,9 @@ def unavailable() -> str | None:
     with tempfile.TemporaryDirectory(prefix="dllm-probe-") as task:
         Path(task, "work").mkdir()  # the working directory's mount point
         try:
-            probe = subprocess.run(wrap(["/bin/sh", "-c", "exit 0"], task), capture_output=True, text=True,
-                                   timeout=30)
+            # The interpreter itself, not just a shell: it must be reachable inside (e.g. from a .venv in /tmp).
+            program = ["/bin/sh", "-c", "exit 0"] if getattr(sys, "frozen", False) else [sys.executable, "-c", "pass"]
+            probe = subprocess.run(wrap(program, task), capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"The bubblewrap sandbox for generated code does not start here: {exc}."
     if probe.returncode != 0:
