@@ -97,6 +97,16 @@ def suite_config(suite: str, overrides: dict | None = None) -> GenerationConfig:
     return config
 
 
+def unisolated_code(suites: list[Suite | str | Path]) -> str | None:
+    """Why the generated code of these suites could not run isolated here, or None (no code suite among
+    them, or an OS sandbox exists): what a face asks the user about before passing `unsafe_code_eval`."""
+    if not any((s if isinstance(s, Suite) else load_suite(s)).name == "code" for s in suites):
+        return None
+    from dllm_studio.eval import sandbox
+
+    return sandbox.unavailable()
+
+
 def evaluate(model: DiffusionLM, suite: Suite | str | Path, config_overrides: dict | None = None,
              limit: int | None = None, cancel: CancelToken | None = None, unsafe_code_eval: bool = False
              ) -> Generator[EvalProgress, None, EvalResult]:

@@ -23,10 +23,9 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, Q
 
 from dllm_studio import jobs
 from dllm_studio.errors import SuiteError, WriteError
-from dllm_studio.eval import sandbox
 from dllm_studio.eval.drop import compare_results
 from dllm_studio.eval.scoring import code_runner_missing
-from dllm_studio.eval.runner import EvalResult, evaluate
+from dllm_studio.eval.runner import EvalResult, evaluate, unisolated_code
 from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
 from dllm_studio.files import atomic_write_text
@@ -84,14 +83,6 @@ def _score(row: dict, which: str) -> str:
     if row["metric"] == "nll_per_token":
         return f"{value:.3f} nats/token"
     return f"{100 * value:.1f} %\n({100 * row[which + '_low']:.1f}–{100 * row[which + '_high']:.1f})"
-
-
-def _runs_code(suites: list[tuple[str, str | Path]]) -> bool:
-    """Whether any chosen suite is a code suite (whose answers run as code)."""
-    try:
-        return any(load_suite(source).name == "code" for _, source in suites)
-    except SuiteError:  # a suite file gone since it was added: the job reports it
-        return False
 
 
 def _ms(value: float | None) -> str:
@@ -284,7 +275,10 @@ class ComparePage(QWidget):
             show_error(self, "Cannot compare yet", blocker)
             return
         suites = self.chosen_suites()
-        unsandboxed = sandbox.unavailable() if not unsafe_code_eval and _runs_code(suites) else None
+        try:
+            unsandboxed = None if unsafe_code_eval else unisolated_code([source for _, source in suites])
+        except SuiteError:  # a suite file gone since it was added: the job reports it
+            unsandboxed = None
         if unsandboxed:  # the engine would refuse; only the user can agree to run the code without isolation
             ask(self, "Run generated code without a sandbox?",
                 f"{unsandboxed}\n\nThe code suite runs code the model wrote. Without a sandbox it can read, change "
