@@ -4,6 +4,9 @@ import pytest
 
 # Qt windows render offscreen in tests unless a display is chosen explicitly (e.g. Xvfb's xcb).
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Quantized layers run the reference kernel unless a test asks otherwise: which kernel the per-machine
+# measurement picks differs between CPUs, and tests must not (tests/test_kernels.py covers the choice).
+os.environ.setdefault("DLLM_STUDIO_KERNEL", "dequant")
 
 from checkpoints import make_dream, make_llada
 

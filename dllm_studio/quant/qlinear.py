@@ -8,26 +8,30 @@ Buffers (what the native checkpoint stores, under the layer's name):
     g_idx    int32 (in,)                 group of each input column; only with act-order, where
                                          GPTQ's column order makes groups non-contiguous
     bias     (out,)                      as the original layer had it
-The forward pass dequantizes the weight to the activations' dtype and runs one matmul; the layer's
-memory is the packed bytes, never a float copy.
+How the layer runs is a kernel's business (`quant.kernels`: tiled dequantization, torch's int4/int8
+kernels, int8 x int8 for 8-bit activations), chosen per token-count bucket at the first call and derived
+from these buffers, never written back: the stored form stays the one source of truth. `act_bits` 8 marks
+a layer whose activations are rounded to int8 per token (W8A8).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dllm_studio.quant import kernels
 from dllm_studio.quant.packing import pack, packed_size, unpack
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, *,
-                 bias: bool = False, act_order: bool = False, dtype: torch.dtype = torch.float32,
+                 bias: bool = False, act_order: bool = False, act_bits: int = 16, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size or in_features
+        self.bits, self.group_size, self.act_bits = bits, group_size or in_features, act_bits
+        self.kernel_choice: dict[int, str] = {}  # token bucket -> kernel name
+        self.built_kernels: dict = {}  # kernel name -> the kernel, built from the buffers below
         groups = -(-in_features // self.group_size)
         empty = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.register_buffer("qweight", empty(out_features, packed_size(in_features, bits), dtype=torch.uint8))
@@ -39,12 +43,12 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                    group_size: int | None, *, g_idx: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> QuantLinear:
+                   bias: torch.Tensor | None = None, act_bits: int = 16) -> QuantLinear:
         """Build from integer codes q (out, in), per-group scales and zeros (out, groups) and, for
         act-order, each column's group."""
         out_features, in_features = q.shape
         layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, act_order=g_idx is not None,
-                    dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
+                    act_bits=act_bits, dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
         layer.qweight.copy_(pack(q, bits))
         layer.scales.copy_(scales.to(torch.float16))
         layer.qzeros.copy_(pack(zeros.round().to(torch.uint8).reshape(-1), bits))
@@ -60,7 +64,18 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float16:
             self.scales = scales.to(self.scales.device)
+        self.forget_kernels()  # built from the old tensors, maybe on another device
         return self
+
+    def forget_kernels(self) -> None:
+        self.kernel_choice, self.built_kernels = {}, {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.forget_kernels()
+
+    def __getstate__(self):  # copies (deepcopy, pickling) start without kernels: they hold the old tensors
+        return {**super().__getstate__(), "kernel_choice": {}, "built_kernels": {}}
 
     @property
     def groups(self) -> int:
@@ -92,12 +107,13 @@ class QuantLinear(nn.Module):
         return torch.addcmul(offsets[:, cols], q, scales[:, cols])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        y = kernels.run(self, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, act_order={self.g_idx is not None}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, act_order={self.g_idx is not None}, act_bits={self.act_bits}, "
+                f"bias={self.bias is not None}")

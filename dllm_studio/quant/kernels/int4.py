@@ -1,0 +1,81 @@
+"""torch's int4 weight-only kernels (tinygemm): `_weight_int4pack_mm_for_cpu` and, on CUDA, `_weight_int4pack_mm`.
+
+Any grid of at most 4 bits fits: a 2- or 3-bit code is a 4-bit code that never uses the top values, so W3
+and W2 layers run at W4 speed. The kernel computes (q - 8) * s + m per group with m in bf16, so each group's
+codes are first shifted by c = 8 - z where the 4-bit range allows it (always below 4 bits), which makes
+m = (8 - c - z) * s exactly 0: unshifted 2-bit codes would leave an m of ~8 s and a bf16 rounding of ~3 %
+in every weight. Act-order layers are packed with their columns sorted by group, and the input is
+permuted the same way per call; a per-channel layer repeats its one scale over groups of 128 columns.
+Packing happens once, here; the kernel computes in bf16 (cpu-kernels.md: its fp32 path is ~30x slower).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dllm_studio.quant.kernels.base import Kernel
+
+GROUPS = (256, 128, 64, 32)  # group sizes the kernels take
+
+
+def _kernel_group(layer) -> int | None:
+    """The kernel's group size for `layer`, or None where its groups are not runs of one size it takes."""
+    if layer.groups == 1 and layer.g_idx is None:
+        return next((g for g in GROUPS if layer.in_features % g == 0), None)
+    if layer.group_size not in GROUPS or layer.in_features % layer.group_size:
+        return None
+    if layer.g_idx is not None and bool((torch.bincount(layer.g_idx.long()) != layer.group_size).any()):
+        return None  # act-order groups of uneven sizes: sorting the columns would not line them up
+    return layer.group_size
+
+
+class Int4(Kernel):
+    name = "int4"
+    label = "int4 tinygemm (torch _weight_int4pack_mm, bf16)"
+
+    @classmethod
+    def unsupported(cls, layer, device: torch.device) -> str | None:
+        if layer.act_bits != 16:
+            return "weight-only kernel; the layer quantizes its activations too"
+        if layer.bits > 4:
+            return f"{layer.bits}-bit codes do not fit its 4-bit slots"
+        if _kernel_group(layer) is None:
+            return f"group size {layer.group_size} over {layer.in_features} columns (it takes {GROUPS})"
+        if device.type == "cpu" and layer.out_features % 32:
+            return "the CPU kernel packs output rows in blocks of 32"
+        if device.type == "cuda" and (layer.out_features % 8 or layer.in_features % 128):
+            return "the CUDA kernel needs out features divisible by 8 and in features by 128"
+        if device.type not in ("cpu", "cuda"):
+            return f"no int4 kernel for {device.type}"
+        return None
+
+    def __init__(self, layer) -> None:
+        self.cuda = layer.qweight.device.type == "cuda"
+        self.group = _kernel_group(layer)
+        self.perm = None
+        zeros = layer.zeros().to(torch.int32)
+        shift = (8 - zeros).clamp(0, 16 - (1 << layer.bits))
+        groups = layer.column_groups()
+        q = layer.codes().to(torch.int32) + shift[:, groups]
+        if layer.g_idx is not None:
+            self.perm = torch.argsort(layer.g_idx.long(), stable=True)
+            q, groups = q[:, self.perm], groups[self.perm]
+        kernel_groups = layer.in_features // self.group
+        # One (scale, m) pair per kernel group: the stored group of the kernel group's first column.
+        first = groups[:: self.group][:kernel_groups]
+        scales = layer.scales.float()[:, first]
+        offsets = (8 - shift[:, first] - zeros[:, first]).float() * scales
+        self.scales_and_zeros = torch.stack((scales, offsets), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        if self.cuda:
+            packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # tinygemm's CUDA input: even column high
+            tiles = 8 if layer.in_features % 256 == 0 else 4
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), tiles)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x[:, self.perm]
+        xb = x.to(torch.bfloat16).contiguous()
+        op = torch.ops.aten._weight_int4pack_mm if self.cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        return op(xb, self.packed, self.group, self.scales_and_zeros).to(x.dtype)
