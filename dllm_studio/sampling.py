@@ -23,6 +23,7 @@ import torch
 
 from dllm_studio.errors import InvalidSettingsError
 from dllm_studio.events import CancelToken, Commit, DenoiseStep, Event
+from dllm_studio.quant import kernels
 
 if TYPE_CHECKING:
     from dllm_studio.models.base import DiffusionLM
@@ -71,6 +72,7 @@ class GenerationStats:
     wall_time_s: float = 0.0
     forward_time_s: float = 0.0  # of wall_time_s, spent inside the model
     answer_tokens: int = 0  # tokens before the first stop token (`DiffusionLM.answer_length`), not gen_length
+    kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel that ran them
 
     @property
     def ms_per_step(self) -> float:
@@ -189,6 +191,7 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
     stats.wall_time_s = time.perf_counter() - start
     answer = x[0, P:].tolist()
     stats.answer_tokens = model.answer_length(answer)
+    stats.kernels = kernels.used(model.module, x.shape[1])
     return GenerationResult(model.decode(answer), answer, list(prompt_ids), stats, history)
 
 

@@ -65,7 +65,14 @@ def test_send_animates_both_panes_in_turn_and_matches_the_engine(qtbot, session,
     assert answers["fp"] in page.fp.browser.toPlainText() and PROMPT in page.fp.browser.toPlainText()
     assert "16 steps" in page.fp.stats.text() and "ms/step" in page.fp.stats.text()
     assert "forward passes" in page.quant.stats.text() and "peak resident memory" in page.quant.stats.toolTip()
-    assert answers["fp"] == "Paris" and page.diff_label.text() == "Last answers: identical."  # W4 keeps it
+    identical, speed = page.diff_label.text().split("\n")
+    assert answers["fp"] == "Paris" and identical == "Last answers: identical."  # W4 keeps it
+    # the speed and size, and why: tests pin the reference kernel (conftest), which dequantizes every step
+    assert speed.startswith("RTN W4") and " runs dequant here: " in speed and "dequantize their weights" in speed
+    ratio = page.quant.turns[-1].stats["ms_per_step"] / page.fp.turns[-1].stats["ms_per_step"]
+    size = session.model.weight_bytes() / demo_rtn4.model.weight_bytes()
+    assert f"{size:.1f}× smaller" in speed and (f"{ratio:.1f}× " in speed or "as fast" in speed)
+    assert "kernels dequant ×" in page.quant.stats.text() and "kernels" not in page.fp.stats.text()
     assert not page.stop_button.isEnabled() and not session.busy and page.input.toPlainText() == ""
     page.input.setPlainText("And of Germany?")
     assert page.send_button.isEnabled()

@@ -25,6 +25,7 @@ from dllm_studio.events import Commit, DenoiseStep
 from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import human, peak_rss_bytes
 from dllm_studio.sampling import REMASKING, GenerationConfig, check_prompt
+from dllm_studio.speed import speed_note
 from ui.dialogs import show_error
 from ui.paths import conversations_dir
 from ui.session import Session
@@ -54,7 +55,8 @@ STATS_HELP = (
     "length: the padding after the answer is not counted).<br>"
     "<b>tokens/s</b>: answer tokens ÷ wall time, as the CLI's <tt>answer_tokens_per_s</tt>. "
     "Masked diffusion commits tokens in parallel, so this is not an autoregressive decode rate.<br>"
-    "<b>peak memory</b>: this process's peak resident memory (RSS) so far, read after the run.")
+    "<b>peak memory</b>: this process's peak resident memory (RSS) so far, read after the run.<br>"
+    "<b>kernels</b>: how the quantized layers ran, measured fastest for their shape on this machine.")
 # The sampler fields the panel offers: GenerationConfig name -> (type, label, help); saved as "chat/<name>".
 SAMPLER = {
     "gen_length": (int, "&Generation length", "Answer tokens generated; all start masked."),
@@ -68,6 +70,7 @@ SAMPLER = {
 }
 STATS = {"steps": int, "forward_passes": int, "wall_time_s": float, "ms_per_step": float, "answer_tokens": int,
          "answer_tokens_per_s": float, "peak_rss_bytes": int}
+LATER_STATS = {"kernels": dict, "weight_bytes": int}  # absent from files saved before they existed
 OLD_STATS = {"answer_tokens": "tokens", "answer_tokens_per_s": "tokens_per_s"}  # format 1's names, same meaning
 SINGLE_TURN = ("This model was trained on single exchanges: only your latest message is sent to it. The earlier "
                "turns stay on screen but are not part of its prompt.")
@@ -164,8 +167,9 @@ class Turn:
         if not 0 <= turn.length <= len(turn.token_ids):
             raise ValueError(f"an answer of {len(turn.token_ids)} tokens cannot have {turn.length} before its end")
         stats = d["stats"]
-        turn.stats = None if stats is None else {k: kind(stats[k] if k in stats else stats[OLD_STATS[k]])
-                                                 for k, kind in STATS.items()}
+        turn.stats = None if stats is None else {
+            **{k: kind(stats[k] if k in stats else stats[OLD_STATS[k]]) for k, kind in STATS.items()},
+            **{k: kind(stats[k]) for k, kind in LATER_STATS.items() if k in stats}}
         return turn
 
 
@@ -173,7 +177,12 @@ def stats_text(s: dict) -> str:
     return (f"{s['steps']} steps · {s['forward_passes']} forward passes · {s['ms_per_step']:.1f} ms/step\n"
             f"{s['wall_time_s']:.2f} s total · {s['answer_tokens']} answer tokens · "
             f"{s['answer_tokens_per_s']:.1f} tokens/s\n"
-            f"peak memory {human(s['peak_rss_bytes'])}")
+            f"peak memory {human(s['peak_rss_bytes'])}"
+            + (f" · kernels {kernel_text(s['kernels'])}" if s.get("kernels") else ""))
+
+
+def kernel_text(counts: dict) -> str:
+    return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 class Pane(QGroupBox):
@@ -397,7 +406,7 @@ class ChatPage(QWidget):
                        "token with no text &nbsp;·&nbsp; "
                        f'<span style="{DIFFER_STYLE}">underlined</span>: differs from the other pane '
                        f"({ENDED}: one answer ended there)")
-        self.diff_label = QLabel(objectName="diffLabel")
+        self.diff_label = QLabel(objectName="diffLabel", wordWrap=True)
         self.turn_note = QLabel(SINGLE_TURN, objectName="singleTurnNote", wordWrap=True, visible=False)
 
         # ---- the prompt ----
@@ -572,7 +581,7 @@ class ChatPage(QWidget):
         pane, turn, model = self._queue.pop(0)
 
         def done(result) -> None:
-            self._done(turn, result)
+            self._done(turn, model, result)
             self._run_next(config)
 
         def failed(message: str) -> None:
@@ -602,11 +611,12 @@ class ChatPage(QWidget):
             turn.pieces.update(zip(new, model.token_pieces(new)))
         turn.frames.append(event)
 
-    def _done(self, turn: Turn, result) -> None:
+    def _done(self, turn: Turn, model, result) -> None:
         s = result.stats
         turn.state, turn.answer, turn.token_ids = "done", result.text, list(result.token_ids)
         turn.length = s.answer_tokens
-        turn.stats = {**{k: v for k, v in s.to_dict().items() if k in STATS}, "peak_rss_bytes": peak_rss_bytes()}
+        turn.stats = {**{k: v for k, v in s.to_dict().items() if k in STATS}, "peak_rss_bytes": peak_rss_bytes(),
+                      "kernels": dict(s.kernels), "weight_bytes": model.weight_bytes()}
 
     def stop(self) -> None:
         """Cancel the running answer and drop the queued one; what was computed stays on screen."""
@@ -641,8 +651,18 @@ class ChatPage(QWidget):
         differ = {i for i in range(n) if a.token_ids[i] != b.token_ids[i]}
         for pane in self.panes:
             pane.show_differences(differ)
-        self.diff_label.setText(f"Last answers: {len(differ)} of {n} tokens differ (underlined)." if differ
-                                else "Last answers: identical.")
+        text = f"Last answers: {len(differ)} of {n} tokens differ (underlined)." if differ else "Last answers: identical."
+        self.diff_label.setText(f"{text}\n{self._speed(a, b)}".rstrip())
+
+    def _speed(self, fp: Turn, quant: Turn) -> str:
+        """How the quantized pane's last run compares in speed and size, and why (`speed.speed_note`)."""
+        s, q = fp.stats, quant.stats
+        if not s or not q or "weight_bytes" not in s or "weight_bytes" not in q:
+            return ""
+        variant = self.session.variants.get(quant.variant or "")
+        device = variant.model.device.type if variant is not None else "cpu"
+        return speed_note(quant.variant or "Quantized", s["ms_per_step"], q["ms_per_step"], s["weight_bytes"],
+                          q["weight_bytes"], q.get("kernels", {}), device)
 
     # ---- conversation -------------------------------------------------------------------------------
     def new_chat(self) -> None:

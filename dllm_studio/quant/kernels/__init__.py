@@ -112,6 +112,11 @@ def choices(module: torch.nn.Module) -> dict[int, dict[str, int]]:
     return counts
 
 
+def used(module: torch.nn.Module, tokens: int) -> dict[str, int]:
+    """{kernel: layers} that ran calls of `tokens` rows (what a generation's stats report)."""
+    return choices(module).get(bucket(tokens), {})
+
+
 def describe(counts: dict[int, dict[str, int]]) -> str:
     """e.g. "int4 (14 layers) at <=32 tokens; dequant (14) at 256"; "" when nothing has run."""
     parts = []
