@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dllm_studio import jobs
 from dllm_studio.cli import main
@@ -123,6 +124,7 @@ class ScriptedModel:
     """Looks like a DiffusionLM to the runner; answers each prompt with a fixed text."""
 
     family = "scripted"
+    module = torch.nn.Module()  # no quantized layers: no kernels to report
     mask_token_id = None
     shift_logits = False
     context_length = 4096

@@ -73,6 +73,13 @@ def test_compare_rows_match_direct_evaluation(qtbot, compare, session, variant, 
             assert row["fp_low"] is None and row["drop_low"] is None  # no interval for a likelihood
 
     assert compare.table.item(2, 2).text().endswith("nats/token")
+    # the quantized step time comes with its ratio, and the reason for it on hover
+    from ui.pages.compare import Q_MS_COLUMN
+    qa = rows[0]
+    assert set(qa["kernels_q"]) == {"dequant"}  # the kernel tests pin (conftest)
+    ms_q = compare.table.item(0, Q_MS_COLUMN)
+    assert ms_q.text().split("\n")[1] == f"{qa['ms_per_step_q'] / qa['ms_per_step_fp']:.2f}× FP"
+    assert " runs dequant here: " in ms_q.toolTip() and "smaller" in ms_q.toolTip()
     # The chart shows accuracy (qa, math); the text suite's NLL is in the table only.
     assert list(compare.chart.fp.opts["height"]) == [100 * rows[0]["fp"], 100 * rows[1]["fp"]]
     assert list(compare.chart.q.opts["height"]) == [100 * rows[0]["q"], 100 * rows[1]["q"]]

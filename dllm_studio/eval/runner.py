@@ -24,6 +24,7 @@ from dllm_studio.eval.scoring import final_number, normalize, require_sandbox, s
 from dllm_studio.eval.suites import Suite, load_suite
 from dllm_studio.events import CancelToken, EvalProgress
 from dllm_studio.memory import peak_rss_bytes
+from dllm_studio.quant import kernels
 from dllm_studio.sampling import GenerationConfig, shift_right
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class EvalResult:
     settings: dict | None  # the GenerationConfig used; for text only the seed matters
     records: list[ItemRecord] = field(default_factory=list)
     skipped: list[SkippedItem] = field(default_factory=list)  # not answered; `items` counts the rest
+    kernels: dict[str, int] = field(default_factory=dict)  # how the quantized layers ran (`kernels.ran`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +139,7 @@ def evaluate(model: DiffusionLM, suite: Suite | str | Path, config_overrides: di
         yield _progress(suite.name, records, len(items))
     result = _summary(suite, records, config, time.perf_counter() - start)
     result.skipped = skipped
+    result.kernels = kernels.ran(model.module)
     return result
 
 

@@ -30,6 +30,7 @@ from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
 from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import size_change
+from dllm_studio.speed import speed_note
 from ui.charts import GroupedBars
 from ui.dialogs import ask, show_error
 from ui.session import Session
@@ -40,9 +41,10 @@ DEFAULT_SUITES = ("qa", "math", "code")
 COLUMNS = ("Suite", "Items", "Full precision", "Quantized", "Change (95 % CI)", "Verdict", "ms/step FP",
            "ms/step Q", "Weights")
 DROP_COLUMN, VERDICT_COLUMN = COLUMNS.index("Change (95 % CI)"), COLUMNS.index("Verdict")
+Q_MS_COLUMN, SIZE_COLUMN = COLUMNS.index("ms/step Q"), COLUMNS.index("Weights")
 FIELDS = ("suite", "metric", "items", "fp", "fp_low", "fp_high", "q", "q_low", "q_high", "relative_drop",
           "drop_low", "drop_high", "p_value", "test", "band", "verdict", "ms_per_step_fp", "ms_per_step_q",
-          "weight_bytes_fp", "weight_bytes_q")
+          "weight_bytes_fp", "weight_bytes_q", "kernels_q")
 MINUS = "\u2212"  # a real minus sign: "-2.1" reads as a hyphenated fragment in proportional fonts
 
 
@@ -73,7 +75,7 @@ def row_for(pair: SuitePair, weight_bytes_fp: int, weight_bytes_q: int) -> dict:
             "relative_drop": stats.drop, "drop_low": drop_low, "drop_high": drop_high, "p_value": stats.p_value,
             "test": stats.test, "band": stats.band or "", "verdict": stats.verdict,
             "ms_per_step_fp": pair.fp.ms_per_step, "ms_per_step_q": pair.q.ms_per_step,
-            "weight_bytes_fp": weight_bytes_fp, "weight_bytes_q": weight_bytes_q}
+            "weight_bytes_fp": weight_bytes_fp, "weight_bytes_q": weight_bytes_q, "kernels_q": dict(pair.q.kernels)}
 
 
 def _score(row: dict, which: str) -> str:
@@ -83,6 +85,12 @@ def _score(row: dict, which: str) -> str:
     if row["metric"] == "nll_per_token":
         return f"{value:.3f} nats/token"
     return f"{100 * value:.1f} %\n({100 * row[which + '_low']:.1f}–{100 * row[which + '_high']:.1f})"
+
+
+def _ms_q(row: dict) -> str:
+    """The quantized model's step time, and on a second line its ratio to full precision."""
+    fp, q = row["ms_per_step_fp"], row["ms_per_step_q"]
+    return f"{_ms(q)}\n{q / fp:.2f}× FP" if fp and q else _ms(q)
 
 
 def _ms(value: float | None) -> str:
@@ -341,7 +349,7 @@ class ComparePage(QWidget):
         self.rows.append(row)
         # Two lines a cell (value, then its interval or baseline): the table fits a 1024-pixel window unscrolled.
         cells = (row["suite"], str(row["items"]), _score(row, "fp"), _score(row, "q"), _change_text(row),
-                 row["verdict"].replace(" at n", "\nat n"), _ms(row["ms_per_step_fp"]), _ms(row["ms_per_step_q"]),
+                 row["verdict"].replace(" at n", "\nat n"), _ms(row["ms_per_step_fp"]), _ms_q(row),
                  size_change(row["weight_bytes_fp"], row["weight_bytes_q"], self._held).replace(" → ", " →\n"))
         r = self.table.rowCount()
         self.table.insertRow(r)
@@ -355,6 +363,11 @@ class ComparePage(QWidget):
             evidence += "; no interval for a likelihood"
         for column in (DROP_COLUMN, VERDICT_COLUMN):
             self.table.item(r, column).setToolTip(evidence)
+        if row["ms_per_step_fp"] and row["ms_per_step_q"]:  # why the quantized model runs at the speed it does
+            note = speed_note(self.variant.currentText() or "Quantized", row["ms_per_step_fp"], row["ms_per_step_q"],
+                              row["weight_bytes_fp"], row["weight_bytes_q"], row["kernels_q"])
+            for column in (Q_MS_COLUMN, SIZE_COLUMN):
+                self.table.item(r, column).setToolTip(note)
         if row["band"]:  # only a band the items support gets its colour
             tint = QColor(BAND_COLORS[row["band"]])
             tint.setAlpha(90)  # a tint keeps the theme's text colour readable in light and dark palettes

@@ -112,6 +112,15 @@ def choices(module: torch.nn.Module) -> dict[int, dict[str, int]]:
     return counts
 
 
+def ran(module: torch.nn.Module) -> dict[str, int]:
+    """{kernel: layer-bucket pairs} over every bucket that has run (what an evaluation over many prompts reports)."""
+    total: dict[str, int] = {}
+    for counts in choices(module).values():
+        for name, n in counts.items():
+            total[name] = total.get(name, 0) + n
+    return total
+
+
 def used(module: torch.nn.Module, tokens: int) -> dict[str, int]:
     """{kernel: layers} that ran calls of `tokens` rows (what a generation's stats report)."""
     return choices(module).get(bucket(tokens), {})
