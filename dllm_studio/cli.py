@@ -224,9 +224,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     # Described from config.json and the safetensors headers alone: no weights are read, so even a
     # model too large for this machine can be inspected before deciding to load or quantize it.
-    info = _load(args, device="meta").info()
+    model = _load(args, device="meta")
+    info = model.info()
+    plan = _kernel_plan(model, args.device)
     if args.json:
-        print(json.dumps(dataclasses.asdict(info), indent=2))
+        print(json.dumps({**dataclasses.asdict(info), **({"kernels": plan} if plan else {})}, indent=2))
         return 0
     rows = [("family", info.family), ("path", info.path), ("parameters", f"{info.parameters:,}"),
             ("layers", info.layers), ("hidden size", info.hidden_size), ("vocabulary", f"{info.vocab_size:,}"),
@@ -235,10 +237,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info.quantization:
         rows.append(("quantization", info.quantization))
     rows += [(f"memory {name}", human(n)) for name, n in info.memory_bytes.items()]
+    for row in plan:
+        chosen = ", ".join(f"{row['chosen'][b] or 'measured at first use'} at {b} tokens" for b in sorted(row["chosen"]))
+        rows.append((f"kernels {row['shape']}", f"{row['layers']} layers: {chosen} (can run: {', '.join(row['runnable'])})"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _kernel_plan(model, device: str) -> list[dict]:
+    """How the quantized layers would run on `device` (`kernels.plan`); [] for a full-precision model."""
+    import torch
+
+    from dllm_studio.quant import kernels
+
+    return kernels.plan(model.module, torch.device(device), model.dtype)
 
 
 # ---- generate -----------------------------------------------------------------------------------

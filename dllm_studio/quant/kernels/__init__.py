@@ -56,11 +56,34 @@ def forced() -> str | None:
     return name
 
 
+def shape(layer) -> str:
+    """A layer's shape and grid, e.g. "4096->4096 w4a16 g128" (what, with device, dtype and bucket, decides)."""
+    grid = f"w{layer.bits}a{layer.act_bits} {f'g{layer.group_size}' if layer.groups > 1 else 'per-channel'}"
+    return f"{layer.in_features}->{layer.out_features} {grid}{' act-order' if layer.g_idx is not None else ''}"
+
+
 def signature(layer, device: torch.device, dtype: torch.dtype, tokens: int) -> str:
     """What decides which kernel is fastest: the layer's shape and grid, the device, the dtype, the bucket."""
-    grid = f"w{layer.bits}a{layer.act_bits} g{layer.group_size if layer.groups > 1 else 'row'}"
-    order = " act-order" if layer.g_idx is not None else ""
-    return f"{layer.in_features}->{layer.out_features} {grid}{order} {device.type} {str(dtype)[6:]} t{bucket(tokens)}"
+    return f"{shape(layer)} {device.type} {str(dtype).removeprefix('torch.')} t{bucket(tokens)}"
+
+
+def plan(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Per layer shape: its layers, the kernels that can run it, and the choice per bucket where this machine's
+    cache holds one (None: measured at first use). Reads no weights, so `info` can show it for a model on meta."""
+    rows: dict[str, dict] = {}
+    pinned = forced()
+    cache = _cache()
+    for m in module.modules():
+        if not hasattr(m, "kernel_choice"):
+            continue
+        row = rows.setdefault(shape(m), {"shape": shape(m), "layers": 0, "runnable": [
+            name for name, why in runnable(m, device).items() if why is None], "chosen": {}})
+        row["layers"] += 1
+        for b in BUCKETS:
+            can = row["runnable"]
+            known = pinned if pinned in can else can[0] if len(can) == 1 else cache.get(signature(m, device, dtype, b))
+            row["chosen"][b] = known
+    return list(rows.values())
 
 
 def runnable(layer, device: torch.device) -> dict[str, str | None]:
