@@ -234,8 +234,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = [("family", info.family), ("path", info.path), ("parameters", f"{info.parameters:,}"),
             ("layers", info.layers), ("hidden size", info.hidden_size), ("vocabulary", f"{info.vocab_size:,}"),
             ("mask token id", info.mask_token_id), ("context length", f"{info.context_length:,}"),
-            ("logits shifted", "yes" if info.shift_logits else "no"), ("weights dtype", info.dtype_reason or info.dtype),
-            ("cpu", cpu_units().line())]
+            ("logits shifted", "yes" if info.shift_logits else "no"),
+            ("weights dtype", info.dtype_reason or info.dtype), ("cpu", cpu_units().line())]
     if info.quantization:
         rows.append(("quantization", info.quantization))
     rows += [(f"memory {name}", human(n)) for name, n in info.memory_bytes.items()]

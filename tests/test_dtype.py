@@ -68,7 +68,8 @@ def test_auto_falls_back_to_the_stored_dtype_when_only_that_fits(cpu, llada_dir,
     assert model.dtype == torch.bfloat16
     assert model.dtype_reason.startswith("bfloat16 as stored: float32, the fast dtype here, would need about ")
     assert model.dtype_reason.endswith(" is free")
-    assert [e.message for e in events if isinstance(e, LoadWarning)] == [f"{llada_dir}: loaded at {model.dtype_reason}."]
+    warnings = [e.message for e in events if isinstance(e, LoadWarning)]
+    assert warnings == [f"{llada_dir}: loaded at {model.dtype_reason}."]
     # info describes what a load would do, from the headers alone
     assert main(["info", str(llada_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -145,6 +146,6 @@ def test_the_models_page_says_which_dtype_and_why(qtbot, open_page, demo_model):
     from ui.pages.models import ModelsPage
 
     form = open_page(ModelsPage).facts
-    rows = {form.itemAt(r, form.ItemRole.LabelRole).widget().text(): form.itemAt(r, form.ItemRole.FieldRole).widget().text()
-            for r in range(form.rowCount())}
+    cell = lambda row, role: form.itemAt(row, role).widget().text()  # noqa: E731
+    rows = {cell(r, form.ItemRole.LabelRole): cell(r, form.ItemRole.FieldRole) for r in range(form.rowCount())}
     assert rows["Weights held as:"] == AVX2_REASON == demo_model.dtype_reason
