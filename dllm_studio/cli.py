@@ -127,7 +127,8 @@ def _sampler_overrides(args: argparse.Namespace) -> dict:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="'demo', a local model folder, or a hub id (org/name)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weight precision to run at (default: the checkpoint's own)")
+                        help="precision to run at (default auto: bfloat16 on a GPU or a CPU with AVX512-BF16/AMX, "
+                             "else float32; the checkpoint's own if only that fits; `info` says which and why)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu; info reads no weights)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow running Python code shipped in the model folder (only for families without a native port)")
@@ -198,7 +199,7 @@ def _load(args: argparse.Namespace, device: str | None = None, stages: bool = Tr
         if stages or isinstance(event, DownloadProgress):
             _print_progress(event)
 
-    return load_model(args.model, dtype=args.dtype, device=device or args.device,
+    return load_model(args.model, dtype=args.dtype, device=device or args.device, runs_on=args.device,
                       trust_remote_code=args.trust_remote_code, on_event=on_event,
                       check_memory=not args.no_memory_check)
 
@@ -224,16 +225,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     # Described from config.json and the safetensors headers alone: no weights are read, so even a
     # model too large for this machine can be inspected before deciding to load or quantize it.
+    from dllm_studio.hardware import cpu_units
+
     model = _load(args, device="meta")
     info = model.info()
     plan = _kernel_plan(model, args.device)
     if args.json:
-        print(json.dumps({**dataclasses.asdict(info), **({"kernels": plan} if plan else {})}, indent=2))
+        print(json.dumps({**dataclasses.asdict(info), "cpu": cpu_units().line(), **({"kernels": plan} if plan else {})},
+                         indent=2))
         return 0
     rows = [("family", info.family), ("path", info.path), ("parameters", f"{info.parameters:,}"),
             ("layers", info.layers), ("hidden size", info.hidden_size), ("vocabulary", f"{info.vocab_size:,}"),
             ("mask token id", info.mask_token_id), ("context length", f"{info.context_length:,}"),
-            ("logits shifted", "yes" if info.shift_logits else "no"), ("weights dtype", info.dtype)]
+            ("logits shifted", "yes" if info.shift_logits else "no"),
+            ("weights dtype", info.dtype_reason or info.dtype), ("cpu", cpu_units().line())]
     if info.quantization:
         rows.append(("quantization", info.quantization))
     rows += [(f"memory {name}", human(n)) for name, n in info.memory_bytes.items()]
@@ -278,7 +283,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "model": args.model, "prompt": args.prompt, "text": result.text, "settings": vars(config),
-            "answer_token_ids": result.token_ids, "stats": {**result.stats.to_dict(), "threads": args.threads},
+            "answer_token_ids": result.token_ids, "stats": {**result.stats.to_dict(), "threads": args.threads,
+                                                       "dtype_reason": model.dtype_reason},
             "steps": [{"step": s.step, "block": s.block, "masked": len(s.masked),
                        "committed": [vars(c) for c in s.committed]} for s in result.steps],
         }, indent=2))

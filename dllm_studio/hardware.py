@@ -28,7 +28,8 @@ class CpuUnits:
         units = [name for name, has in (("AVX512-BF16", self.avx512_bf16), ("AMX", self.amx),
                                          ("VNNI", self.vnni)) if has]
         extra = ", ".join(units) if units else "no bf16 or int8 matrix units"
-        return f"CPU {self.capability} ({extra}), {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        return f"CPU {self.capability} ({extra}), {threads} thread{'s' * (threads != 1)}"
 
 
 @cache

@@ -73,6 +73,7 @@ class GenerationStats:
     forward_time_s: float = 0.0  # of wall_time_s, spent inside the model
     answer_tokens: int = 0  # tokens before the first stop token (`DiffusionLM.answer_length`), not gen_length
     kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel that ran them
+    dtype: str = ""  # the floating-point dtype the model ran at (why: `DiffusionLM.dtype_reason`)
 
     @property
     def ms_per_step(self) -> float:
@@ -156,7 +157,7 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
     mask_id, P = model.mask_token_id, len(prompt_ids)
     x = torch.tensor([prompt_ids + [mask_id] * config.gen_length], device=model.device)  # (1, P + G)
     generator = torch.Generator().manual_seed(config.seed)
-    stats, history = GenerationStats(), []
+    stats, history = GenerationStats(dtype=str(model.dtype).removeprefix("torch.")), []
     steps_per_block = config.steps // config.num_blocks
     eos_ids = torch.tensor(model.stop_token_ids, device=x.device, dtype=torch.long)
 

@@ -10,6 +10,23 @@ os.environ.setdefault("DLLM_STUDIO_KERNEL", "dequant")
 
 from checkpoints import make_dream, make_llada
 
+from dllm_studio.hardware import CpuUnits
+
+AVX2_CPU = CpuUnits("AVX2", avx512_bf16=False, amx=False, vnni=False)
+AMX_CPU = CpuUnits("AVX512", avx512_bf16=True, amx=True, vnni=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def avx2_cpu():
+    """Every test runs as on an AVX2-only CPU, where dtype "auto" is float32: the demo's exact answers, logits
+    and goldens were measured in fp32, and CI machines may have AVX512-BF16/AMX. Tests of "auto" itself patch
+    `hardware.cpu_units` again (test_dtype.py). Subprocesses see the real CPU."""
+    from dllm_studio import hardware
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hardware, "cpu_units", lambda: AVX2_CPU)
+        yield
+
 
 @pytest.fixture(scope="session")
 def llada_dir(tmp_path_factory):

@@ -132,7 +132,7 @@ def test_padding_mask_hides_padded_keys(llada):
 
 
 def test_bf16_load_matches_fp32_closely(llada_dir, llada):
-    bf16 = load_model(llada_dir)  # "auto": the checkpoint's own bfloat16
+    bf16 = load_model(llada_dir, dtype="bfloat16")  # as stored
     assert bf16.dtype == torch.bfloat16
     diff = (bf16.forward(IDS[None]).float() - llada.forward(IDS[None])).abs().max()
     assert diff < 0.1

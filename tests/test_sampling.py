@@ -100,7 +100,7 @@ class CraftedModel:
     """A stand-in DiffusionLM whose logits are fixed per answer position (vocab 0..3, mask 4)."""
 
     mask_token_id, stop_token_ids, context_length, family = 4, (3,), 64, "crafted"
-    device = torch.device("cpu")
+    device, dtype = torch.device("cpu"), torch.float32
 
     def __init__(self, rows, prompt_len, shift_logits=False):
         self.rows, self.prompt_len, self.shift_logits = rows, prompt_len, shift_logits

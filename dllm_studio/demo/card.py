@@ -99,7 +99,7 @@ def mix_sentence(training: dict) -> str:
 def render(model_dir: Path, evaluation: dict) -> str:
     from dllm_studio.models import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype="float32")  # the card describes the weights as stored
     info, cfg = model.info(), model.config
     training = json.loads((model_dir / "training.json").read_text())
     r = training["recipe"]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,30 +66,35 @@ def family_for(config: dict, folder: Path, trust_remote_code: bool = False) -> t
 
 
 def open_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               trust_remote_code: bool = False, check_memory: bool = True,
+               trust_remote_code: bool = False, check_memory: bool = True, runs_on: str = "cpu",
                cancel: CancelToken | None = None) -> Generator[Event, None, DiffusionLM]:
     """The job that loads `model` ("demo", a local folder or a hub id) as a ready-to-run DiffusionLM.
 
     Yields DownloadProgress while a hub id downloads and LoadProgress per stage and per weight tensor. Once
     `cancel` is set it stops at the next download chunk or tensor with `Cancelled`, and what it loaded is
     dropped (a cancelled download keeps the files it finished in the hub cache; see `hub.download`).
-    dtype "auto" keeps the checkpoint's own floating-point precision. Code from the model's folder
-    runs only when `trust_remote_code` is True (and only for families without a native port).
+    dtype "auto" is the dtype matmuls run fastest in on the device (`hardware.fast_dtype`), or the checkpoint's
+    own where only that fits in memory (see `choose_dtype`); the model's `dtype_reason` says which and why.
+    With device "meta" (described from the headers, no weight read) `runs_on` is the device it would run on.
+    Code from the model's folder runs only when `trust_remote_code` is True (and only for families without a
+    native port).
     """
     # On a helper thread: the download and the families' loaders report from inside code that cannot yield.
-    return jobs.threaded(lambda emit: _load(model, dtype, device, trust_remote_code, check_memory, emit), cancel)
+    target = runs_on if torch.device(device).type == "meta" else device
+    return jobs.threaded(lambda emit: _load(model, dtype, device, target, trust_remote_code, check_memory, emit),
+                         cancel)
 
 
 def load_model(model: str | Path, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
                trust_remote_code: bool = False, on_event: Callable[[Event], None] | None = None,
-               check_memory: bool = True) -> DiffusionLM:
+               check_memory: bool = True, runs_on: str = "cpu") -> DiffusionLM:
     """`open_model` run to the end, each event handed to `on_event`."""
     return jobs.run(open_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                               check_memory=check_memory), on_event)
+                               check_memory=check_memory, runs_on=runs_on), on_event)
 
 
-def _load(model: str | Path, dtype: str | torch.dtype, device: str, trust_remote_code: bool, check_memory: bool,
-          emit: Callable[[Event], None]) -> DiffusionLM:
+def _load(model: str | Path, dtype: str | torch.dtype, device: str, target: str, trust_remote_code: bool,
+          check_memory: bool, emit: Callable[[Event], None]) -> DiffusionLM:
     from dllm_studio import hub
     from dllm_studio.checkpoint import tensor_progress
 
@@ -97,14 +103,15 @@ def _load(model: str | Path, dtype: str | torch.dtype, device: str, trust_remote
     family = family_for(config, folder, trust_remote_code)
     check_config_sizes(folder, config)  # arithmetic only, before a module of absurd size is built
     emit(LoadProgress(f"loading {family.family} weights from {folder}"))
-    torch_dtype = _dtype(dtype, config)
-    if check_memory and torch.device(device).type != "meta":
-        from dllm_studio.checkpoint import load_bytes
-        from dllm_studio.memory import ACTIVATION_SHARE, preflight
-
-        # Refuse early, not mid-load.
-        weights = load_bytes(folder, torch_dtype.itemsize)
-        preflight(f"Loading {model}", {"weights": weights, "activations and buffers": int(weights * ACTIVATION_SHARE)}, device)
+    # Refused early, not mid-load. A described (meta) model is never refused, but says what a load would pick
+    # (where the device it would run on is here to ask for its free memory).
+    meta = torch.device(device).type == "meta"
+    absent = torch.device(target).type == "cuda" and not torch.cuda.is_available()
+    choice = choose_dtype(dtype, config, folder, target, f"Loading {model}", check_memory and not (meta and absent),
+                          refuse=not meta)
+    if choice.fallback:
+        emit(LoadWarning(f"{folder}: loaded at {choice.reason}."))
+    torch_dtype = choice.dtype
     recipe = read_recipe(folder) if config.get("quantization_config") else None  # refused before the weights load
     reporting = tensor_progress.set(lambda done, total: emit(LoadProgress(WEIGHTS_STAGE, done, total)))
     try:
@@ -113,6 +120,7 @@ def _load(model: str | Path, dtype: str | torch.dtype, device: str, trust_remote
         tensor_progress.reset(reporting)
     if recipe is not None:
         loaded.quantization = recipe
+    loaded.dtype_reason = choice.reason
     module = loaded.module
     bad = nonfinite_tensors([*module.named_parameters(), *module.named_buffers()])
     if bad:  # the model runs, but its answers are garbage: say so, and which tensors
@@ -164,16 +172,68 @@ _RECIPE_TYPES = {"method": (str,), "wbits": (int,), "abits": (int,), "group_size
                  "calib_samples": (int,), "seq_len": (int,), "masked_calib": (bool,), "skip": (list,), "seed": (int,)}
 
 
-def _dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    reason: str  # in words, for `info`, the Models page and the stats: "float32: this CPU (AVX2) has no bf16 ..."
+    fallback: bool = False  # "auto" took the checkpoint's own, smaller dtype because the fast one would not fit
+
+
+def choose_dtype(dtype: str | torch.dtype, config: dict, folder: Path, device: str, what: str,
+                 check_memory: bool = True, refuse: bool = True) -> DtypeChoice:
+    """The dtype to load `folder` at on `device`, and why. With `check_memory` and `refuse`, a model that will
+    not fit even so is refused (`InsufficientMemoryError`, naming what it needs and what is free).
+
+    "auto" is `hardware.fast_dtype(device)`: an fp16/bf16 checkpoint is upcast to fp32 on an AVX2-only CPU, an
+    fp32 one runs in bf16 where bf16 is fast. If the fast dtype would not fit but the checkpoint's own smaller
+    one would, the checkpoint's is taken (slower matmuls beat no model). An explicit dtype is taken as asked.
+    Packed quantized tensors keep their stored dtypes either way; the others take the chosen one.
+    """
+    from dllm_studio import hardware
+
     if dtype == "auto":
-        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
+        choice = DtypeChoice(hardware.fast_dtype(device), hardware.fast_dtype_reason(device))
+    elif isinstance(dtype, torch.dtype) or dtype in DTYPES:
+        chosen = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype]
+        choice = DtypeChoice(chosen, f"{_name(chosen)}: asked for explicitly")
+    else:
         raise UnsupportedModelError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
-    return names[dtype]
+    if not check_memory or (too_big := _shortfall(what, folder, choice.dtype, device)) is None:
+        return choice
+    stored = DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "").removeprefix("torch."))
+    if dtype == "auto" and stored is not None and stored.itemsize < choice.dtype.itemsize:
+        if (still := _shortfall(what, folder, stored, device)) is None:
+            from dllm_studio.memory import human
+
+            return DtypeChoice(stored, f"{_name(stored)} as stored: {_name(choice.dtype)}, the fast dtype here, would "
+                                       f"need about {human(too_big.needed)} but only {human(too_big.free)} is free",
+                               fallback=True)
+        too_big = still  # the least "auto" could take
+    if refuse:
+        raise too_big
+    return choice
+
+
+def _shortfall(what: str, folder: Path, dtype: torch.dtype, device: str):
+    """The InsufficientMemoryError loading `folder` at `dtype` would meet, or None when it fits."""
+    from dllm_studio.checkpoint import load_bytes
+    from dllm_studio.errors import InsufficientMemoryError
+    from dllm_studio.memory import ACTIVATION_SHARE, preflight
+
+    weights = load_bytes(folder, dtype.itemsize)
+    try:
+        preflight(what, {"weights": weights, "activations and buffers": int(weights * ACTIVATION_SHARE)}, device)
+    except InsufficientMemoryError as exc:
+        return exc
+    return None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _flat(value) -> list:

@@ -48,6 +48,7 @@ class ModelInfo:
     context_length: int
     shift_logits: bool
     dtype: str
+    dtype_reason: str  # why it runs at `dtype` ("float32: this CPU (AVX2) has no bf16 units, ..."); "" if unknown
     memory_bytes: dict[str, int] = field(default_factory=dict)  # precision name -> estimated weight bytes
     quantization: str | None = None  # e.g. "gptq 4-bit g128" for a quantized checkpoint
 
@@ -68,6 +69,7 @@ class DiffusionLM:
     scale_producers: ClassVar[dict[str, str]] = {}
     chat_template: ClassVar[str | None] = None  # used when the folder's tokenizer has none
     quantization = None  # the QuantRecipe that made this model, when it is a quantized one
+    dtype_reason = ""  # why it runs at its dtype, set by the loader (`models.choose_dtype`)
     not_quantizable: ClassVar[str | None] = None  # why the block-by-block quantizer cannot take this family
     override_chat_template: ClassVar[bool] = False  # True where the released template is known to be wrong
 
@@ -222,7 +224,8 @@ class DiffusionLM:
             family=self.family, source=self.source, path=str(self.path), parameters=self.num_parameters(),
             layers=self.num_layers, hidden_size=self.hidden_size, vocab_size=self.vocab_size,
             mask_token_id=self.mask_token_id, context_length=self.context_length, shift_logits=self.shift_logits,
-            dtype=str(self.dtype).removeprefix("torch."), memory_bytes=memory, quantization=label,
+            dtype=str(self.dtype).removeprefix("torch."), dtype_reason=self.dtype_reason, memory_bytes=memory,
+            quantization=label,
         )
 
 

@@ -148,7 +148,8 @@ class DiffusionGemma(DiffusionLM):
         wall = time.perf_counter() - start
         # forward_passes counts decoder passes (one per step), as transformers' tokens_per_forward does.
         stats = GenerationStats(steps=len(history), forward_passes=len(history), wall_time_s=wall,
-                                forward_time_s=wall, answer_tokens=self.answer_length(answer))
+                                forward_time_s=wall, answer_tokens=self.answer_length(answer),
+                                dtype=str(self.dtype).removeprefix("torch."))
         return GenerationResult(self.decode(answer), answer, list(prompt_ids), stats, history)
 
     def _generate(self, prompt_ids: list[int], config: GenerationConfig, steps_per_canvas: int,

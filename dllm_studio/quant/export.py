@@ -60,7 +60,7 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder.")
     config = {**model.config, "quantization_config": gptq_config(recipe) if fmt == "gptq" else model.config["quantization_config"]}
-    # The unquantized tensors are stored at the dtype the model ran at, so "auto" reloads it as it was.
+    # The unquantized tensors are stored at the dtype the model ran at, and verification reloads at that dtype.
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "torch_dtype":
             config[key] = str(model.dtype).removeprefix("torch.")
@@ -138,7 +138,7 @@ def verification(model: DiffusionLM, folder: str | Path, cancel: CancelToken | N
     """
     from dllm_studio.models import open_model
 
-    reloaded = yield from open_model(folder, device=str(model.device), cancel=cancel)
+    reloaded = yield from open_model(folder, dtype=model.dtype, device=str(model.device), cancel=cancel)
     ids = model.chat_ids(VERIFY_PROMPT)
     if model.mask_token_id is not None:
         ids += [model.mask_token_id] * VERIFY_MASKS

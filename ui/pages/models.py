@@ -217,7 +217,7 @@ class ModelsPage(QWidget):
                 ("Layers", str(info.layers)), ("Hidden size", str(info.hidden_size)),
                 ("Vocabulary", f"{info.vocab_size:,}"),
                 ("Mask token", "none" if mask is None else f"{model.tokenizer.convert_ids_to_tokens(mask)} (id {mask})"),
-                ("Context", f"{info.context_length:,} tokens"), ("Weights held as", info.dtype),
+                ("Context", f"{info.context_length:,} tokens"), ("Weights held as", info.dtype_reason or info.dtype),
                 ("Folder", info.path)]
         for name, value in rows:
             label = QLabel(value, wordWrap=True, textInteractionFlags=Qt.TextInteractionFlag.TextSelectableByMouse)
