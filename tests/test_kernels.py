@@ -173,7 +173,7 @@ def test_a_layer_whose_grid_the_fast_kernel_cannot_reproduce_runs_the_reference(
     w[:, :8] += 1.0  # eight large positive columns: each row's zero point sits at 1, far from 8
     q, scales, zeros = rtn(w, Grid(4, False), None)
     stretched = QuantLinear.from_codes(q, scales, zeros, 4, None)
-    x = torch.randn(8, 256)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))  # the probe `_agrees` uses
     err = float((KERNELS["int4"](stretched)(x).double() - reference(stretched, x)).norm() / reference(stretched, x).norm())
     assert err > kernels.AGREEMENT  # the case is real: tinygemm's bf16 offsets lose it
     tame(x), stretched(x)
