@@ -86,6 +86,7 @@ def test_quantizes_with_plausible_errors_generates_and_reloads_identically(case,
 def test_bitsandbytes_writes_the_layout_transformers_writes(demo_model, tmp_path):
     from safetensors import safe_open
 
+    from dllm_studio.models import load_model
     from dllm_studio.quant.export import save_quantized
 
     result, _ = quantized(demo_model, "bnb-nf4")
@@ -95,6 +96,9 @@ def test_bitsandbytes_writes_the_layout_transformers_writes(demo_model, tmp_path
                                    "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")} == {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    card = (folder / "README.md").read_text()
+    assert "BNB-NF4 W4A16 b64" in card and "group size" not in card and "bitsandbytes format" in card
+    assert load_model(folder).info().quantization == "bnb-nf4 4-bit b64"
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     layer = next(n.removesuffix(".weight.absmax") for n in keys if n.endswith(".weight.absmax"))
@@ -177,6 +181,12 @@ def test_library_recipes_refuse_what_the_library_cannot_do(settings, message):
     pytest.importorskip({"t": "torchao", "b": "bitsandbytes", "q": "optimum.quanto"}[settings["method"][0]])
     with pytest.raises(QuantizationError, match=message):
         QuantRecipe(**settings).validate()
+
+
+def test_library_recipes_are_labelled_with_the_library_layout():
+    assert QuantRecipe(method="quanto", wbits=8, abits=8).label == "QUANTO W8A8 per-channel"
+    assert QuantRecipe(method="quanto", wbits=4).label == "QUANTO W4A16 g128"
+    assert QuantRecipe(method="bnb-fp4", wbits=4).label == "BNB-FP4 W4A16 b64"
 
 
 def test_the_memory_preflight_counts_library_storage(demo_model):

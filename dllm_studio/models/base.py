@@ -217,7 +217,12 @@ class DiffusionLM:
         if quant:  # a quantized model: what it holds, not what it would take at each precision
             memory = {"as stored": self.weight_bytes()}
             label = f"{quant.get('method', quant.get('quant_method'))} {quant.get('bits')}-bit"
-            label += f" g{quant['group_size']}" if int(quant.get("group_size", -1)) > 0 else " per-channel"
+            from dllm_studio.quant import runtimes
+
+            if quant.get("method") in runtimes.METHODS:  # a library's own layout, not our group size
+                label += f" {runtimes.layout(quant['method'], quant.get('bits'))}"
+            else:
+                label += f" g{quant['group_size']}" if int(quant.get("group_size", -1)) > 0 else " per-channel"
         else:
             memory, label = {name: self.memory_estimate(bits) for bits, name in PRECISIONS.items()}, None
         return ModelInfo(

@@ -224,6 +224,9 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
              f"{recipe.wbits}-bit weights, {'per-channel' if not recipe.group_size else f'group size {recipe.group_size}'}, "
              f"{'symmetric' if recipe.symmetric else 'asymmetric'}; stored in the "
              f"{layout} format.", ""]
+    if recipe.method in runtimes.METHODS:  # the library's own grid: no group size or zero points of ours
+        lines[2] = (f"Quantized by dLLM Studio from `{model.source}` ({model.family}) with {recipe.label}: "
+                    f"{runtimes.METHODS[recipe.method]}; stored in the {layout} format.")
     if summary:
         lines += [f"- {line}" for line in quantized_sizes(summary, model.dtype)]
         lines += [f"- bits per quantized weight: {summary['bits_per_weight']} (bf16: 16)", ""]

@@ -81,7 +81,7 @@ class QuantRecipe:
         if self.symmetric:
             raise QuantizationError(f"{name} uses {runtimes.BY_METHOD[name].library}'s own grid; --sym does not apply.")
         if self.group_size != QuantRecipe.group_size:
-            raise QuantizationError(f"{name} groups weights its own way ({runtimes.BY_METHOD[name].layout[name]}); "
+            raise QuantizationError(f"{name} groups weights its own way ({runtimes.layout(name, self.wbits)}); "
                                     f"--group-size {self.group_size or 0} does not apply (leave the default).")
 
     def skips(self, name: str, role: str) -> bool:
@@ -90,7 +90,7 @@ class QuantRecipe:
     @property
     def label(self) -> str:
         if self.method in runtimes.METHODS:
-            return f"{self.method.upper()} W{self.wbits}A{self.abits} {runtimes.BY_METHOD[self.method].layout[self.method]}"
+            return f"{self.method.upper()} W{self.wbits}A{self.abits} {runtimes.layout(self.method, self.wbits)}"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         return f"{self.method.upper()} W{self.wbits}A{self.abits} {group}{' sym' if self.symmetric else ''}"
 

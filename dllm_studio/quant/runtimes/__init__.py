@@ -36,7 +36,7 @@ class Runtime:
     methods: dict[str, str]  # method -> one-line description
     wbits: dict[str, tuple[int, ...]]
     abits: dict[str, tuple[int, ...]]
-    layout: dict[str, str]  # method -> how it groups weights, for the recipe's label
+    layout: dict[str, dict[int, str]]  # method -> weight bits -> how it groups weights, for the recipe's label
     note: str | None = None  # said wherever the method is picked
 
     def unavailable(self) -> str | None:
@@ -59,15 +59,15 @@ RUNTIMES = (
              "bnb-int8": "bitsandbytes LLM.int8: int8 rows, input columns above 6.0 kept in 16-bit"},
             {"bnb-nf4": (4,), "bnb-fp4": (4,), "bnb-int8": (8,)},
             {"bnb-nf4": (16,), "bnb-fp4": (16,), "bnb-int8": (16,)},
-            {"bnb-nf4": "b64", "bnb-fp4": "b64", "bnb-int8": "per-channel"}),
+            {"bnb-nf4": {4: "b64"}, "bnb-fp4": {4: "b64"}, "bnb-int8": {8: "per-channel"}}),
     Runtime("optimum-quanto", "optimum.quanto", "quanto", "quanto",
             {"quanto": "optimum-quanto: int8/int4/int2 weights (int4/int2 in groups), optional int8 activations; "
                        "maintenance mode upstream"},
-            {"quanto": (8, 4, 2)}, {"quanto": (16, 8)}, {"quanto": "quanto groups"},
+            {"quanto": (8, 4, 2)}, {"quanto": (16, 8)}, {"quanto": {8: "per-channel", 4: "g128", 2: "g128"}},
             note=QUANTO_MAINTENANCE),
     Runtime("torchao", "torchao", "torchao", "torchao",
             {"torchao": "torchao: int8 weight-only (W8A16), or int8 weights x dynamic per-token int8 activations (W8A8)"},
-            {"torchao": (8,)}, {"torchao": (16, 8)}, {"torchao": "per-channel"}),
+            {"torchao": (8,)}, {"torchao": (16, 8)}, {"torchao": {8: "per-channel"}}),
 )
 BY_METHOD = {method: runtime for runtime in RUNTIMES for method in runtime.methods}
 METHODS = {method: text for runtime in RUNTIMES for method, text in runtime.methods.items()}
@@ -79,6 +79,11 @@ def unavailable(method: str) -> str | None:
     """Why a library method cannot run here (None: it can, or it is one of ours)."""
     runtime = BY_METHOD.get(method)
     return runtime.unavailable() if runtime is not None else None
+
+
+def layout(method: str, wbits: int) -> str:
+    """How a library method groups the weights it scales ("b64": blocks of 64, "g128": groups of 128 columns)."""
+    return BY_METHOD[method].layout[method].get(wbits, "")
 
 
 def for_quant_method(quant_method: str) -> Runtime | None:
