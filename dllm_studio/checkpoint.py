@@ -247,9 +247,10 @@ def _size_fields(config: dict) -> Iterator[tuple[str, object]]:
 
 
 def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an infinity (meta tensors have no values to check)."""
-    return [name for name, t in named
-            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+    """Names of the floating-point tensors holding a NaN or an infinity (meta tensors have no values to check, nor
+    has a wrapper subclass such as torchao's Int8Tensor, which holds integer codes and only looks floating-point)."""
+    return [name for name, t in named if t.is_floating_point() and not t.is_meta
+            and not hasattr(t, "__tensor_flatten__") and not bool(torch.isfinite(t).all())]
 
 
 FLOAT_DTYPES = {name for name, dtype in _DTYPES.items() if dtype.is_floating_point}

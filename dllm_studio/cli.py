@@ -3,7 +3,7 @@
     dllm-studio info MODEL [--json]
     dllm-studio generate MODEL --prompt TEXT [--gen-length N] [--steps N] [--block-length N] [--show-steps] [--json]
     dllm-studio eval MODEL --suite qa|math|code|text|all|PATH [--limit N] [--split test|train] [--json OUT]
-    dllm-studio quantize MODEL --method rtn|gptq|awq --wbits 8|4|3|2 --out DIR [--format native|gptq] ...
+    dllm-studio quantize MODEL --method rtn|gptq|awq|bnb-nf4|... --wbits 8|4|3|2 --out DIR [--format native|gptq] ...
 
 MODEL is `demo` (the bundled model), a local folder, or a hub id such as GSAI-ML/LLaDA-8B-Instruct.
 Errors print one line and exit with status 1; set DLLM_DEBUG=1 for the full traceback.
@@ -83,11 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     from dllm_studio.quant.recipe import FORMATS, METHODS, QuantRecipe
 
     d = QuantRecipe()
-    qu = commands.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ, AWQ) and save the result",
+    qu = commands.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ, AWQ, or a library runtime) and save the result",
                              description="Quantize block by block, printing one line per block, then save to --out.")
     _model_args(qu)
     qu.add_argument("--method", required=True, choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     qu.add_argument("--wbits", type=int, default=d.wbits, help=f"weight bits: 8, 4, 3 or 2 (default {d.wbits})")
+    qu.add_argument("--abits", type=int, default=d.abits,
+                    help=f"activation bits: {d.abits}, or 8 for int8 activations (quanto, torchao) (default {d.abits})")
     qu.add_argument("--group-size", type=int, default=d.group_size, metavar="G",
                     help=f"input columns sharing a scale (default {d.group_size}; 0 = one per output channel)")
     qu.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric, with zero points)")
@@ -386,16 +388,21 @@ def _score(result) -> str:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dllm_studio import jobs
     from dllm_studio.errors import FolderExistsError
-    from dllm_studio.quant.export import save_quantized
+    from dllm_studio.quant import runtimes
+    from dllm_studio.quant.export import check_format, save_quantized
     from dllm_studio.quant.pipeline import check_supported, quantize, working_set
     from dllm_studio.quant.recipe import QuantRecipe
     from dllm_studio.memory import preflight
 
     # Everything that can be refused is refused before the model is loaded.
     skip = tuple(s for s in args.skip if s != "none")
-    recipe = QuantRecipe(method=args.method, wbits=args.wbits, group_size=args.group_size or None, symmetric=args.sym,
+    recipe = QuantRecipe(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size or None, symmetric=args.sym,
                          act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
                          seq_len=args.seq_len, masked_calib=not args.no_masked_calib, skip=skip, seed=args.seed).validate()
+    check_format(recipe, args.format)
+    note = getattr(runtimes.BY_METHOD.get(recipe.method), "note", None)
+    if note:
+        print(f"note: {note}.", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FolderExistsError(out)

@@ -351,3 +351,39 @@ def test_a_load_warning_is_shown_on_the_page(qtbot, models_page, session, tmp_pa
     text = models_page.status.text()
     assert text.startswith(f"Opened {folder}.") and "<b>Warning:</b>" in text
     assert "tensor model.transformer.blocks.0.q_proj.weight and 1 more holds NaN or infinite values" in text
+
+
+def test_a_library_method_without_its_library_is_listed_disabled_with_the_reason(monkeypatch, open_page):
+    import sys
+
+    from PySide6.QtCore import Qt
+
+    from dllm_studio.quant import runtimes
+    from ui.pages.quantize import QuantizePage
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without the runtimes extra
+    page = open_page(QuantizePage)
+    for method in ("bnb-nf4", "bnb-fp4", "bnb-int8"):
+        i = page.method.findData(method)
+        assert not page.method.model().item(i).isEnabled()
+        assert "not installed" in page.method.itemText(i)
+        assert 'bitsandbytes is not installed: pip install -e ".[runtimes]"' in page.method.itemData(
+            i, Qt.ItemDataRole.ToolTipRole)
+    assert page.method.model().item(page.method.findData("rtn")).isEnabled()
+    if runtimes.unavailable("quanto") is None:
+        page.method.setCurrentIndex(page.method.findData("quanto"))
+        assert "maintenance mode" in page.method.toolTip() and "maintenance mode" in page.preflight.text()
+
+
+def test_a_library_method_offers_its_activation_bits_and_no_grid_options(quantize_page):
+    pytest.importorskip("torchao")
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("torchao"))
+    assert [page.bits.itemText(i) for i in range(page.bits.count())] == ["8-bit (W8A16)", "8-bit (W8A8)"]
+    assert not page.group.isEnabled() and not page.symmetric.isEnabled()
+    page.bits.setCurrentIndex(1)
+    recipe = page.recipe()
+    assert (recipe.method, recipe.wbits, recipe.abits) == ("torchao", 8, 8)
+    assert page.start_button.isEnabled() and "TORCHAO W8A8" in page.preflight.text()
+    page.method.setCurrentIndex(page.method.findData("gptq"))
+    assert page.group.isEnabled() and page.symmetric.isEnabled()

@@ -188,8 +188,10 @@ class DiffusionLM:
 
     def weight_bytes(self) -> int:
         """Bytes the model's tensors occupy as held now (packed quantized buffers at their packed size)."""
+        from dllm_studio.quant.runtimes import held_bytes
+
         tensors = {id(t): t for t in (*self.module.parameters(), *self.module.buffers())}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return sum(held_bytes(t) for t in tensors.values())
 
     def num_parameters(self) -> int:
         # Parameters are counted once even when shared (tied embeddings, DiffusionGemma's encoder/decoder).
@@ -217,7 +219,12 @@ class DiffusionLM:
         if quant:  # a quantized model: what it holds, not what it would take at each precision
             memory = {"as stored": self.weight_bytes()}
             label = f"{quant.get('method', quant.get('quant_method'))} {quant.get('bits')}-bit"
-            label += f" g{quant['group_size']}" if int(quant.get("group_size", -1)) > 0 else " per-channel"
+            from dllm_studio.quant import runtimes
+
+            if quant.get("method") in runtimes.METHODS:  # a library's own layout, not our group size
+                label += f" {runtimes.layout(quant['method'], quant.get('bits'))}"
+            else:
+                label += f" g{quant['group_size']}" if int(quant.get("group_size", -1)) > 0 else " per-channel"
         else:
             memory, label = {name: self.memory_estimate(bits) for bits, name in PRECISIONS.items()}, None
         return ModelInfo(
@@ -252,6 +259,10 @@ def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device
     if qconfig:
         from dllm_studio.quant import storage
 
+        if storage.quant_format(qconfig) == "runtime":
+            from dllm_studio.quant import runtimes
+
+            return runtimes.load_weights(module, folder, qconfig, dtype, device)
         storage.install_shells(module, qconfig, shapes)
         keep_dtype = lambda name: storage.keeps_dtype(module, name)  # noqa: E731
         if storage.quant_format(qconfig) == "gptq":

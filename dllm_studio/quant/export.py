@@ -28,6 +28,7 @@ from dllm_studio.events import CancelToken, Event, ExportProgress
 from dllm_studio.files import writing
 from dllm_studio.memory import quantized_sizes
 from dllm_studio.models.base import DiffusionLM
+from dllm_studio.quant import runtimes
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import FORMATS
 from dllm_studio.quant.storage import gptq_checkpoint_format, to_gptq
@@ -52,8 +53,7 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     recipe = getattr(model, "quantization", None)
     if recipe is None:
         raise ExportError(f"{model.source} is not quantized; quantize it first.")
-    if fmt not in FORMATS:
-        raise ExportError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    check_format(recipe, fmt)
     out = Path(out)
     if out.exists() and not force:
         raise FolderExistsError(out)
@@ -71,13 +71,18 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     try:
         with writing(out, ExportError, after="; nothing was written there"):
             state = {}
-            tensors = gptq_state(model) if fmt == "gptq" else _unique(model.module.state_dict())
+            metadata = {"format": "pt"}
+            if recipe.method in runtimes.METHODS:  # the library's own layout (and torchao's tensor descriptions)
+                tensors, described = runtimes.checkpoint_state(model.module)
+                tensors, metadata = _unique(tensors), {**metadata, **described}
+            else:
+                tensors = gptq_state(model) if fmt == "gptq" else _unique(model.module.state_dict())
             for done, (name, tensor) in enumerate(tensors.items(), 1):
                 _check(cancel)
                 state[name] = tensor.detach().contiguous().cpu()  # the copy off an accelerator happens here
                 yield ExportProgress("tensors", done, len(tensors))
             tmp.mkdir(parents=True)
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
             del state
             written = {"config.json": json.dumps(config, indent=2) + "\n",
                        "recipe.json": json.dumps(recipe.to_dict(), indent=2) + "\n",
@@ -98,6 +103,18 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
         raise
     files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
     return {"path": str(out), "format": fmt, "files": files, "total_bytes": sum(size for _, size in files), **report}
+
+
+def check_format(recipe, fmt: str) -> None:
+    """Refuse, before anything is written, a format `fmt` that a model made with `recipe` cannot be stored in."""
+    if fmt not in FORMATS:
+        raise ExportError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    runtime = runtimes.BY_METHOD.get(recipe.method)
+    if runtime is not None and fmt != "native":
+        raise ExportError(f"A {recipe.method} model holds {runtime.library}'s own layers, which the {fmt.upper()} "
+                          f"format cannot describe; save it with --format native (written in {runtime.library}'s "
+                          "own layout, which dLLM Studio reloads), or quantize with RTN, GPTQ or AWQ for a GPTQ "
+                          "checkpoint.")
 
 
 def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
@@ -200,11 +217,16 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
     recipe = model.quantization
     summary = profile.get("summary", {})
     layout = f"GPTQ ({gptq_checkpoint_format(recipe.symmetric)}) checkpoint" if fmt == "gptq" else "dLLM Studio packed"
+    if recipe.method in runtimes.METHODS:
+        layout = runtimes.BY_METHOD[recipe.method].library
     lines = [f"# {Path(str(model.source)).name} — {recipe.label}", "",
              f"Quantized by dLLM Studio from `{model.source}` ({model.family}) with {recipe.method.upper()}, "
              f"{recipe.wbits}-bit weights, {'per-channel' if not recipe.group_size else f'group size {recipe.group_size}'}, "
              f"{'symmetric' if recipe.symmetric else 'asymmetric'}; stored in the "
              f"{layout} format.", ""]
+    if recipe.method in runtimes.METHODS:  # the library's own grid: no group size or zero points of ours
+        lines[2] = (f"Quantized by dLLM Studio from `{model.source}` ({model.family}) with {recipe.label}: "
+                    f"{runtimes.METHODS[recipe.method]}; stored in the {layout} format.")
     if summary:
         lines += [f"- {line}" for line in quantized_sizes(summary, model.dtype)]
         lines += [f"- bits per quantized weight: {summary['bits_per_weight']} (bf16: 16)", ""]

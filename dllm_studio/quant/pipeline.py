@@ -32,7 +32,7 @@ from dllm_studio.events import BlockQuantized, CancelToken, Event, LayerQuantize
 from dllm_studio.memory import MemorySampler
 from dllm_studio.models.base import DiffusionLM, LinearLayer
 from dllm_studio.profile import InputStats
-from dllm_studio.quant import awq
+from dllm_studio.quant import awq, runtimes
 from dllm_studio.quant.calibration import calibration_batch
 from dllm_studio.quant.gptq import Hessian, gptq
 from dllm_studio.quant.grid import Grid, rtn
@@ -187,8 +187,11 @@ def _quantize_block(work, layers, states, masks, grid, recipe, cancel, progress)
                                  round(time.perf_counter() - t0, 3), done, progress.total, elapsed, eta)
 
 
-def _quantize_linear(linear: nn.Linear, role: str, tap: _Tap | None, grid: Grid, recipe: QuantRecipe) -> QuantLinear:
-    """The method's codes for one layer; without calibration inputs (`tap` None) it rounds to nearest."""
+def _quantize_linear(linear: nn.Linear, role: str, tap: _Tap | None, grid: Grid, recipe: QuantRecipe) -> nn.Module:
+    """The method's codes for one layer; without calibration inputs (`tap` None) it rounds to nearest.
+    A library method gets the library's module instead (its own rounding; inputs for activation scales)."""
+    if recipe.method in runtimes.METHODS:
+        return runtimes.convert(linear, recipe, None if tap is None else tap.inputs())
     w = linear.weight.detach().float()
     g_idx = None
     if recipe.method == "gptq" and tap is not None:
@@ -275,20 +278,25 @@ def _run(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _relative_error(linear: nn.Linear, qlinear: QuantLinear, x: torch.Tensor) -> float:
+def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor) -> float:
     reference = x @ linear.weight.detach().float().T
-    approx = x @ qlinear.dequantize(torch.float32).T
+    if isinstance(qlinear, QuantLinear):
+        approx = x @ qlinear.dequantize(torch.float32).T
+    else:  # a library's module: its own forward (its kernels, its activation quantizers), less the bias
+        approx = qlinear(x.to(linear.weight.dtype)).float()
+        if linear.bias is not None:
+            approx = approx - linear.bias.detach().float()
     return float((approx - reference).norm() / reference.norm().clamp_min(1e-12))
 
 
-def _quantize_head(model: DiffusionLM, grid: Grid, recipe: QuantRecipe) -> dict[str, QuantLinear]:
+def _quantize_head(model: DiffusionLM, grid: Grid, recipe: QuantRecipe) -> dict[str, nn.Module]:
     """LM-head linears the recipe does not skip, rounded to nearest (their inputs lie outside the blocks)."""
     return {layer.name: _quantize_linear(model.module.get_submodule(layer.name), "head", None, grid, recipe)
             for layer in model.linear_layers() if layer.role == "head" and not recipe.skips(layer.name, layer.role)}
 
 
 def _assemble(model: DiffusionLM, blocks: nn.ModuleList, qblocks: list[nn.Module],
-              heads: dict[str, QuantLinear], recipe: QuantRecipe) -> DiffusionLM:
+              heads: dict[str, nn.Module], recipe: QuantRecipe) -> DiffusionLM:
     """A new DiffusionLM whose module shares the original's other tensors and holds the quantized blocks."""
     memo = {id(t): t for t in (*model.module.parameters(), *model.module.buffers())}
     memo[id(blocks)] = nn.ModuleList(qblocks)
@@ -297,13 +305,16 @@ def _assemble(model: DiffusionLM, blocks: nn.ModuleList, qblocks: list[nn.Module
     module = copy.deepcopy(model.module, memo)
     quantized = copy.copy(model)
     quantized.module = module.eval()
-    quantized.config = {**model.config, "quantization_config": quantization_config(recipe)}
+    quantized.config = {**model.config, "quantization_config": quantization_config(recipe, module)}
     quantized.quantization = recipe
     return quantized
 
 
-def quantization_config(recipe: QuantRecipe) -> dict:
-    """The `quantization_config` block of a quantized model's config.json (native format)."""
+def quantization_config(recipe: QuantRecipe, module: nn.Module | None = None) -> dict:
+    """The `quantization_config` block of a quantized model's config.json (native format; a library method's
+    own, which may describe the quantized `module` layer by layer)."""
+    if recipe.method in runtimes.METHODS:
+        return runtimes.quantization_config(recipe, module)
     return {"quant_method": "dllm_studio", "method": recipe.method, "bits": recipe.wbits,
             "group_size": recipe.group_size or -1, "sym": recipe.symmetric, "desc_act": recipe.act_order,
             "skip": list(recipe.skip), "format": "packed-uint8"}
@@ -311,15 +322,18 @@ def quantization_config(recipe: QuantRecipe) -> dict:
 
 def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe, *, seconds: float,
               peak_rss: int) -> dict:
-    qlayers = [m for m in quantized.module.modules() if isinstance(m, QuantLinear)]
+    qlayers = [m for m in quantized.module.modules() if isinstance(m, QuantLinear) or runtimes.method_of(m)]
     weights = sum(m.in_features * m.out_features for m in qlayers)
-    packed = sum(m.nbytes() - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0) for m in qlayers)
+    packed = sum(m.nbytes() - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+                 if isinstance(m, QuantLinear) else runtimes.stored_bytes(m) for m in qlayers)
     source_bytes = weights * original.dtype.itemsize
+    widest = max((m.in_features for m in qlayers), default=None)
     return {
         "recipe": recipe.label, "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss,
         "quantized_layers": len(qlayers), "quantized_weights": weights,
         "bits_per_weight": round(packed * 8 / max(weights, 1), 4),
-        "theory_bits_per_weight": round(theory_bits(recipe), 4),
+        "theory_bits_per_weight": round(theory_bits(recipe, widest if recipe.method in runtimes.METHODS else None,
+                                                    original.dtype.itemsize * 8), 4),
         "linear_bytes_before": source_bytes, "linear_bytes_after": packed, "linear_bytes_bf16": weights * 2,
         "model_bytes_before": original.weight_bytes(), "model_bytes_after": quantized.weight_bytes(),
         "model_bytes_before_bf16": original.num_parameters() * 2,
@@ -338,14 +352,17 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe) -> dict[str, int]:
     hessians = 3 * widest * widest * 4 if recipe.method == "gptq" else 0
     return {
         "model": model.num_parameters() * model.dtype.itemsize,
-        "quantized copy": int(quantized * theory_bits(recipe, widest) / 8),
+        "quantized copy": int(quantized * theory_bits(recipe, widest, model.dtype.itemsize * 8) / 8),
         "one block at fp32": per_block * 4 * 2,  # the copy and GPTQ's working weights
         "calibration activations": tokens * model.hidden_size * 4 * 3 + taps + hessians,
     }
 
 
-def theory_bits(recipe: QuantRecipe, in_features: int | None = None) -> float:
-    """Bits per weight of the storage: the codes, plus a 16-bit scale and a `wbits` zero per group."""
+def theory_bits(recipe: QuantRecipe, in_features: int | None = None, dtype_bits: int = 16) -> float:
+    """Bits per weight of the storage: the codes, plus a 16-bit scale and a `wbits` zero per group (a library
+    method: its own layout, whose scales may be held at the model's `dtype_bits`)."""
+    if recipe.method in runtimes.METHODS:
+        return runtimes.theory_bits(recipe, in_features, dtype_bits)
     group = recipe.group_size or in_features
     return recipe.wbits + ((16 + recipe.wbits) / group if group else 0.0)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dllm_studio.errors import ModelLoadError
+from dllm_studio.quant import runtimes
 from dllm_studio.quant.packing import pack, packed_size, unpack
 from dllm_studio.quant.qlinear import QuantLinear
 
@@ -49,13 +50,16 @@ def quant_format(qconfig: dict) -> str:
     method = str(qconfig.get("quant_method", "")).lower()
     if method == "dllm_studio":
         return "native"
+    if runtimes.for_quant_method(method) is not None:
+        return "runtime"  # a library's own layers (`runtimes.load_weights`)
     if method == "gptq":
         if _checkpoint_format(qconfig) not in GPTQ_ZERO_OFFSETS:
             raise ModelLoadError(f"GPTQ checkpoint format {_checkpoint_format(qconfig)!r} is not supported "
                                  "(only the 'gptq' (v1) and 'gptq_v2' layouts).")
         return "gptq"
     raise ModelLoadError(f"quantization method {qconfig.get('quant_method')!r} in config.json is not one dLLM "
-                         "Studio reads (it reads its own checkpoints and the GPTQ format).")
+                         "Studio reads (it reads its own checkpoints, the GPTQ format and the bitsandbytes, optimum-quanto and "
+                         "torchao checkpoints it writes).")
 
 
 def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -21,7 +21,8 @@ from dllm_studio.events import BlockQuantized, LayerQuantized, LayerStats
 from dllm_studio.memory import available_bytes, human
 from dllm_studio.profile import OUTLIER_ALARM
 from dllm_studio.quant.pipeline import check_supported, quantize, working_set
-from dllm_studio.quant.recipe import METHODS, WEIGHT_BITS, QuantRecipe
+from dllm_studio.quant import runtimes
+from dllm_studio.quant.recipe import ACTIVATION_BITS, METHODS, WEIGHT_BITS, QuantRecipe
 from ui.charts import BarChart, ChannelProfile, MemoryChart
 from ui.session import Session, Variant
 from ui.theme import BAD, FIT_COLORS, WARN
@@ -38,6 +39,7 @@ FINDINGS = {
            "clipping range. Slightly behind GPTQ on average in the seed study (W4: 0.1–4% drop), relatively "
            "better at W3 on code.",
 }
+ABITS_ROLE = Qt.ItemDataRole.UserRole + 1  # the bits combo's activation bits, beside the weight bits (UserRole)
 GROUP_SIZES = ((128, "128 (default)"), (64, "64"), (32, "32"), (0, "per output channel"))
 # The charts take turns: each tick repaints at most one (5-25 ms on 2 cores), since four in one frame stalled the
 # window for 50-130 ms. Every changed chart is still repainted within four ticks, whatever the event rate.
@@ -60,8 +62,11 @@ class QuantizePage(QWidget):
         # ---- the recipe ----
         self.method = QComboBox(objectName="methodCombo")
         for i, (name, description) in enumerate(METHODS.items()):
-            self.method.addItem(name.upper(), name)
-            self.method.setItemData(i, FINDINGS[name], Qt.ItemDataRole.ToolTipRole)
+            reason = runtimes.unavailable(name)
+            self.method.addItem(name.upper() + (" (not installed)" if reason else ""), name)
+            self.method.setItemData(i, method_tooltip(name), Qt.ItemDataRole.ToolTipRole)
+            if reason:  # listed, so users see it exists, but not pickable
+                self.method.model().item(i).setEnabled(False)
         self.bits = QComboBox(objectName="bitsCombo")
         self.group = QComboBox(objectName="groupCombo")
         for size, label in GROUP_SIZES:
@@ -180,18 +185,26 @@ class QuantizePage(QWidget):
         wanted = wanted or self.bits.currentData()
         self.bits.blockSignals(True)
         self.bits.clear()
-        for bits in WEIGHT_BITS[self.method.currentData()]:
-            self.bits.addItem(f"{bits}-bit (W{bits}A16)", bits)
+        method = self.method.currentData()
+        for bits in WEIGHT_BITS[method]:
+            for abits in ACTIVATION_BITS[method]:
+                self.bits.addItem(f"{bits}-bit (W{bits}A{abits})", bits)
+                self.bits.setItemData(self.bits.count() - 1, abits, ABITS_ROLE)
         self.bits.setCurrentIndex(max(self.bits.findData(wanted), self.bits.findData(4), 0))
         self.bits.blockSignals(False)
 
     def _method_changed(self) -> None:
         method = self.method.currentData()
         self._fill_bits()
-        self.method.setToolTip(FINDINGS[method])
+        self.method.setToolTip(method_tooltip(method))
         self.act_order.setEnabled(method == "gptq")  # a GPTQ-only option: disabled, not silently ignored
         if method != "gptq":
             self.act_order.setChecked(False)
+        library = method in runtimes.METHODS  # the library chooses its own grid and groups
+        self.group.setEnabled(not library)
+        self.symmetric.setEnabled(not library)
+        if library:
+            self.symmetric.setChecked(False)
         self._recipe_changed()
 
     def _calib_chosen(self) -> None:
@@ -212,8 +225,11 @@ class QuantizePage(QWidget):
 
     def recipe(self) -> QuantRecipe:
         calib = self._calib_file if self.calib.currentData() == "file" and self._calib_file else "builtin"
+        library = self.method.currentData() in runtimes.METHODS
         return QuantRecipe(method=self.method.currentData(), wbits=self.bits.currentData(),
-                           group_size=self.group.currentData() or None, symmetric=self.symmetric.isChecked(),
+                           abits=self.bits.currentData(ABITS_ROLE) or 16,
+                           group_size=QuantRecipe.group_size if library else self.group.currentData() or None,
+                           symmetric=self.symmetric.isChecked(),
                            act_order=self.act_order.isChecked(), calib=calib, calib_samples=self.samples.value(),
                            seq_len=self.seq_len.value(), masked_calib=self.masked.isChecked(),
                            skip=("head",) if self.keep_head.isChecked() else ())
@@ -247,7 +263,8 @@ class QuantizePage(QWidget):
             self.preflight.setText(
                 f"Needs about <b>{human(needed)}</b> more memory; {human(free)} free: "
                 f"<span style='color:{colour}'><b>{verdict}</b></span>.<br>Result: {recipe.label}, "
-                f"about {human(model.memory_estimate(recipe.wbits, recipe.group_size or 128))} of weights.")
+                f"about {human(model.memory_estimate(recipe.wbits, recipe.group_size or 128))} of weights."
+                + (f"<br><span style='color:{WARN}'>Note: {note}.</span>" if (note := _note(recipe.method)) else ""))
             self.preflight.setToolTip("\n".join(f"{name}: {human(b)}" for name, b in parts.items()))
             ok = verdict != "won't fit"
         self.start_button.setEnabled(ok and not self.session.busy)
@@ -375,11 +392,29 @@ class QuantizePage(QWidget):
 
     def _busy_changed(self, busy: bool, _title: str) -> None:
         self.cancel_button.setEnabled(busy and self.timer.isActive())  # only this page's own job
-        for widget in (self.method, self.bits, self.group, self.calib, self.samples, self.seq_len, self.symmetric,
-                       self.masked, self.keep_head):
+        for widget in (self.method, self.bits, self.calib, self.samples, self.seq_len, self.masked, self.keep_head):
             widget.setEnabled(not busy)
         self.act_order.setEnabled(not busy and self.method.currentData() == "gptq")
+        for widget in (self.group, self.symmetric):
+            widget.setEnabled(not busy and self.method.currentData() not in runtimes.METHODS)
         self._check()
 
     def _log(self, line: str) -> None:
         self.log.appendPlainText(line)
+
+
+def _note(method: str) -> str | None:
+    runtime = runtimes.BY_METHOD.get(method)
+    return runtime.note if runtime is not None else None
+
+
+def method_tooltip(method: str) -> str:
+    """What the method does, and for a library method whether it can run here and what upstream says of it."""
+    if method in FINDINGS:
+        return FINDINGS[method]
+    lines = [METHODS[method]]
+    if note := _note(method):
+        lines.append(f"Note: {note}.")
+    if reason := runtimes.unavailable(method):
+        lines.append(f"Not available: {reason}.")
+    return "\n".join(lines)
