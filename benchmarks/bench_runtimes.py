@@ -9,7 +9,7 @@ are timed interleaved round-robin in one process (medians), and printed as ratio
 full-precision dtype on this machine, with the bytes each holds. Peak RSS of a generate (a few steps at
 256 tokens) is measured in a fresh process per config, with the peak reset after the model is built.
 
-    python benchmarks/bench_runtimes.py [--skip-large] [--rounds 3] [--json OUT]
+    python benchmarks/bench_runtimes.py [--skip-large] [--rounds 3] [--all] [--json OUT]
 """
 
 from __future__ import annotations
@@ -70,13 +70,31 @@ def quantized(module: torch.nn.Module, bits: int, group: int | None, symmetric: 
     return out
 
 
-def runtime_models(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Each installed library runtime's copy of `module` (`quant.runtimes`), by method name."""
-    try:
-        from dllm_studio.quant import runtimes
-    except ImportError:
-        return {}
-    return runtimes.bench_models(module) if hasattr(runtimes, "bench_models") else {}
+LIBRARY = [("bnb-nf4", 4, 16), ("bnb-fp4", 4, 16), ("bnb-int8", 8, 16), ("quanto", 8, 16), ("quanto", 4, 16),
+           ("quanto", 2, 16), ("quanto", 8, 8), ("torchao", 8, 16), ("torchao", 8, 8)]
+
+
+def runtime_models(module: torch.nn.Module, skip_a8: bool) -> dict[str, torch.nn.Module]:
+    """Each installed library runtime's copy of `module` (its block linears converted), by recipe label."""
+    import copy
+
+    from dllm_studio.quant import runtimes
+    from dllm_studio.quant.recipe import QuantRecipe
+
+    out = {}
+    for method, wbits, abits in LIBRARY:
+        if runtimes.unavailable(method) or (skip_a8 and abits == 8):
+            continue
+        recipe = QuantRecipe(method=method, wbits=wbits, abits=abits)
+        model = copy.deepcopy(module)
+        convert = runtimes.BY_METHOD[method].code().convert
+        for name, linear in list(model.named_modules()):
+            if isinstance(linear, torch.nn.Linear) and ".blocks." in name:
+                inputs = torch.randn(64, linear.in_features, generator=torch.Generator().manual_seed(0)).to(module.dtype)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, convert(linear, recipe, inputs))
+        out[recipe.label] = model
+    return out
 
 
 def pin(module: torch.nn.Module, kernel: str | None) -> None:
@@ -108,7 +126,7 @@ def _storages(t: torch.Tensor) -> list[torch.Tensor]:
     return [p for n in names for p in _storages(getattr(t, n))]
 
 
-def configs(module: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Module, str | None, str]]:
+def configs(module: torch.nn.Module, which: str, skip_a8: bool) -> list[tuple[str, torch.nn.Module, str | None, str]]:
     """(label, module, pinned kernel, dtype) per config."""
     from dllm_studio.quant import kernels
 
@@ -126,7 +144,7 @@ def configs(module: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Mod
             if kernels.KERNELS[name].unsupported(probe, torch.device("cpu")) is None:
                 rows.append((f"{label} · {name}", q, name, fast))
         rows.append((f"{label} · chosen", q, None, fast))
-    for name, m in runtime_models(bf16).items():
+    for name, m in runtime_models(bf16, skip_a8).items():
         rows.append((f"{name} (library)", m, None, "bf16"))
     return rows
 
@@ -144,9 +162,9 @@ def step_ms(module: torch.nn.Module, ids: torch.Tensor) -> float:
         return (time.perf_counter() - start) * 1e3
 
 
-def run(which: str, rounds: int) -> list[dict]:
+def run(which: str, rounds: int, skip_a8: bool) -> list[dict]:
     module = build(which)
-    rows = configs(module, which)
+    rows = configs(module, which, skip_a8)
     vocab = module.config.vocab_size if hasattr(module, "config") else 100
     ids = {t: torch.randint(0, min(vocab, 100), (1, t)) for t in TOKENS}
     times = {(label, t): [] for label, *_ in rows for t in TOKENS}
@@ -214,6 +232,7 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json")
+    parser.add_argument("--all", action="store_true", help="also the library W8A8 runtimes on the large model")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -225,7 +244,8 @@ def main() -> None:
           f"{'bf16' if _fast_bf16() else 'fp32'}")
     results = {"cpu": cpu_units().line(), "steps": [], "rss": {}}
     for which in ("demo",) + (() if args.skip_large else ("large",)):
-        rows = run(which, args.rounds)
+        # the library W8A8 paths take ~10x fp32 on AVX2-only CPUs (no VNNI): minutes per step at 8B shapes
+        rows = run(which, args.rounds, skip_a8=which == "large" and not cpu_units().vnni and not args.all)
         results["steps"] += rows
         print(f"\n## {which}: ms per step and ratio to the fastest full-precision dtype (lower is better)")
         print(f"{'config':<34} {'bytes':>10} {'T=32 ms':>9} {'ratio':>6} {'T=256 ms':>9} {'ratio':>6}  chosen kernels")
