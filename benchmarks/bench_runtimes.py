@@ -90,7 +90,7 @@ def runtime_models(module: torch.nn.Module, skip_a8: bool) -> dict[str, torch.nn
         convert = runtimes.BY_METHOD[method].code().convert
         for name, linear in list(model.named_modules()):
             if isinstance(linear, torch.nn.Linear) and ".blocks." in name:
-                inputs = torch.randn(64, linear.in_features, generator=torch.Generator().manual_seed(0)).to(module.dtype)
+                inputs = torch.randn(64, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight.dtype)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, convert(linear, recipe, inputs))
         out[recipe.label] = model
