@@ -6,8 +6,8 @@ For (a) the bundled demo and (b) a random LLaDA-8B-shaped model of 2 blocks (d_m
 for: fp32, bf16, our W8/W4/W3/W2 (RTN, g128, and symmetric per-channel W8 / W8A8) on every kernel that can
 run them and on the kernel the per-machine choice picks, and each installed library runtime. All configs
 are timed interleaved round-robin in one process (medians), and printed as ratios to the fastest
-full-precision dtype on this machine, with the bytes each holds. Peak RSS of a generate (a few steps at
-256 tokens) is measured in a fresh process per config, with the peak reset after the model is built.
+full-precision dtype on this machine, with the bytes each holds. Peak RSS of a few steps at 256 and at 32
+tokens is measured in a fresh process per config, with the peak reset after the model is built.
 
     python benchmarks/bench_runtimes.py [--skip-large] [--rounds 3] [--all] [--json OUT]
 """
@@ -191,7 +191,8 @@ def run(which: str, rounds: int, skip_a8: bool) -> list[dict]:
 
 
 def rss_child(which: str, config: str) -> None:
-    """Build one config, reset the peak, generate a few steps at 256 tokens; print the peak as JSON."""
+    """Build one config, reset the peak, run a few steps at 256 and at 32 tokens (so both buckets' kernels are
+    built, as in a chat with cached blocks); print the peak as JSON."""
     def status(key: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key):
@@ -212,9 +213,10 @@ def rss_child(which: str, config: str) -> None:
     gc.collect()
     held = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak from here on
-    ids = torch.randint(0, 100, (1, 256))
-    for _ in range(3):
-        step_ms(module, ids)
+    for tokens in (256, 32):
+        ids = torch.randint(0, 100, (1, tokens))
+        for _ in range(3):
+            step_ms(module, ids)
     print(json.dumps({"config": config, "baseline": baseline, "held": held, "peak": status("VmHWM")}))
 
 
@@ -255,7 +257,7 @@ def main() -> None:
         peaks = rss(which, ["fp32", "bf16", "W4", "W2"])
         results["rss"][which] = peaks
         fast = min((p for p in peaks if p["config"] in ("fp32", "bf16")), key=lambda p: p["peak"])
-        print(f"\n## {which}: peak RSS of a 3-step generate at 256 tokens (fresh process; peak reset after building)")
+        print(f"\n## {which}: peak RSS of 3 steps at 256 and 3 at 32 tokens (fresh process; peak reset after building)")
         for p in peaks:
             print(f"{p['config']:<6} peak {p['peak'] / 2**20:8.1f} MB ({p['peak'] / fast['peak']:.2f}x {fast['config']}); "
                   f"above the bare process: {(p['peak'] - p['baseline']) / 2**20:8.1f} MB "

@@ -179,3 +179,52 @@ def test_a_layer_whose_grid_the_fast_kernel_cannot_reproduce_runs_the_reference(
     tame(x), stretched(x)
     assert tame.kernel_choice == {32: "int4"} and stretched.kernel_choice == {32: "dequant"}
     assert set(stretched.built_kernels) == {"dequant"}
+
+
+def relative(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(4, 128, False), (3, 32, True), (2, None, False), (4, 64, True)])
+def test_once_int4_runs_the_layer_keeps_one_copy_of_its_codes(monkeypatch, bits, group, act_order):
+    layer = make_layer(bits, group, act_order=act_order, bias=True)
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    codes = layer.codes()
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(1))
+    ref = reference(layer, x) + layer.bias.double()
+    monkeypatch.setenv("DLLM_STUDIO_KERNEL", "int4")
+    layer(x[:8])
+    assert layer.qweight.numel() == 0 and layer.codes_source is layer.built_kernels["int4"]
+    assert layer.kernel_codes.numel() == 64 * 256 // 2  # the kernel's 4 bits a code, counted as held memory
+    after = layer.state_dict()  # the stored form comes back exactly, for export
+    assert after.keys() == stored.keys() and all(torch.equal(stored[k], after[k]) for k in stored)
+    assert torch.equal(layer.codes(), codes)
+    # a bucket that runs the dequantize kernel reads the int4 layout, still exactly the reference
+    monkeypatch.setenv("DLLM_STUDIO_KERNEL", "dequant")
+    assert relative(layer(x), ref) <= 1e-6
+    assert layer.kernel_choice == {32: "int4", 256: "dequant"} and layer.qweight.numel() == 0
+    twin = copy.deepcopy(layer)  # copies and moves get the stored form back
+    assert torch.equal(twin.qweight, stored["qweight"]) and twin.codes_source is None
+    assert relative(twin(x), ref) <= 1e-6
+    layer.to(torch.float64)
+    assert torch.equal(layer.qweight, stored["qweight"]) and "kernel_codes" not in dict(layer.named_buffers())
+
+
+def test_an_export_is_the_same_bytes_whichever_kernel_ran(demo_rtn4, tmp_path, monkeypatch):
+    import hashlib
+
+    from dllm_studio.quant.export import save_quantized
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+                if p.suffix in (".safetensors", ".json") and p.name != "profile.json"}
+
+    model = copy.copy(demo_rtn4.model)
+    model.module = copy.deepcopy(demo_rtn4.model.module)
+    before = {fmt: digest(save_quantized(model, tmp_path / f"before-{fmt}", fmt=fmt)) for fmt in ("native", "gptq")}
+    monkeypatch.setenv("DLLM_STUDIO_KERNEL", "int4")
+    model.module(torch.randint(0, 100, (1, 20)), None)
+    released = [m for m in model.module.modules() if isinstance(m, QuantLinear) and m.codes_source is not None]
+    assert released  # int4 runs the demo's 128-wide layers and holds their codes
+    after = {fmt: digest(save_quantized(model, tmp_path / f"after-{fmt}", fmt=fmt)) for fmt in ("native", "gptq")}
+    assert after == before

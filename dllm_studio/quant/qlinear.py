@@ -32,6 +32,7 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.act_bits = bits, group_size or in_features, act_bits
         self.kernel_choice: dict[int, str] = {}  # token bucket -> kernel name
         self.built_kernels: dict = {}  # kernel name -> the kernel, built from the buffers below
+        self.codes_source = None  # a kernel holding the codes in its own layout, once `qweight` is released
         groups = -(-in_features // self.group_size)
         empty = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.register_buffer("qweight", empty(out_features, packed_size(in_features, bits), dtype=torch.uint8))
@@ -59,23 +60,49 @@ class QuantLinear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
+        self.forget_kernels()  # built from the old tensors, maybe on another device; the codes come back first
         # `.to(dtype)` would round the fp16 scales through another float type; keep them, move them only.
         scales = self.scales
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float16:
             self.scales = scales.to(self.scales.device)
-        self.forget_kernels()  # built from the old tensors, maybe on another device
         return self
 
+    def release_codes(self, kernel) -> None:
+        """Let `kernel` hold the only copy of the codes (a W4 model would otherwise hold them twice, once
+        packed for export and once for the kernel). Kernels that read `qweight` are dropped and rebuilt;
+        `state_dict`, `codes()` and any copy get the stored form back from `kernel.codes()`, exactly."""
+        self.codes_source = kernel
+        self.qweight = torch.empty(0, dtype=torch.uint8, device=self.qweight.device)
+        self.register_buffer("kernel_codes", kernel.packed, persistent=False)  # counted where memory is counted
+        self.built_kernels = {name: k for name, k in self.built_kernels.items() if k is kernel}
+
+    def stored_qweight(self) -> torch.Tensor:
+        """The packed codes as stored (the `qweight` buffer, or rebuilt from the kernel that holds them)."""
+        return self.qweight if self.codes_source is None else pack(self.codes_source.codes(), self.bits)
+
     def forget_kernels(self) -> None:
+        if self.codes_source is not None:
+            self.qweight = self.stored_qweight()
+            del self._buffers["kernel_codes"]
+            self.codes_source = None
         self.kernel_choice, self.built_kernels = {}, {}
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.codes_source is not None:
+            destination[prefix + "qweight"] = self.stored_qweight()
+
     def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
         self.forget_kernels()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):  # copies (deepcopy, pickling) start without kernels: they hold the old tensors
-        return {**super().__getstate__(), "kernel_choice": {}, "built_kernels": {}}
+        state = super().__getstate__()
+        if self.codes_source is not None:
+            buffers = {k: v for k, v in state["_buffers"].items() if k != "kernel_codes"}
+            state = {**state, "_buffers": {**buffers, "qweight": self.stored_qweight()}}
+        return {**state, "kernel_choice": {}, "built_kernels": {}, "codes_source": None}
 
     @property
     def groups(self) -> int:
@@ -83,6 +110,8 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The integer codes, (out, in) uint8."""
+        if self.codes_source is not None:
+            return self.codes_source.codes()
         return unpack(self.qweight, self.bits, self.in_features)
 
     def zeros(self) -> torch.Tensor:

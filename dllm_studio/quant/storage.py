@@ -115,7 +115,7 @@ def to_gptq(layer: QuantLinear, checkpoint_format: str) -> dict[str, torch.Tenso
     if layer.in_features * bits % 32 or layer.out_features * bits % 32:
         raise ValueError(f"GPTQ packing needs in/out features whose bit count divides into 32-bit words "
                          f"({layer.in_features}x{layer.out_features} at {bits} bits)")
-    qweight = layer.qweight.contiguous().view(torch.int32).T.contiguous()  # same bit stream, int32 words
+    qweight = layer.stored_qweight().contiguous().view(torch.int32).T.contiguous()  # same bit stream, int32 words
     stored = layer.zeros().T.to(torch.int32) - GPTQ_ZERO_OFFSETS[checkpoint_format]
     if (stored < 0).any():  # would wrap to 2^bits - 1, which readers decode as another zero point
         raise ValueError("a zero point 0 has no encoding in the GPTQ v1 layout (it stores zero - 1); "

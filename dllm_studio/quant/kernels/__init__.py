@@ -108,7 +108,10 @@ def kernel_for(layer, device: torch.device, dtype: torch.dtype, tokens: int) -> 
     built = layer.built_kernels
     if name not in built:
         built[name] = KERNELS[name](layer)
-    return built[name]
+    kernel = built[name]
+    if getattr(kernel, "holds_codes", False) and layer.codes_source is None:
+        layer.release_codes(kernel)  # one copy of the codes, in the layout this kernel reads
+    return kernel
 
 
 def _agrees(layer, name: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -37,7 +37,13 @@ class Dequant(Kernel):
         self.layer = layer
         self.rows = max(16, min(layer.out_features, TILE_ELEMENTS // layer.in_features))
         self.perm = None
-        if layer.g_idx is not None:
+        # Where another kernel holds the codes (`QuantLinear.release_codes`), tiles are read from its layout:
+        # shifted codes in its column order, in blocks of 32 rows.
+        self.source = layer.codes_source
+        if self.source is not None:
+            self.rows = max(32, self.rows // 32 * 32)
+            self.perm = self.source.perm
+        elif layer.g_idx is not None:
             # Act-order groups are scattered over the columns; sorted by group they are contiguous runs of
             # `group_size` (how GPTQ assigns them), so permuting the input once per call lets every tile
             # use a reshape instead of gathering a scale for every weight.
@@ -56,7 +62,7 @@ class Dequant(Kernel):
             cols = layer.g_idx.long()
         elif self.perm is not None:
             x = x[:, self.perm]
-        zeros = layer.zeros()
+        zeros = layer.zeros() if self.source is None else layer.zeros() + self.source.shift
         out = torch.empty(layer.out_features, x.shape[0], dtype=x.dtype, device=x.device)
         buf = _buffer(self.rows, layer.in_features, x.dtype, x.device)
         for r0 in range(0, layer.out_features, self.rows):
@@ -71,7 +77,8 @@ class Dequant(Kernel):
         scales = layer.scales[r0:r1].to(w.dtype)
         offsets = -zeros[r0:r1].to(w.dtype) * scales
         size = layer.group_size
-        if cols is None and self.perm is None and layer.in_features % size == 0 and layer.bits in (2, 4):
+        fast = cols is None and self.perm is None and self.source is None
+        if fast and layer.in_features % size == 0 and layer.bits in (2, 4):
             # Straight from the packed bytes: one fused multiply-add per slot of the byte, written to every
             # (8 / bits)-th weight, instead of unpacking the codes into a temporary first (2x faster).
             per_byte, mask = 8 // layer.bits, (1 << layer.bits) - 1
@@ -81,9 +88,12 @@ class Dequant(Kernel):
                 torch.addcmul(offsets[..., None], (packed >> slot * layer.bits) & mask, scales[..., None],
                               out=slots[..., slot])
             return
-        q = _codes(layer, r0, r1)
-        if self.perm is not None:
-            q = q[:, self.perm]
+        if self.source is not None:
+            q = self.source.rows(r0, r1)  # already in the permuted column order
+        else:
+            q = _codes(layer, r0, r1)
+            if self.perm is not None:
+                q = q[:, self.perm]
         if cols is not None:  # irregular groups: one scale per weight
             torch.addcmul(offsets[:, cols], q, scales[:, cols], out=w)
             return

@@ -7,6 +7,11 @@ m = (8 - c - z) * s exactly 0: unshifted 2-bit codes would leave an m of ~8 s an
 in every weight. Act-order layers are packed with their columns sorted by group, and the input is
 permuted the same way per call; a per-channel layer repeats its one scale over groups of 128 columns.
 Packing happens once, here; the kernel computes in bf16 (cpu-kernels.md: its fp32 path is ~30x slower).
+
+On CPU the packed codes are the layer's codes, rearranged: byte (b, k, j) of the (out / 32, in, 16) layout
+holds row 32 b + j in its low nibble and row 32 b + 16 + j in its high one. So the layer keeps one copy of its
+codes (`QuantLinear.release_codes`): `rows` hands them to the dequantize kernel, `codes` gives the stored form
+back exactly for export. (The CUDA layout is torch's tiled one; there the layer keeps its own copy.)
 """
 
 from __future__ import annotations
@@ -50,12 +55,14 @@ class Int4(Kernel):
         return None
 
     def __init__(self, layer) -> None:
-        self.cuda = layer.qweight.device.type == "cuda"
+        self.cuda = layer.scales.device.type == "cuda"
+        self.holds_codes = not self.cuda  # its layout can be read back (see the module docstring)
         self.group = _kernel_group(layer)
-        self.perm = None
+        self.in_features, self.perm = layer.in_features, None
         zeros = layer.zeros().to(torch.int32)
         shift = (8 - zeros).clamp(0, 16 - (1 << layer.bits))
         groups = layer.column_groups()
+        self.shift, self.shift_cols = shift.to(torch.uint8), groups  # undone by `codes`
         q = layer.codes().to(torch.int32) + shift[:, groups]
         if layer.g_idx is not None:
             self.perm = torch.argsort(layer.g_idx.long(), stable=True)
@@ -72,6 +79,22 @@ class Int4(Kernel):
             self.packed = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), tiles)
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Shifted codes q + shift of rows r0..r1 (multiples of 32), columns in the kernel's order: (rows, in) uint8."""
+        blocks = self.packed.view(-1, self.in_features, 16)[r0 // 32: r1 // 32]
+        halves = torch.stack((blocks & 15, blocks >> 4), dim=1)  # (blocks, 2, in, 16)
+        return halves.transpose(2, 3).reshape(r1 - r0, self.in_features)
+
+    def codes(self) -> torch.Tensor:
+        """The layer's stored codes (out, in) uint8, exactly: the packing undone."""
+        q = self.rows(0, self.packed.shape[0])
+        shift = self.shift[:, self.shift_cols]
+        if self.perm is None:
+            return q - shift
+        codes = torch.empty_like(q)
+        codes[:, self.perm] = q - shift[:, self.perm]
+        return codes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
