@@ -88,6 +88,15 @@ class Dequant(Kernel):
                 torch.addcmul(offsets[..., None], (packed >> slot * layer.bits) & mask, scales[..., None],
                               out=slots[..., slot])
             return
+        if self.source is not None and layer.in_features % size == 0:
+            # Straight from the int4 layout: byte (block, column, j) holds rows 32 block + j (low nibble) and
+            # 32 block + 16 + j (high); one fused multiply-add per nibble writes them in place.
+            blocks = self.source.packed.view(-1, layer.groups, size, 16)[r0 // 32: r1 // 32]
+            tile = w.view(-1, 2, 16, layer.groups, size)
+            s, o = (t.view(-1, 2, 16, layer.groups).permute(0, 1, 3, 2)[..., None, :] for t in (scales, offsets))
+            for half, nibble in enumerate((blocks & 15, blocks >> 4)):
+                torch.addcmul(o[:, half], nibble, s[:, half], out=tile[:, half].permute(0, 2, 3, 1))
+            return
         if self.source is not None:
             q = self.source.rows(r0, r1)  # already in the permuted column order
         else:
