@@ -228,3 +228,15 @@ def test_an_export_is_the_same_bytes_whichever_kernel_ran(demo_rtn4, tmp_path, m
     assert released  # int4 runs the demo's 128-wide layers and holds their codes
     after = {fmt: digest(save_quantized(model, tmp_path / f"after-{fmt}", fmt=fmt)) for fmt in ("native", "gptq")}
     assert after == before
+
+
+def test_int4_packs_a_few_row_blocks_at_a_time_into_the_layout_torch_packs_whole(monkeypatch):
+    from dllm_studio.quant.kernels import int4
+
+    layer = make_layer(3, 32, act_order=True, out=160)
+    whole = int4.Int4(layer).packed
+    monkeypatch.setattr(int4, "CHUNK", 32 * 256)  # one block of 32 rows a step: five steps
+    assert torch.equal(int4.Int4(layer).packed, whole)
+    reference_packing = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        int4.Int4(layer)._kernel_codes(layer, 0, 160).contiguous(), 1)
+    assert torch.equal(whole, reference_packing)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 
 from dllm_studio.quant.kernels.base import Kernel
+from dllm_studio.quant.packing import unpack
 
 GROUPS = (256, 128, 64, 32)  # group sizes the kernels take
+CHUNK = 1 << 22  # codes packed per step
 
 
 def _kernel_group(layer) -> int | None:
@@ -63,10 +65,9 @@ class Int4(Kernel):
         shift = (8 - zeros).clamp(0, 16 - (1 << layer.bits))
         groups = layer.column_groups()
         self.shift, self.shift_cols = shift.to(torch.uint8), groups  # undone by `codes`
-        q = layer.codes().to(torch.int32) + shift[:, groups]
         if layer.g_idx is not None:
             self.perm = torch.argsort(layer.g_idx.long(), stable=True)
-            q, groups = q[:, self.perm], groups[self.perm]
+            groups = groups[self.perm]
         kernel_groups = layer.in_features // self.group
         # One (scale, m) pair per kernel group: the stored group of the kernel group's first column.
         first = groups[:: self.group][:kernel_groups]
@@ -74,11 +75,25 @@ class Int4(Kernel):
         offsets = (8 - shift[:, first] - zeros[:, first]).float() * scales
         self.scales_and_zeros = torch.stack((scales, offsets), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         if self.cuda:
+            q = self._kernel_codes(layer, 0, layer.out_features)
             packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # tinygemm's CUDA input: even column high
             tiles = 8 if layer.in_features % 256 == 0 else 4
             self.packed = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), tiles)
-        else:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+            return
+        # Blocks of 32 rows pack independently, so a few at a time keeps the int32 temporaries the packing op
+        # wants to ~16 MB instead of 8 bytes a weight for the whole layer (400 MB at 4096 x 12288).
+        self.packed = torch.empty(layer.out_features, layer.in_features // 2, dtype=torch.uint8)
+        rows = max(32, CHUNK // layer.in_features // 32 * 32)
+        for r0 in range(0, layer.out_features, rows):
+            r1 = min(r0 + rows, layer.out_features)
+            q = self._kernel_codes(layer, r0, r1)
+            self.packed[r0:r1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+
+    def _kernel_codes(self, layer, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of the codes as the kernel takes them: int32, shifted, columns in its order."""
+        q = unpack(layer.stored_qweight()[r0:r1], layer.bits, layer.in_features).to(torch.int32)
+        q += self.shift[r0:r1, self.shift_cols].to(torch.int32)
+        return q if self.perm is None else q[:, self.perm]
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """Shifted codes q + shift of rows r0..r1 (multiples of 32), columns in the kernel's order: (rows, in) uint8."""
