@@ -7,7 +7,8 @@ for: fp32, bf16, our W8/W4/W3/W2 (RTN, g128, and symmetric per-channel W8 / W8A8
 run them and on the kernel the per-machine choice picks, and each installed library runtime. All configs
 are timed interleaved round-robin in one process (medians), and printed as ratios to the fastest
 full-precision dtype on this machine, with the bytes each holds. Peak RSS of a few steps at 256 and at 32
-tokens is measured in a fresh process per config, with the peak reset after the model is built.
+tokens is measured in a fresh process per config, holding the model as a loaded checkpoint would (quantized
+layers created packed, never dense), with the peak reset once it is held.
 
     python benchmarks/bench_runtimes.py [--skip-large] [--rounds 3] [--all] [--json OUT]
 """
@@ -195,27 +196,53 @@ def run(which: str, rounds: int, skip_a8: bool) -> list[dict]:
     return out
 
 
+def materialised(which: str, config: str) -> torch.nn.Module:
+    """The model as it is held after loading a checkpoint: built on meta, its quantized layers created packed,
+    then given memory once (random values), so no dense copy of a quantized layer ever exists, as when a
+    quantized folder is opened."""
+    from dllm_studio.models.llada import LLaDAConfig, LLaDAModelLM
+    from dllm_studio.quant.qlinear import QuantLinear
+
+    settings = json.loads((DEMO / "config.json").read_text())
+    if which == "large":
+        settings.update(d_model=4096, n_layers=2, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288)
+    dtype = torch.float32 if config == "fp32" or (config != "bf16" and not _fast_bf16()) else torch.bfloat16
+    with torch.device("meta"):
+        module = LLaDAModelLM(LLaDAConfig.from_dict(settings)).to(dtype)
+        if config not in ("fp32", "bf16"):
+            for name, linear in list(module.named_modules()):
+                if isinstance(linear, torch.nn.Linear) and ".blocks." in name:
+                    parent, _, child = name.rpartition(".")
+                    setattr(module.get_submodule(parent), child,
+                            QuantLinear(linear.in_features, linear.out_features, int(config[1]), 128, dtype=dtype))
+    module.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, QuantLinear):
+                for t in (m.qweight, m.qzeros):
+                    t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=gen))
+                m.scales.copy_(torch.rand(m.scales.shape, generator=gen) * 1e-2)
+        for p in module.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    return module.eval()
+
+
 def rss_child(which: str, config: str) -> None:
-    """Build one config, reset the peak, run a few steps at 256 and at 32 tokens (so both buckets' kernels are
-    built, as in a chat with cached blocks); print the peak as JSON."""
+    """Hold one config as loaded, reset the peak, run a few steps at 256 and at 32 tokens (so both buckets'
+    kernels are built, as in a chat with cached blocks); print the peak as JSON."""
     def status(key: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
         return 0
 
-    import gc
+    import dllm_studio.models.llada  # noqa: F401  (imports count as the bare process, not as the model)
+    import dllm_studio.quant.qlinear  # noqa: F401
 
     baseline = status("VmRSS")
-    module = build(which)
-    if config == "bf16":
-        module = module.to(torch.bfloat16)
-    elif config != "fp32":
-        bits = int(config[1])
-        dense = module if not _fast_bf16() else module.to(torch.bfloat16)
-        module = quantized(dense, bits, 128, False)
-        del dense
-    gc.collect()
+    module = materialised(which, config)
+    _trim()  # hand back the heap the random initialisation freed, so `held` is the model
     held = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak from here on
     for tokens in (256, 32):
@@ -223,6 +250,16 @@ def rss_child(which: str, config: str) -> None:
         for _ in range(3):
             step_ms(module, ids)
     print(json.dumps({"config": config, "baseline": baseline, "held": held, "peak": status("VmHWM")}))
+
+
+def _trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak then includes the allocator's cache
+        pass
 
 
 def rss(which: str, configs_: list[str]) -> list[dict]:
