@@ -73,6 +73,8 @@ def test_send_animates_both_panes_in_turn_and_matches_the_engine(qtbot, session,
     size = session.model.weight_bytes() / demo_rtn4.model.weight_bytes()
     assert f"{size:.1f}× smaller" in speed and (f"{ratio:.1f}× " in speed or "as fast" in speed)
     assert "kernels dequant ×" in page.quant.stats.text() and "kernels" not in page.fp.stats.text()
+    assert "<b>dequant</b>: dequantize tiles + dense matmul" in page.quant.stats.toolTip()
+    assert "This answer's quantized layers ran" not in page.fp.stats.toolTip()
     assert not page.stop_button.isEnabled() and not session.busy and page.input.toPlainText() == ""
     page.input.setPlainText("And of Germany?")
     assert page.send_button.isEnabled()

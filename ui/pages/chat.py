@@ -24,6 +24,7 @@ from dllm_studio.errors import DllmError, InvalidSettingsError, WriteError
 from dllm_studio.events import Commit, DenoiseStep
 from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import human, peak_rss_bytes
+from dllm_studio.quant.kernels import KERNELS
 from dllm_studio.sampling import REMASKING, GenerationConfig, check_prompt
 from dllm_studio.speed import speed_note
 from ui.dialogs import show_error
@@ -181,6 +182,12 @@ def stats_text(s: dict) -> str:
             + (f" · kernels {kernel_text(s['kernels'])}" if s.get("kernels") else ""))
 
 
+def kernel_help(counts: dict) -> str:
+    """What each kernel that ran this answer is, for the stats tooltip."""
+    lines = [f"<b>{name}</b>: {KERNELS[name].label}" for name in counts if name in KERNELS]
+    return "<br><br>This answer's quantized layers ran:<br>" + "<br>".join(lines) if lines else ""
+
+
 def kernel_text(counts: dict) -> str:
     return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
@@ -297,6 +304,7 @@ class Pane(QGroupBox):
         self.replay.setEnabled(n > 0)
         self.replay_label.setText(f"Step {n} of {turn.total_steps}" if n else "Replay")
         self.stats.setText(stats_text(turn.stats) if turn.stats else "")
+        self.stats.setToolTip(STATS_HELP + kernel_help(turn.stats.get("kernels", {}) if turn.stats else {}))
         self.copy.setEnabled(self.last_answer() is not None)
         self.update_status()
         self.render()
