@@ -70,17 +70,23 @@ def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int
     group = int(qconfig.get("group_size", -1))
     desc_act = bool(qconfig.get("desc_act", False))
     for name in [n[: -len(".qweight")] for n in shapes if n.endswith(".qweight")]:
-        try:
-            linear = module.get_submodule(name)
-        except AttributeError:
-            raise ModelLoadError(f"quantized tensor {name}.qweight names no layer of this architecture.") from None
-        if not isinstance(linear, nn.Linear):
-            raise ModelLoadError(f"quantized tensor {name}.qweight belongs to {type(linear).__name__}, not a linear layer.")
+        linear = linear_at(module, name, f"quantized tensor {name}.qweight")
         act_order = f"{name}.g_idx" in shapes if fmt == "native" else desc_act
         shell = QuantLinear(linear.in_features, linear.out_features, bits, group if group > 0 else None,
                             bias=linear.bias is not None, act_order=act_order, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, shell)
+
+
+def linear_at(module: nn.Module, name: str, what: str) -> nn.Linear:
+    """The nn.Linear a checkpoint's quantized tensors name (`what`, for the error), or a clear refusal."""
+    try:
+        linear = module.get_submodule(name)
+    except AttributeError:
+        raise ModelLoadError(f"{what} names no layer of this architecture.") from None
+    if not isinstance(linear, nn.Linear):
+        raise ModelLoadError(f"{what} belongs to {type(linear).__name__}, not a linear layer.")
+    return linear
 
 
 def keeps_dtype(module: nn.Module, name: str) -> bool:

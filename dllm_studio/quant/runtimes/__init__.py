@@ -160,10 +160,10 @@ def load_weights(module, folder, qconfig: dict, dtype, device):
     """Load a checkpoint a runtime wrote into `module` (built on meta): every other tensor strictly, as
     `checkpoint.load_into` does, and each quantized layer rebuilt by the library from its stored tensors."""
     from safetensors import safe_open
-    from torch import nn
 
     from dllm_studio.checkpoint import check_shapes, load_into, tensor_shapes, weight_files
     from dllm_studio.errors import ModelLoadError
+    from dllm_studio.quant.storage import linear_at
 
     runtime = for_quant_method(str(qconfig.get("quant_method")))
     method = qconfig.get("method")
@@ -177,12 +177,7 @@ def load_weights(module, folder, qconfig: dict, dtype, device):
     shapes = tensor_shapes(folder)
     names = rt.layer_names(shapes, qconfig)
     for name in names:
-        try:
-            linear = module.get_submodule(name)
-        except AttributeError:
-            raise ModelLoadError(f"quantized layer {name} names no layer of this architecture.") from None
-        if not isinstance(linear, nn.Linear):
-            raise ModelLoadError(f"quantized layer {name} is a {type(linear).__name__}, not a linear layer.")
+        linear_at(module, name, f"quantized layer {name}")
 
     def owner(key: str) -> str | None:
         parts = key.split(".")
