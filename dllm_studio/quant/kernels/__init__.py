@@ -8,7 +8,7 @@ on AVX2-only CPUs int8 x int8 is slow, on AMX it beats bf16), so the first call 
 token bucket times every kernel that can run it on a random input, drops any whose output disagrees with
 the reference dequantization (relative error above `AGREEMENT`), and keeps the fastest. Choices are
 cached per machine in the user cache folder, so the measurement runs once per shape. `DLLM_STUDIO_KERNEL`
-(or `force`) pins a kernel wherever it can run.
+pins a kernel wherever it can run.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ BUCKETS = (32, 256)  # tokens per call the choice is measured at: a cached block
 AGREEMENT = 1e-2  # a kernel must reproduce the reference dequantization this closely to be chosen
 REPEATS = 3
 
-_forced: str | None = None
 _decided: dict[str, str] = {}  # signature -> kernel name, this process
 
 
@@ -40,17 +39,8 @@ def bucket(tokens: int) -> int:
     return BUCKETS[0] if tokens * tokens <= BUCKETS[0] * BUCKETS[1] else BUCKETS[1]
 
 
-def force(name: str | None) -> None:
-    """Run every layer with kernel `name` where it can (None: choose by measuring again)."""
-    global _forced
-    if name is not None and name not in KERNELS:
-        raise ValueError(f"Unknown kernel {name!r}; choose one of {', '.join(KERNELS)}.")
-    _forced = name
-    _decided.clear()
-
-
 def forced() -> str | None:
-    name = _forced or os.environ.get("DLLM_STUDIO_KERNEL") or None
+    name = os.environ.get("DLLM_STUDIO_KERNEL") or None
     if name is not None and name not in KERNELS:
         raise ValueError(f"DLLM_STUDIO_KERNEL={name!r} names no kernel; choose one of {', '.join(KERNELS)}.")
     return name
