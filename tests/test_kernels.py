@@ -240,3 +240,25 @@ def test_int4_packs_a_few_row_blocks_at_a_time_into_the_layout_torch_packs_whole
     reference_packing = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         int4.Int4(layer)._kernel_codes(layer, 0, 160).contiguous(), 1)
     assert torch.equal(whole, reference_packing)
+
+
+def test_a_quantized_folder_chooses_its_kernels_while_it_loads(measured, demo_rtn4, tmp_path, monkeypatch):
+    from dllm_studio import jobs
+    from dllm_studio.events import LoadProgress
+    from dllm_studio.models import KERNELS_STAGE, open_model
+    from dllm_studio.quant.export import save_quantized
+
+    folder = save_quantized(demo_rtn4.model, tmp_path / "w4")
+    stages = []
+    model = jobs.run(open_model(folder), lambda e: stages.append(e.stage) if isinstance(e, LoadProgress) else None)
+    assert KERNELS_STAGE in stages
+    table = json.loads(kernels.cache_path().read_text())[kernels.machine()]
+    layers = [m for m in model.module.modules() if isinstance(m, QuantLinear)]
+    choosable = {kernels.shape(m) for m in layers if sum(w is None for w in kernels.runnable(m, CPU).values()) > 1}
+    assert choosable and len(choosable) < len({kernels.shape(m) for m in layers})  # one shape only runs dequant
+    assert set(table) == {f"{s} cpu float32 t{b}" for s in choosable for b in kernels.BUCKETS}
+    assert all(not m.kernel_choice for m in model.module.modules() if isinstance(m, QuantLinear))
+    monkeypatch.setattr(kernels, "measure", lambda *a: pytest.fail("measured in the first step, not at load"))
+    model.module(torch.randint(0, 100, (1, 20)), None)
+    assert kernels.choices(model.module)[32]
+    assert jobs.run(open_model("demo"), lambda e: stages.append(e.stage)) and stages.count(KERNELS_STAGE) == 1

@@ -22,6 +22,7 @@ __all__ = ["DiffusionLM", "LinearLayer", "ModelInfo", "MODEL_TYPES", "family_for
 
 # LoadProgress stages: one per weight tensor read (done of total), and the last one.
 WEIGHTS_STAGE = "reading weights"
+KERNELS_STAGE = "choosing the fastest kernel for each quantized layer shape on this machine"
 READY_STAGE = "ready"
 
 
@@ -127,6 +128,11 @@ def _load(model: str | Path, dtype: str | torch.dtype, device: str, target: str,
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         emit(LoadWarning(f"{folder}: tensor {bad[0]}{more} holds NaN or infinite values; the model's answers will be "
                          "meaningless and it cannot be quantized.", tuple(bad)))
+    if config.get("quantization_config") and not meta:  # measured now, not in the first denoising step
+        from dllm_studio.quant import kernels
+
+        emit(LoadProgress(KERNELS_STAGE))
+        kernels.prepare(module, torch_dtype)
     emit(LoadProgress(READY_STAGE))
     return loaded
 

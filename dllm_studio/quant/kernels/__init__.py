@@ -4,11 +4,12 @@
     kernels.choices(model.module)      # {"int4": 12, "dequant": 2} per bucket, for info/stats/tooltips
 
 No kernel wins everywhere (cpu-kernels.md: tinygemm int4 leads at 32 tokens, dequantize-then-GEMM at 256;
-on AVX2-only CPUs int8 x int8 is slow, on AMX it beats bf16), so the first call of a new layer shape in a
-token bucket times every kernel that can run it on a random input, drops any whose output disagrees with
-the reference dequantization (relative error above `AGREEMENT`), and keeps the fastest. Choices are
-cached per machine in the user cache folder, so the measurement runs once per shape. `DLLM_STUDIO_KERNEL`
-pins a kernel wherever it can run.
+on AVX2-only CPUs int8 x int8 is slow, on AMX it beats bf16). So when a quantized model loads (`prepare`),
+every kernel that can run a layer shape is timed on a random input in each token bucket, any whose output
+disagrees with the reference dequantization (relative error above `AGREEMENT`) is dropped, and the fastest
+is kept (a layer created some other way is measured at its first call). Choices are cached per machine in
+the user cache folder, so the measurement runs once per shape. `DLLM_STUDIO_KERNEL` pins a kernel wherever
+it can run.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def shape(layer) -> str:
 def signature(layer, device: torch.device, dtype: torch.dtype, tokens: int) -> str:
     """What decides which kernel is fastest: the layer's shape and grid, the device, the dtype, the bucket."""
     return f"{shape(layer)} {device.type} {str(dtype).removeprefix('torch.')} t{bucket(tokens)}"
+
+
+def prepare(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Choose, at load, the kernel of every layer shape in every bucket (measured where this machine's cache has
+    no choice yet), so the first denoising step does not pay for it. Returns how many shapes were seen."""
+    shapes: dict[str, torch.nn.Module] = {}
+    for m in module.modules():
+        if hasattr(m, "kernel_choice"):
+            shapes.setdefault(shape(m), m)
+    for layer in shapes.values():
+        for b in BUCKETS:
+            _choose(layer, layer.scales.device, dtype, b)
+    return len(shapes)
 
 
 def plan(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[dict]:
