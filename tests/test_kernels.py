@@ -262,3 +262,14 @@ def test_a_quantized_folder_chooses_its_kernels_while_it_loads(measured, demo_rt
     model.module(torch.randint(0, 100, (1, 20)), None)
     assert kernels.choices(model.module)[32]
     assert jobs.run(open_model("demo"), lambda e: stages.append(e.stage)) and stages.count(KERNELS_STAGE) == 1
+
+
+def test_a_model_quantized_here_has_its_kernels_chosen_when_the_job_ends(measured, demo_model):
+    from dllm_studio import jobs
+    from dllm_studio.quant.pipeline import quantize
+    from dllm_studio.quant.recipe import QuantRecipe
+
+    jobs.run(quantize(demo_model, QuantRecipe(method="rtn", wbits=4, calib_samples=2, seq_len=32)))
+    # the calibration forwards (2 x 32 rows) choose for 32 tokens; 256-token steps are chosen at the end too
+    chosen = json.loads(kernels.cache_path().read_text())[kernels.machine()]
+    assert {key.rsplit(" ", 1)[1] for key in chosen} == {"t32", "t256"}

@@ -32,7 +32,7 @@ from dllm_studio.events import BlockQuantized, CancelToken, Event, LayerQuantize
 from dllm_studio.memory import MemorySampler
 from dllm_studio.models.base import DiffusionLM, LinearLayer
 from dllm_studio.profile import InputStats
-from dllm_studio.quant import awq, runtimes
+from dllm_studio.quant import awq, kernels, runtimes
 from dllm_studio.quant.calibration import calibration_batch
 from dllm_studio.quant.gptq import Hessian, gptq
 from dllm_studio.quant.grid import Grid, rtn
@@ -132,6 +132,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
                 rss_bytes=memory.latest.rss_bytes, peak_rss_bytes=memory.peak)
         head = _quantize_head(model, grid, recipe)
         quantized = _assemble(model, blocks, qblocks, head, recipe)
+        kernels.prepare(quantized.module, model.dtype)  # as a loaded folder does, so Chat's first step is not slower
         yield from memory.drain()
     summary = summarize(model, quantized, recipe, seconds=time.perf_counter() - started, peak_rss=memory.peak)
     return QuantizationResult(quantized, recipe, summary, list(records.values()))
