@@ -51,18 +51,19 @@ class Dequant(Kernel):
             sizes = torch.bincount(layer.g_idx.long(), minlength=layer.groups)
             if bool((sizes[:-1] == layer.group_size).all()) and int(sizes[-1]) <= layer.group_size:
                 self.perm = order
+        # Unpacked once here, not per call: the zero points (shifted where the int4 layout shifted the codes),
+        # and for irregular act-order groups each column's group.
+        self.zeros = layer.zeros() if self.source is None else layer.zeros() + self.source.shift
+        self.cols = layer.g_idx.long() if layer.g_idx is not None and self.perm is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         if layer.act_bits == 8:  # W8A8 numerics: the activations are rounded to int8 per token first
             q, scale = dynamic_int8(x)
             x = q.to(x.dtype) * scale.to(x.dtype)
-        cols = None
-        if layer.g_idx is not None and self.perm is None:
-            cols = layer.g_idx.long()
-        elif self.perm is not None:
+        cols, zeros = self.cols, self.zeros
+        if self.perm is not None:
             x = x[:, self.perm]
-        zeros = layer.zeros() if self.source is None else layer.zeros() + self.source.shift
         out = torch.empty(layer.out_features, x.shape[0], dtype=x.dtype, device=x.device)
         buf = _buffer(self.rows, layer.in_features, x.dtype, x.device)
         for r0 in range(0, layer.out_features, self.rows):
