@@ -146,6 +146,24 @@ class LayerStats(Event):
 
 
 @dataclass(frozen=True)
+class LayerTransformed(Event):
+    """What a method's change of basis (smoothing, rotation) did to one linear layer's input, before rounding:
+    the same statistics as `LayerStats`, measured before and after on the same calibration tokens."""
+
+    name: str
+    role: str
+    block: int | None
+    transform: str  # e.g. "Hadamard (residual) + online Hadamard", "smoothing α=0.5", "DuQuant"
+    kurtosis_before: float
+    kurtosis_after: float
+    outlier_ratio_before: float  # max channel |x| over the median channel |x|
+    outlier_ratio_after: float
+    absmax_before: float  # the largest |x|, which sets the per-token activation scale
+    absmax_after: float
+    detail: str = ""  # the method's reason for its choice (LRQ-DiT ARS: "J = 1.7 ≥ 1.0")
+
+
+@dataclass(frozen=True)
 class LayerQuantized(Event):
     """One linear layer replaced by its quantized form."""
 

@@ -131,7 +131,8 @@ def test_quant_linear_keeps_fp16_scales_when_the_model_changes_dtype():
 
 @pytest.mark.parametrize("settings, message", [
     ({"wbits": 5}, "5"),
-    ({"method": "smoothquant"}, "Unknown method"),
+    ({"method": "nosuch"}, "Unknown method"),
+    ({"method": "smoothquant", "wbits": 4, "abits": 16}, "W4A16 is not one of them"),
     ({"abits": 8}, "weight-only"),
     ({"method": "awq", "act_order": True}, "Act-order"),
     ({"group_size": 100}, "multiple of 8"),

@@ -2,23 +2,26 @@
 
     result = jobs.run(quantize(model, QuantRecipe(method="gptq", wbits=4)), on_event=print)
 
-For each transformer block, in order:
+The loop knows no method by name: the recipe's method (`quant.methods`) decides what calibration gathers,
+how a block is changed before rounding and how each linear is rounded. For each transformer block, in order:
 1. copy the block (the only full-precision copy ever made: one block, never the model);
 2. feed it the calibration hidden states that the already-quantized blocks before it produced;
-3. record its linears' inputs: activation statistics (a `LayerStats` event each), GPTQ's Hessians,
-   and a sample of inputs for AWQ's searches and the error report;
-4. quantize the linears: all at once (RTN, AWQ after folding its channel scales into the producers)
-   or stage by stage (GPTQ: q/k/v, then o, then gate/up, then down, each stage seeing the inputs the
-   quantized stages before it produce), replacing each by a `QuantLinear` (a `LayerQuantized` event);
+3. if the method prepares blocks (AWQ/SmoothQuant scales, QuaRot/DuQuant rotations): record the untouched
+   block's linear inputs (a `LayerStats` event each) and let it change the copy;
+4. round the linears: all at once, or in the method's stages (GPTQ: q/k/v, then o, then gate/up, then down,
+   each stage seeing the inputs the quantized stages before it produce), each from what its hooks gathered
+   (statistics, Hessians, a sample of inputs), replacing it by a `QuantLinear` (a `LayerQuantized` event;
+   `LayerTransformed` first where the method changed its inputs, statistics before and after);
 5. run the quantized block to produce the next block's inputs (a `BlockQuantized` event).
-The original model is only read: the result shares its untouched tensors (embeddings, norms outside
-the blocks) and owns the quantized blocks. Cancelling discards the copies and leaves it as it was.
+The original model is only read: the result shares its untouched tensors (embeddings, norms outside the
+blocks, unless the method replaces them: QuaRot rotates the embedding and the head) and owns the quantized
+blocks. Cancelling discards the copies and leaves it as it was.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
+import functools
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -28,21 +31,16 @@ from torch import nn
 
 from dllm_studio.checkpoint import nonfinite_tensors
 from dllm_studio.errors import QuantizationError
-from dllm_studio.events import BlockQuantized, CancelToken, Event, LayerQuantized, LayerStats
+from dllm_studio.events import BlockQuantized, CancelToken, Event, LayerQuantized, LayerStats, LayerTransformed
 from dllm_studio.memory import MemorySampler
 from dllm_studio.models.base import DiffusionLM, LinearLayer
-from dllm_studio.profile import InputStats
-from dllm_studio.quant import awq, kernels, runtimes
+from dllm_studio.profile import InputStats, outlier_ratio
+from dllm_studio.quant import capture, kernels, runtimes
 from dllm_studio.quant.calibration import calibration_batch
-from dllm_studio.quant.gptq import Hessian, gptq
-from dllm_studio.quant.grid import Grid, rtn
+from dllm_studio.quant.capture import BATCH, SAMPLE_TOKENS
+from dllm_studio.quant.methods.base import Block, Method
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
-
-# GPTQ's sequential stages inside a block: each reads what the stages before it produce.
-STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
-SAMPLE_TOKENS = 4096  # input rows kept per linear for AWQ's searches and the error report
-BATCH = 8  # calibration sequences per forward pass
 
 
 @dataclass
@@ -53,40 +51,14 @@ class QuantizationResult:
     layers: list[dict] = field(default_factory=list)  # LayerStats and LayerQuantized, as dicts, per layer
 
 
-@dataclass
-class _Tap:
-    """What the hooks gather about one linear's input while calibration batches flow through a block."""
-
-    stats: InputStats | None = None
-    hessian: Hessian | None = None
-    sample: list[torch.Tensor] = field(default_factory=list)
-    sampled: int = 0
-
-    def add(self, x: torch.Tensor, masked: torch.Tensor | None) -> None:
-        if self.stats is not None:
-            self.stats.add(x, masked)
-        if self.hessian is not None:
-            self.hessian.add(x)
-        if self.sampled < SAMPLE_TOKENS:
-            rows = x.detach().reshape(-1, x.shape[-1])[: SAMPLE_TOKENS - self.sampled]
-            self.sample.append(rows.float())
-            self.sampled += rows.shape[0]
-
-    def inputs(self) -> torch.Tensor:
-        return torch.cat(self.sample)
-
-
-class _Captured(Exception):
-    pass
-
-
 def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None
              ) -> Generator[Event, None, QuantizationResult]:
-    """The quantization job. Yields LayerStats, LayerQuantized, BlockQuantized and MemorySample events."""
+    """The quantization job. Yields LayerStats, LayerTransformed (methods that change the linears' inputs),
+    LayerQuantized, BlockQuantized and MemorySample events."""
     recipe.validate()
     check_supported(model)
     cancel = cancel or CancelToken()
-    grid = Grid(recipe.wbits, recipe.symmetric)
+    method = recipe.spec.implementation()(model, recipe)
     blocks = model.blocks()
     by_block: dict[int, list[LinearLayer]] = {}
     for layer in model.linear_layers():
@@ -104,7 +76,8 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
     qblocks: list[nn.Module] = []
     records: dict[str, dict] = {}
     with MemorySampler() as memory, torch.no_grad():
-        states = _block_inputs(model, blocks, ids)
+        states = [((method.hidden_states(args[0]), *args[1:]), kwargs)
+                  for args, kwargs in capture.block_inputs(model.module, blocks[0], ids)]
         masks = list(masked.split(BATCH))
         for index, block in enumerate(blocks):
             cancel.check()
@@ -112,13 +85,11 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
             work = copy.deepcopy(block)
             in_block = {l.name[len(prefix):]: l for l in by_block.get(index, [])}  # local name -> layer
             layers = {n: l for n, l in in_block.items() if not recipe.skips(l.name, l.role)}
-            steps = [_quantize_block(work, layers, states, masks, grid, recipe, cancel, progress)]
-            if recipe.method == "awq" and layers:  # scales first: they change what the rounding sees
-                steps.insert(0, _apply_awq_scales(model, work, in_block, layers, states, masks, grid, recipe))
-            for event in itertools.chain(*steps):
+            collect = functools.partial(_collect, work, states=states, masks=masks)
+            for event in _quantize_block(method, Block(index, work, layers, in_block, collect), cancel, progress):
                 records.setdefault(event.name, {}).update(_record(event))
                 yield event
-            states = [((_run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]  # next block's inputs
+            states = [((capture.run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]  # next block's inputs
             qblocks.append(work)
             yield from memory.drain()
             done = index + 1
@@ -130,8 +101,9 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
                 max_outlier_ratio=max((r.get("outlier_ratio", 0.0) for r in block_records), default=0.0),
                 mean_relative_error=sum(r["relative_error"] for r in block_records) / max(len(block_records), 1),
                 rss_bytes=memory.latest.rss_bytes, peak_rss_bytes=memory.peak)
-        head = _quantize_head(model, grid, recipe)
-        quantized = _assemble(model, blocks, qblocks, head, recipe)
+        outside = method.outside()
+        head = _quantize_head(model, method, outside)
+        quantized = _assemble(model, blocks, qblocks, {**outside, **head}, recipe)
         kernels.prepare(quantized.module, model.dtype)  # as a loaded folder does, so Chat's first step is not slower
         yield from memory.drain()
     summary = summarize(model, quantized, recipe, seconds=time.perf_counter() - started, peak_rss=memory.peak)
@@ -162,127 +134,60 @@ class _Progress:
         return self.done, round(elapsed, 2), round(elapsed / self.done * (self.total - self.done), 1)
 
 
-def _quantize_block(work, layers, states, masks, grid, recipe, cancel, progress) -> Generator[Event, None, None]:
-    """Quantize the linears of one block copy in place, yielding their events."""
+def _quantize_block(method: Method, block: Block, cancel: CancelToken, progress: _Progress
+                    ) -> Generator[Event, None, None]:
+    """Let the method prepare one block copy, then round its linears stage by stage, in place."""
+    layers = block.layers
     if not layers:
         return
-    stats_done = recipe.method == "awq"  # AWQ reported them before its scales changed the inputs
-    stages = [[n for n, l in layers.items() if l.role in roles] for roles in STAGES] if recipe.method == "gptq" else [list(layers)]
+    before: dict[str, InputStats] = {}
+    if type(method).prepare_block is not Method.prepare_block:
+        # The untouched block's inputs: the live profile shows them, and the method's searches read them.
+        taps = block.collect(list(layers), stats=True)
+        for name, tap in taps.items():
+            yield tap.stats.event(layers[name].name, layers[name].role, layers[name].block)
+        before = {name: tap.stats for name, tap in taps.items()}
+        yield from method.prepare_block(block, taps) or ()
+    stages = [[n for n, l in layers.items() if l.role in roles] for roles in method.stages or ()] or [list(layers)]
     stages.append([n for n in layers if not any(n in s for s in stages)])  # roles outside the known stages
     for stage in filter(None, stages):
         cancel.check()
-        stage_layers = {n: layers[n] for n in stage}
-        taps = _collect(work, stage_layers, states, masks, stats=not stats_done, hessian=recipe.method == "gptq")
-        for name, layer in stage_layers.items():
+        taps = block.collect(stage, stats=not before or method.transforms, hessian=method.hessian)
+        for name in stage:
             cancel.check()
-            tap = taps[name]
-            if tap.stats is not None:
+            tap, layer = taps[name], layers[name]
+            if name not in before:
                 yield tap.stats.event(layer.name, layer.role, layer.block)
+            elif method.transforms:
+                yield _transformed(layer, before[name], tap.stats, *method.transform_label(name))
             t0 = time.perf_counter()
-            linear = work.get_submodule(name)
-            qlinear = _quantize_linear(linear, layer.role, tap, grid, recipe)
+            linear, transform = capture.unwrap(block.module.get_submodule(name))
+            qlinear = method.round(linear, layer, tap)
+            if transform is not None:
+                qlinear.transform = transform  # the layer applies it online, before rounding its inputs
             error = _relative_error(linear, qlinear, tap.inputs())
-            _set_submodule(work, name, qlinear)
+            capture.set_submodule(block.module, name, qlinear)
             done, elapsed, eta = progress.advance()
-            yield LayerQuantized(layer.name, layer.role, layer.block, recipe.wbits, round(error, 6),
+            yield LayerQuantized(layer.name, layer.role, layer.block, method.recipe.wbits, round(error, 6),
                                  round(time.perf_counter() - t0, 3), done, progress.total, elapsed, eta)
 
 
-def _quantize_linear(linear: nn.Linear, role: str, tap: _Tap | None, grid: Grid, recipe: QuantRecipe) -> nn.Module:
-    """The method's codes for one layer; without calibration inputs (`tap` None) it rounds to nearest.
-    A library method gets the library's module instead (its own rounding; inputs for activation scales)."""
-    if recipe.method in runtimes.METHODS:
-        return runtimes.convert(linear, recipe, None if tap is None else tap.inputs())
-    w = linear.weight.detach().float()
-    g_idx = None
-    if recipe.method == "gptq" and tap is not None:
-        q, scales, zeros, g_idx = gptq(w, tap.hessian.H, grid, recipe.group_size, damp=recipe.damp,
-                                       act_order=recipe.act_order)
-    elif recipe.method == "awq" and tap is not None and role not in awq.NO_CLIP_ROLES:
-        clip = awq.search_clip(tap.inputs(), w, grid, recipe.group_size, torch.Generator(w.device).manual_seed(recipe.seed))
-        q, scales, zeros = rtn(w, grid, recipe.group_size, clip)
-    else:
-        q, scales, zeros = rtn(w, grid, recipe.group_size)
-    return QuantLinear.from_codes(q, scales, zeros, recipe.wbits, recipe.group_size, g_idx=g_idx,
-                                  bias=None if linear.bias is None else linear.bias.detach())
+def _collect(work, names, *, states, masks, stats: bool = False, hessian: bool = False):
+    return capture.collect(work, names, states, masks, stats=stats, hessian=hessian)
 
 
-def _apply_awq_scales(model, work, in_block, layers, states, masks, grid, recipe) -> Generator[Event, None, None]:
-    """AWQ's first pass: report the block's input statistics, then search each stage's channel scales on
-    the full-precision inputs and fold them into producer and consumers."""
-    taps = _collect(work, layers, states, masks, stats=True)
-    for name, tap in taps.items():
-        yield tap.stats.event(layers[name].name, layers[name].role, layers[name].block)
-    for first_role, producer_name in model.scale_producers.items():
-        stage = next(roles for roles in STAGES if first_role in roles)
-        readers = [n for n, l in layers.items() if l.role in stage]
-        if not readers:
-            continue
-        # Every linear reading the producer gets the scale, skipped ones too (exactly, in full precision).
-        consumers = [work.get_submodule(n) for n, l in in_block.items() if l.role in stage]
-        producer = work.get_submodule(producer_name)
-        width = consumers[0].in_features
-        if producer.weight.shape[0] != width or any(c.in_features != width for c in consumers):
-            continue  # e.g. v -> o under grouped-query attention: shapes do not line up, no exact fold
-        s = awq.search_scale(taps[readers[0]].inputs(), [c.weight for c in consumers], grid, recipe.group_size)
-        s = s.to(producer.weight.dtype)
-        producer.weight.div_(s.view(-1, *([1] * (producer.weight.dim() - 1))))
-        if getattr(producer, "bias", None) is not None:
-            producer.bias.div_(s)
-        for c in consumers:
-            c.weight.mul_(s.to(c.weight.dtype))
-
-
-def _collect(work, layers, states, masks, *, stats: bool = False, hessian: bool = False) -> dict[str, _Tap]:
-    """Run the calibration states through the block with hooks on `layers`; return what they saw."""
-    taps = {}
-    current: list[torch.Tensor | None] = [None]
-    handles = []
-    for name in layers:
-        module = work.get_submodule(name)
-        tap = _Tap(InputStats(module.in_features) if stats else None,
-                   Hessian(module.in_features, module.weight.device) if hessian else None)
-        taps[name] = tap
-        handles.append(module.register_forward_pre_hook(lambda m, args, tap=tap: tap.add(args[0], current[0])))
-    try:
-        for (args, kwargs), mask in zip(states, masks):
-            current[0] = mask
-            _run(work, args, kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return taps
-
-
-def _block_inputs(model: DiffusionLM, blocks: nn.ModuleList, ids: torch.Tensor) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) the first block receives for each calibration batch (hidden states first)."""
-    captured = []
-
-    def grab(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Captured
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in ids.split(BATCH):
-            try:
-                model.module(batch, None)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = block(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, transform: str, detail: str
+                 ) -> LayerTransformed:
+    return LayerTransformed(layer.name, layer.role, layer.block, transform, round(before.kurtosis(), 4),
+                            round(after.kurtosis(), 4), round(outlier_ratio(before.absmax), 4),
+                            round(outlier_ratio(after.absmax), 4), round(float(before.absmax.max()), 5),
+                            round(float(after.absmax.max()), 5), detail)
 
 
 def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor) -> float:
-    reference = x @ linear.weight.detach().float().T
-    if isinstance(qlinear, QuantLinear):
-        approx = x @ qlinear.dequantize(torch.float32).T
+    reference = x @ linear.weight.detach().float().T  # `x` as the layer sees it (after its transform, if any)
+    if isinstance(qlinear, QuantLinear):  # with the activations rounded as the layer rounds them
+        approx = kernels.round_activations(qlinear, x) @ qlinear.dequantize(torch.float32).T
     else:  # a library's module: its own forward (its kernels, its activation quantizers), less the bias
         approx = qlinear(x.to(linear.weight.dtype)).float()
         if linear.bias is not None:
@@ -290,10 +195,12 @@ def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor) -> f
     return float((approx - reference).norm() / reference.norm().clamp_min(1e-12))
 
 
-def _quantize_head(model: DiffusionLM, grid: Grid, recipe: QuantRecipe) -> dict[str, nn.Module]:
-    """LM-head linears the recipe does not skip, rounded to nearest (their inputs lie outside the blocks)."""
-    return {layer.name: _quantize_linear(model.module.get_submodule(layer.name), "head", None, grid, recipe)
-            for layer in model.linear_layers() if layer.role == "head" and not recipe.skips(layer.name, layer.role)}
+def _quantize_head(model: DiffusionLM, method: Method, outside: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """LM-head linears the recipe does not skip, rounded without calibration inputs (theirs lie outside the
+    blocks), as the method left them (QuaRot rotates the head first)."""
+    return {layer.name: method.round(outside.get(layer.name) or model.module.get_submodule(layer.name), layer, None)
+            for layer in model.linear_layers()
+            if layer.role == "head" and not method.recipe.skips(layer.name, layer.role)}
 
 
 def _assemble(model: DiffusionLM, blocks: nn.ModuleList, qblocks: list[nn.Module],
@@ -329,12 +236,12 @@ def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe
                  if isinstance(m, QuantLinear) else runtimes.stored_bytes(m) for m in qlayers)
     source_bytes = weights * original.dtype.itemsize
     widest = max((m.in_features for m in qlayers), default=None)
+    per_row = recipe.method in runtimes.METHODS or recipe.per_channel or recipe.spec.layout == "codebook"
     return {
         "recipe": recipe.label, "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss,
         "quantized_layers": len(qlayers), "quantized_weights": weights,
         "bits_per_weight": round(packed * 8 / max(weights, 1), 4),
-        "theory_bits_per_weight": round(theory_bits(recipe, widest if recipe.method in runtimes.METHODS else None,
-                                                    original.dtype.itemsize * 8), 4),
+        "theory_bits_per_weight": round(theory_bits(recipe, widest if per_row else None, original.dtype.itemsize * 8), 4),
         "linear_bytes_before": source_bytes, "linear_bytes_after": packed, "linear_bytes_bf16": weights * 2,
         "model_bytes_before": original.weight_bytes(), "model_bytes_after": quantized.weight_bytes(),
         "model_bytes_before_bf16": original.num_parameters() * 2,
@@ -350,7 +257,7 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe) -> dict[str, int]:
     quantized = sum(l.in_features * l.out_features for l in linears if not recipe.skips(l.name, l.role))
     tokens = recipe.calib_samples * recipe.seq_len
     taps = min(tokens, SAMPLE_TOKENS) * widest * 4 * len({l.role for l in linears})
-    hessians = 3 * widest * widest * 4 if recipe.method == "gptq" else 0
+    hessians = 3 * widest * widest * 4 if recipe.spec.implementation().hessian else 0
     return {
         "model": model.num_parameters() * model.dtype.itemsize,
         "quantized copy": int(quantized * theory_bits(recipe, widest, model.dtype.itemsize * 8) / 8),
@@ -364,7 +271,10 @@ def theory_bits(recipe: QuantRecipe, in_features: int | None = None, dtype_bits:
     method: its own layout, whose scales may be held at the model's `dtype_bits`)."""
     if recipe.method in runtimes.METHODS:
         return runtimes.theory_bits(recipe, in_features, dtype_bits)
-    group = recipe.group_size or in_features
+    if recipe.spec.layout == "codebook":  # a 16-bit level per code, per row
+        return recipe.wbits + (16 * 2 ** recipe.wbits / in_features if in_features else 0.0)
+    group = None if recipe.per_channel else recipe.group_size
+    group = group or in_features
     return recipe.wbits + ((16 + recipe.wbits) / group if group else 0.0)
 
 
@@ -380,11 +290,6 @@ def _prefix(model: DiffusionLM, block: nn.Module) -> str:
         if module is block:
             return name + "."
     raise QuantizationError("a block of the model could not be located by name")
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _record(event) -> dict:

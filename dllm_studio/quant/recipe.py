@@ -8,18 +8,16 @@ from dataclasses import dataclass
 
 from dllm_studio.errors import QuantizationError
 from dllm_studio.quant import runtimes
+from dllm_studio.quant.methods import METHODS as SPECS
 
 # Importable without torch, so the CLI's --help stays fast.
 FORMATS = ("native", "gptq")
-OWN_METHODS = {
-    "rtn": "round-to-nearest, no calibration",
-    "gptq": "GPTQ: Hessian-aware rounding with error feedback (arXiv:2210.17323)",
-    "awq": "AWQ: activation-aware channel scaling and clipping (arXiv:2306.00978)",
-}
-# Ours first, then the library runtimes (optional extras; `runtimes.unavailable` says when one cannot run).
-METHODS = {**OWN_METHODS, **runtimes.METHODS}
-WEIGHT_BITS = {"rtn": (8, 4, 3, 2), "gptq": (8, 4, 3, 2), "awq": (8, 4, 3, 2), **runtimes.WEIGHT_BITS}
-ACTIVATION_BITS = {**{m: (16,) for m in OWN_METHODS}, **runtimes.ACTIVATION_BITS}
+# Read from the one method table (`quant.methods`): ours first, then the library runtimes (optional extras;
+# `runtimes.unavailable` says when one cannot run).
+METHODS = {name: spec.description for name, spec in SPECS.items()}
+WEIGHT_BITS = {name: spec.weight_bits for name, spec in SPECS.items()}
+ACTIVATION_BITS = {name: spec.activation_bits for name, spec in SPECS.items()}
+WEIGHT_ACTIVATION = tuple(name for name, spec in SPECS.items() if spec.layout != "library" and spec.activation_bits != (16,))
 
 
 @dataclass(frozen=True)
@@ -37,24 +35,33 @@ class QuantRecipe:
     masked_calib: bool = True  # mask calibration tokens at ratios spread over (0, 1), as denoising sees them
     skip: tuple[str, ...] = ("head",)  # roles or glob patterns of linear names left in full precision
     seed: int = 0
+    alpha: float | None = None  # SmoothQuant/DuQuant migration strength; None: the method's default
+    clip: float | None = None  # activation clip ratio (scale = clip * max|x| per token); None: the method's default
 
     def validate(self) -> QuantRecipe:
         """Refuse combinations that cannot work, before any model is touched."""
-        if self.method not in METHODS:
-            raise QuantizationError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.wbits not in WEIGHT_BITS[self.method]:
-            bits = ", ".join(map(str, WEIGHT_BITS[self.method]))
-            raise QuantizationError(f"{self.method.upper()} quantizes weights to {bits} bits, not {self.wbits}.")
-        if self.method in OWN_METHODS and self.abits != 16:
-            raise QuantizationError(
-                f"{self.method.upper()} is weight-only: activations stay 16-bit (A16), so --abits {self.abits} "
-                "cannot apply; weight-activation methods (SmoothQuant, QuaRot) are not available yet.")
+        spec = SPECS.get(self.method)
+        if spec is None:
+            raise QuantizationError(f"Unknown method {self.method!r}; choose one of {', '.join(SPECS)}.")
+        name = self.method.upper()
+        if self.wbits not in spec.weight_bits:
+            bits = ", ".join(map(str, spec.weight_bits))
+            raise QuantizationError(f"{name} quantizes weights to {bits} bits, not {self.wbits}.")
         if self.method in runtimes.METHODS:
             self._validate_runtime()
+        elif spec.activation_bits == (16,) and self.abits != 16:
+            raise QuantizationError(
+                f"{name} is weight-only: activations stay 16-bit (A16), so --abits {self.abits} cannot apply; "
+                f"the weight-and-activation methods are {', '.join(WEIGHT_ACTIVATION)}.")
+        elif (self.wbits, self.abits) not in spec.settings:
+            settings = ", ".join(f"W{w}A{a}" for w, a in spec.settings)
+            raise QuantizationError(f"{name} produces {settings}; W{self.wbits}A{self.abits} is not one of them "
+                                    "(--wbits, --abits).")
+        self._validate_options(spec)
         if self.group_size is not None and (self.group_size < 8 or self.group_size % 8):
             raise QuantizationError(f"Group size {self.group_size} must be a multiple of 8 (or 0 for per-channel).")
-        if self.act_order and self.method != "gptq":
-            raise QuantizationError("Act-order is a GPTQ option; RTN and AWQ quantize columns in their own order.")
+        if self.act_order and "act_order" not in self.spec.options:
+            raise QuantizationError(f"Act-order is a GPTQ option; {self.method.upper()} quantizes columns in its own order.")
         # RTN needs no calibration to round, but every method runs the calibration inputs through the
         # model for the live profile and the per-layer error report.
         if self.calib_samples < 1:
@@ -64,6 +71,47 @@ class QuantRecipe:
         if not 0 < self.damp < 1:
             raise QuantizationError(f"GPTQ dampening must lie in (0, 1), got {self.damp}.")
         return self
+
+    def _validate_options(self, spec) -> None:
+        """The options a method reads beyond the bits, and the grid settings its layout leaves no room for."""
+        name = self.method.upper()
+        if self.alpha is not None:
+            if "alpha" not in spec.options:
+                raise QuantizationError(f"--alpha is the migration strength of SmoothQuant and DuQuant; {name} has none.")
+            if not 0 <= self.alpha <= 1:
+                raise QuantizationError(f"--alpha must lie in [0, 1] (0: no migration, 1: all of it), got {self.alpha}.")
+        if self.clip is not None:
+            if "clip" not in spec.options or self.abits == 16:
+                raise QuantizationError(f"--clip is the activation clip ratio; {name} W{self.wbits}A{self.abits} "
+                                        "quantizes no activations it would apply to.")
+            if not 0 < self.clip <= 1:
+                raise QuantizationError(f"--clip must lie in (0, 1] (1: the full per-token range), got {self.clip}.")
+        if spec.layout == "library":
+            return
+        fixed = "a codebook of levels per output row" if spec.layout == "codebook" else (
+            "one symmetric scale per output channel (what integer-activation kernels take)" if self.abits < 16 else None)
+        if fixed and self.group_size != QuantRecipe.group_size:
+            raise QuantizationError(f"{name} W{self.wbits}A{self.abits} rounds weights with {fixed}; "
+                                    f"--group-size {self.group_size or 0} does not apply (leave the default).")
+        if fixed and self.symmetric and spec.layout == "codebook":
+            raise QuantizationError(f"{name} rounds weights onto twin log grids, not a symmetric one; --sym does not apply.")
+
+    @property
+    def spec(self):
+        return SPECS[self.method]
+
+    @property
+    def per_channel(self) -> bool:
+        """Weights rounded with one symmetric scale per output channel, whatever `group_size` says (W-A settings)."""
+        return self.abits < 16 and self.spec.layout == "grid"
+
+    @property
+    def activation_clip(self) -> float:
+        return self.spec.clip if self.clip is None else self.clip
+
+    @property
+    def migration(self) -> float | None:
+        return self.spec.alpha if self.alpha is None else self.alpha
 
     def _validate_runtime(self) -> None:
         """A library method: its library is installed, and the settings it has no use for keep their defaults."""
@@ -91,6 +139,10 @@ class QuantRecipe:
     def label(self) -> str:
         if self.method in runtimes.METHODS:
             return f"{self.method.upper()} W{self.wbits}A{self.abits} {runtimes.layout(self.method, self.wbits)}"
+        if self.spec.layout == "codebook":
+            return f"{self.method.upper()} W{self.wbits}A{self.abits} per-row codebook"
+        if self.per_channel:
+            return f"{self.method.upper()} W{self.wbits}A{self.abits} per-channel sym"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         return f"{self.method.upper()} W{self.wbits}A{self.abits} {group}{' sym' if self.symmetric else ''}"
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dllm_studio.quant import rotation
-
 PARTS = ("smooth", "hadamard", "rotation1", "perm", "rotation2")  # in the order they apply
 
 
@@ -59,6 +57,8 @@ class InputTransform(nn.Module):
         return self._orth(z)
 
     def _orth(self, z: torch.Tensor) -> torch.Tensor:
+        from dllm_studio.quant import rotation
+
         if self.hadamard is not None:
             z = rotation.hadamard_transform(z, self.hadamard)
         if self.rotation1 is not None:

@@ -1,0 +1,120 @@
+"""What a quantization method is to the pipeline, which keeps the block loop and knows no method by name.
+
+A method (one module under `quant.methods`, a row of its table) says
+- which calibration it needs: GPTQ's Hessians (`hessian`), and the stages in which a block's linears are
+  captured and rounded (`stages`: GPTQ rounds q/k/v before o sees their quantized outputs);
+- optionally, how it changes each block copy before rounding (`prepare_block`: AWQ's and SmoothQuant's
+  channel scales, QuaRot's and DuQuant's rotations), given taps of the untouched block's inputs; a method
+  that changes what the linears see (`transforms`) has that change reported before and after;
+- optionally, how it changes the residual stream entering the blocks and the modules outside them
+  (`hidden_states`, `outside`: QuaRot rotates the embedding and the head);
+- how it rounds one linear (`round`), into a `QuantLinear` (or a library's module).
+The pipeline copies blocks, runs calibration through them (`quant.capture`), emits the events and
+assembles the model; a method never sees the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from dllm_studio.models.base import DiffusionLM, LinearLayer
+from dllm_studio.quant.capture import Tap
+from dllm_studio.quant.grid import Grid, rtn
+from dllm_studio.quant.qlinear import QuantLinear
+from dllm_studio.quant.recipe import QuantRecipe
+
+# GPTQ's sequential stages inside a block, by role: each reads what the stages before it produce.
+STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
+
+
+@dataclass
+class Block:
+    """One block as a method sees it while it works on the block's copy."""
+
+    index: int
+    module: nn.Module  # the working copy; a method changes it in place
+    layers: dict[str, LinearLayer]  # local name -> layer: the linears the recipe quantizes
+    linears: dict[str, LinearLayer]  # every linear of the block, skipped ones too (an exact fold reaches them all)
+    collect: Callable[..., dict[str, Tap]]  # collect(names, stats=, hessian=): calibration through the copy as it is now
+
+
+class Method:
+    hessian: ClassVar[bool] = False
+    stages: ClassVar[tuple[tuple[str, ...], ...] | None] = None  # None: every linear at once
+    transforms: ClassVar[bool] = False  # changes the linears' inputs: LayerTransformed events report it
+
+    def __init__(self, model: DiffusionLM, recipe: QuantRecipe) -> None:
+        self.model, self.recipe = model, recipe
+        # Weight-and-activation settings round weights per output channel on a symmetric grid, which integer
+        # kernels take with per-token activation scales; weight-only ones use the recipe's groups and grid.
+        per_channel = recipe.per_channel
+        self.grid = Grid(recipe.wbits, recipe.symmetric or per_channel)
+        self.group_size = None if per_channel else recipe.group_size
+
+    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first block, as the method's model will see it."""
+        return x
+
+    def prepare_block(self, block: Block, taps: dict[str, Tap]) -> Iterable | None:
+        """Change the block copy before rounding; `taps` hold the untouched block's inputs (statistics and
+        samples) for every linear in `block.layers`. May yield events. Called only where a method defines it."""
+        return None
+
+    def transform_label(self, name: str) -> tuple[str, str]:
+        """(what the change of basis of linear `name` is, why it was chosen) for LayerTransformed events."""
+        return "", ""
+
+    def round(self, linear: nn.Linear, layer: LinearLayer, tap: Tap | None) -> nn.Module:
+        """The quantized form of one linear; `tap` holds its (transformed) calibration inputs, None for the
+        LM head, whose inputs lie outside the blocks."""
+        q, scales, zeros = rtn(linear.weight.detach().float(), self.grid, self.group_size)
+        return self.quant_linear(linear, q, scales, zeros)
+
+    def outside(self) -> dict[str, nn.Module]:
+        """Replacements for modules outside the blocks (qualified name -> module), before the head is rounded."""
+        return {}
+
+    def quant_linear(self, linear: nn.Linear, q, scales, zeros, *, g_idx=None) -> QuantLinear:
+        """A QuantLinear from integer codes, with the recipe's activation quantization."""
+        bias = None if linear.bias is None else linear.bias.detach()
+        return QuantLinear.from_codes(q, scales, zeros, self.recipe.wbits, self.group_size, g_idx=g_idx, bias=bias,
+                                      **self.activations())
+
+    def activations(self) -> dict:
+        """How the quantized layers round their inputs: per-token dynamic, at the recipe's bits and clip."""
+        if self.recipe.abits == 16:
+            return {}
+        return {"act_bits": self.recipe.abits, "act_clip": self.recipe.activation_clip}
+
+
+def scale_groups(model: DiffusionLM, block: Block):
+    """(producer module, consumer linears, quantized reader names) for each stage of `block` whose input is
+    one module's output that per-channel scales can be folded into exactly: a norm's gain, or the rows of the
+    linear producing it (`model.scale_producers`). Every linear reading the producer is a consumer, skipped
+    ones too, so the fold leaves the block's full-precision output unchanged."""
+    for first_role, producer_name in model.scale_producers.items():
+        stage = next(roles for roles in STAGES if first_role in roles)
+        readers = [n for n, l in block.layers.items() if l.role in stage]
+        if not readers:
+            continue
+        consumers = [block.module.get_submodule(n) for n, l in block.linears.items() if l.role in stage]
+        producer = block.module.get_submodule(producer_name)
+        width = consumers[0].in_features
+        if producer.weight.shape[0] != width or any(c.in_features != width for c in consumers):
+            continue  # e.g. v -> o under grouped-query attention: shapes do not line up, no exact fold
+        yield producer, consumers, readers
+
+
+def fold_scales(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
+    """Divide the producer's output channels by s and multiply the consumers' input columns by it."""
+    s = s.to(producer.weight.dtype)
+    producer.weight.div_(s.view(-1, *([1] * (producer.weight.dim() - 1))))
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(s)
+    for c in consumers:
+        c.weight.mul_(s.to(c.weight.dtype))

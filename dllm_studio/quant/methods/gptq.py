@@ -1,0 +1,22 @@
+"""GPTQ as a method: stage by stage through each block, every linear rounded with its inputs' Hessian.
+
+The solver is `quant.gptq` (QuaRot rounds its rotated weights with it too).
+"""
+
+from dllm_studio.quant.gptq import gptq
+from dllm_studio.quant.methods.base import STAGES, Method
+
+
+class GPTQ(Method):
+    hessian = True
+    stages = STAGES
+
+    def round(self, linear, layer, tap):
+        if tap is None:  # the LM head: no inputs to weigh the rounding with
+            return super().round(linear, layer, tap)
+        q, scales, zeros, g_idx = gptq(linear.weight.detach().float(), tap.hessian.H, self.grid, self.group_size,
+                                       damp=self.recipe.damp, act_order=self.recipe.act_order)
+        return self.quant_linear(linear, q, scales, zeros, g_idx=g_idx)
+
+
+METHOD = GPTQ
