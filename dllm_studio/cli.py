@@ -228,6 +228,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     # Described from config.json and the safetensors headers alone: no weights are read, so even a
     # model too large for this machine can be inspected before deciding to load or quantize it.
     from dllm_studio.hardware import cpu_units
+    from dllm_studio.quant.kernels import SIMULATED_NOTE
 
     model = _load(args, device="meta")
     info = model.info()
@@ -246,7 +247,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows += [(f"memory {name}", human(n)) for name, n in info.memory_bytes.items()]
     for row in plan:
         chosen = ", ".join(f"{row['chosen'][b] or 'measured at first use'} at {b} tokens" for b in sorted(row["chosen"]))
-        rows.append((f"kernels {row['shape']}", f"{row['layers']} layers: {chosen} (can run: {', '.join(row['runnable'])})"))
+        simulated = f"; {SIMULATED_NOTE}" if row["simulated"] else ""
+        rows.append((f"kernels {row['shape']}",
+                     f"{row['layers']} layers: {chosen} (can run: {', '.join(row['runnable'])}){simulated}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

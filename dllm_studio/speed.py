@@ -23,7 +23,12 @@ def speed_note(label: str, fp_ms: float, q_ms: float, fp_bytes: int, q_bytes: in
     size = f"{smaller:.1f}× smaller" if smaller >= 1 else f"{1 / smaller:.1f}× larger" if smaller else "size unknown"
     if not kernels:
         return f"{label}: {size}."
+    from dllm_studio.quant.kernels import SIMULATED_NOTE  # (torch: imported where a quantized model ran)
+
     main = max(kernels, key=kernels.get)
+    if main.endswith(f" ({SIMULATED_NOTE})"):  # `kernels.counted`: the quantized activations are rounded in floats
+        return (f"{label} runs {main.removesuffix(f' ({SIMULATED_NOTE})')} here, {SIMULATED_NOTE}: its activations' "
+                f"rounding is simulated in floating point to measure accuracy; {size}.")
     ratio = q_ms / fp_ms if fp_ms else 0.0
     if ratio > 1.05:
         speed = f"{ratio:.1f}× slower than full precision"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dllm_studio import jobs
-from dllm_studio.errors import ExportError, FolderExistsError
+from dllm_studio.errors import ExportError, FolderExistsError, QuantizationError
 from dllm_studio.events import CancelToken, Event, ExportProgress
 from dllm_studio.files import writing
 from dllm_studio.memory import quantized_sizes
@@ -36,6 +36,8 @@ from dllm_studio.quant.storage import gptq_checkpoint_format, to_gptq
 NOT_COPIED = {"config.json", "README.md", "recipe.json", "profile.json", "training.json", "eval.json",
               "recipe_search.json"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
+GPTQ_WEIGHT_ONLY = ("The GPTQ format stores weight-only layers: activation quantization (W8A8, W4A4…) and online "
+                    "rotations cannot be written there; export in the native format.")
 
 
 def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
@@ -115,6 +117,8 @@ def check_format(recipe, fmt: str) -> None:
                           f"format cannot describe; save it with --format native (written in {runtime.library}'s "
                           "own layout, which dLLM Studio reloads), or quantize with RTN, GPTQ or AWQ for a GPTQ "
                           "checkpoint.")
+    if fmt == "gptq" and recipe.abits != 16:
+        raise QuantizationError(GPTQ_WEIGHT_ONLY)
 
 
 def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
@@ -195,6 +199,8 @@ def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def gptq_state(model: DiffusionLM) -> dict[str, torch.Tensor]:
     state, layout = {}, gptq_checkpoint_format(model.quantization.symmetric)
     quantized = {name: m for name, m in model.module.named_modules() if isinstance(m, QuantLinear)}
+    if any(m.act_bits != 16 or m.transform is not None for m in quantized.values()):
+        raise QuantizationError(GPTQ_WEIGHT_ONLY)
     for name, tensor in _unique(model.module.state_dict()).items():
         if name.rpartition(".")[0] not in quantized:
             state[name] = tensor

@@ -223,9 +223,14 @@ def quantization_config(recipe: QuantRecipe, module: nn.Module | None = None) ->
     own, which may describe the quantized `module` layer by layer)."""
     if recipe.method in runtimes.METHODS:
         return runtimes.quantization_config(recipe, module)
-    return {"quant_method": "dllm_studio", "method": recipe.method, "bits": recipe.wbits,
-            "group_size": recipe.group_size or -1, "sym": recipe.symmetric, "desc_act": recipe.act_order,
-            "skip": list(recipe.skip), "format": "packed-uint8"}
+    config = {"quant_method": "dllm_studio", "method": recipe.method, "bits": recipe.wbits,
+              "group_size": recipe.group_size or -1, "sym": recipe.symmetric, "desc_act": recipe.act_order,
+              "skip": list(recipe.skip), "format": "packed-uint8"}
+    # The activation grid is the layers' own (every layer shares it); a weight-only model's config is unchanged.
+    layer = next((m for m in module.modules() if isinstance(m, QuantLinear)), None) if module is not None else None
+    if layer is not None and layer.act_bits != 16:
+        config.update(act_bits=layer.act_bits, act_clip=layer.act_clip)
+    return config
 
 
 def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe, *, seconds: float,

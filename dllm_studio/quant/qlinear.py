@@ -8,13 +8,18 @@ Buffers (what the native checkpoint stores, under the layer's name):
     g_idx    int32 (in,)                 group of each input column; only with act-order, where
                                          GPTQ's column order makes groups non-contiguous
     bias     (out,)                      as the original layer had it
+    transform.*                          an optional `InputTransform` (smoothing, rotations) applied to
+                                         the input first, fp32 (int32 perm); see `quant.transforms`
 How the layer runs is a kernel's business (`quant.kernels`: tiled dequantization, torch's int4/int8
 kernels, int8 x int8 for 8-bit activations), chosen per token-count bucket at the first call and derived
-from these buffers, never written back: the stored form stays the one source of truth. `act_bits` 8 marks
-a layer whose activations are rounded to int8 per token (W8A8).
+from these buffers, never written back: the stored form stays the one source of truth. `act_bits` 8 or 4
+marks a layer whose activations are rounded per token, symmetric, to that many bits, with the scale set at
+`act_clip` times each token's largest magnitude (`kernels.base.quantize_activations`); 16 leaves them alone.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,14 +27,25 @@ from torch import nn
 from dllm_studio.quant import kernels
 from dllm_studio.quant.packing import pack, packed_size, unpack
 
+if TYPE_CHECKING:  # only a type here: loading a transform-free layer needs none of the rotation code
+    from dllm_studio.quant.transforms import InputTransform
+
+ACT_BITS = (16, 8, 4)
+
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, *,
-                 bias: bool = False, act_order: bool = False, act_bits: int = 16, dtype: torch.dtype = torch.float32,
+                 bias: bool = False, act_order: bool = False, act_bits: int = 16, act_clip: float = 1.0,
+                 transform: InputTransform | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
+        if act_bits not in ACT_BITS or not 0 < act_clip <= 1:
+            raise ValueError(f"act_bits {act_bits} / act_clip {act_clip}: activations are {ACT_BITS} bits, "
+                             "clipped at a ratio in (0, 1]")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.act_bits = bits, group_size or in_features, act_bits
+        self.act_clip = float(act_clip)
+        self.transform = transform  # a child module: its parts save as `<layer>.transform.<part>`
         self.kernel_choice: dict[int, str] = {}  # token bucket -> kernel name
         self.built_kernels: dict = {}  # kernel name -> the kernel, built from the buffers below
         self.codes_source = None  # a kernel holding the codes in its own layout, once `qweight` is released
@@ -44,12 +60,14 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                    group_size: int | None, *, g_idx: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, act_bits: int = 16) -> QuantLinear:
+                   bias: torch.Tensor | None = None, act_bits: int = 16, act_clip: float = 1.0,
+                   transform: InputTransform | None = None) -> QuantLinear:
         """Build from integer codes q (out, in), per-group scales and zeros (out, groups) and, for
-        act-order, each column's group."""
+        act-order, each column's group. With a `transform` T, the codes are those of T'(W) (`transform.weight`)."""
         out_features, in_features = q.shape
         layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, act_order=g_idx is not None,
-                    act_bits=act_bits, dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
+                    act_bits=act_bits, act_clip=act_clip, transform=transform,
+                    dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
         layer.qweight.copy_(pack(q, bits))
         layer.scales.copy_(scales.to(torch.float16))
         layer.qzeros.copy_(pack(zeros.round().to(torch.uint8).reshape(-1), bits))
@@ -136,6 +154,8 @@ class QuantLinear(nn.Module):
         return torch.addcmul(offsets[:, cols], q, scales[:, cols])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform is not None:
+            x = self.transform(x)
         y = kernels.run(self, x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -145,4 +165,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, act_order={self.g_idx is not None}, act_bits={self.act_bits}, "
-                f"bias={self.bias is not None}")
+                f"act_clip={self.act_clip:g}, bias={self.bias is not None}, "
+                f"transform={self.transform.parts() if self.transform is not None else None}")

@@ -20,9 +20,10 @@ from torch import nn
 from dllm_studio.errors import ModelLoadError
 from dllm_studio.quant import runtimes
 from dllm_studio.quant.packing import pack, packed_size, unpack
-from dllm_studio.quant.qlinear import QuantLinear
+from dllm_studio.quant.qlinear import ACT_BITS, QuantLinear
 
 QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
+TRANSFORM = "transform"  # a QuantLinear's `InputTransform` child: `<layer>.transform.<part>`
 # What each GPTQ layout subtracts from a zero point before packing it.
 GPTQ_ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 
@@ -44,6 +45,13 @@ def check_qconfig(qconfig: object) -> None:
                              "or -1 for one group per output channel.")
     if not isinstance(qconfig.get("desc_act", False), bool):
         raise ModelLoadError(f"{where}.desc_act is {qconfig['desc_act']!r}, not true or false.")
+    act_bits, act_clip = qconfig.get("act_bits", 16), qconfig.get("act_clip", 1.0)
+    if type(act_bits) is not int or act_bits not in ACT_BITS:
+        raise ModelLoadError(f"{where}.act_bits is {act_bits!r}; activations are quantized to "
+                             f"{', '.join(map(str, ACT_BITS))} bits (16: not at all).")
+    if type(act_clip) not in (int, float) or not 0 < act_clip <= 1:
+        raise ModelLoadError(f"{where}.act_clip is {act_clip!r}; the activation clip ratio must be above 0 and "
+                             "at most 1.")
 
 
 def quant_format(qconfig: dict) -> str:
@@ -63,17 +71,27 @@ def quant_format(qconfig: dict) -> str:
 
 
 def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Replace every nn.Linear whose checkpoint holds a `qweight` by an empty QuantLinear of the right shape."""
+    """Replace every nn.Linear whose checkpoint holds a `qweight` by an empty QuantLinear of the right shape
+    (with the config's activation bits and clip, and the `InputTransform` parts the checkpoint holds for it)."""
     check_qconfig(qconfig)
     fmt = quant_format(qconfig)
     bits = int(qconfig["bits"])
     group = int(qconfig.get("group_size", -1))
     desc_act = bool(qconfig.get("desc_act", False))
+    act_bits, act_clip = qconfig.get("act_bits", 16), float(qconfig.get("act_clip", 1.0))
     for name in [n[: -len(".qweight")] for n in shapes if n.endswith(".qweight")]:
         linear = linear_at(module, name, f"quantized tensor {name}.qweight")
         act_order = f"{name}.g_idx" in shapes if fmt == "native" else desc_act
+        prefix = f"{name}.{TRANSFORM}."
+        parts = {n[len(prefix):]: shape for n, shape in shapes.items() if n.startswith(prefix)}
+        transform = None
+        if parts:
+            from dllm_studio.quant.transforms import InputTransform  # only models with rotations need it
+
+            transform = InputTransform.shell(linear.in_features, parts, device="meta")
         shell = QuantLinear(linear.in_features, linear.out_features, bits, group if group > 0 else None,
-                            bias=linear.bias is not None, act_order=act_order, device="meta")
+                            bias=linear.bias is not None, act_order=act_order, act_bits=act_bits, act_clip=act_clip,
+                            transform=transform, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, shell)
 
@@ -90,8 +108,12 @@ def linear_at(module: nn.Module, name: str, what: str) -> nn.Linear:
 
 
 def keeps_dtype(module: nn.Module, name: str) -> bool:
-    """Quantized buffers keep their stored dtypes (uint8, fp16, int32); other tensors take the model's."""
+    """Quantized buffers keep their stored dtypes (uint8, fp16, int32), and so do a transform's parts (fp32:
+    rounded rotations would no longer undo each other); other tensors take the model's."""
     owner, _, attr = name.rpartition(".")
+    layer, _, child = owner.rpartition(".")
+    if child == TRANSFORM and isinstance(module.get_submodule(layer), QuantLinear):
+        return True
     return attr in QUANT_BUFFERS and isinstance(module.get_submodule(owner), QuantLinear)
 
 

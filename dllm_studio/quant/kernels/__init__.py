@@ -10,6 +10,10 @@ disagrees with the reference dequantization (relative error above `AGREEMENT`) i
 is kept (a layer created some other way is measured at its first call). Choices are cached per machine in
 the user cache folder, so the measurement runs once per shape. `DLLM_STUDIO_KERNEL` pins a kernel wherever
 it can run.
+
+A layer with quantized activations run by a kernel without integer activations (dequant for A8, any kernel for
+A4) rounds them in floating point: the numerics of the quantized model, at no speed gain. Such runs are
+counted as "dequant (accuracy-only, no speed kernel here)" (`SIMULATED_NOTE`), so every report says so.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Dequant, Int4, Int8, W8A
 BUCKETS = (32, 256)  # tokens per call the choice is measured at: a cached block, a full-sequence step
 AGREEMENT = 1e-2  # a kernel must reproduce the reference dequantization this closely to be chosen
 REPEATS = 3
+SIMULATED_NOTE = "accuracy-only, no speed kernel here"
 
 _decided: dict[str, str] = {}  # signature -> kernel name, this process
 
@@ -48,9 +53,32 @@ def forced() -> str | None:
 
 
 def shape(layer) -> str:
-    """A layer's shape and grid, e.g. "4096->4096 w4a16 g128" (what, with device, dtype and bucket, decides)."""
+    """A layer's shape and grid, e.g. "4096->4096 w4a16 g128", "4096->4096 w8a8 per-channel clip0.9" (what, with
+    device, dtype and bucket, decides)."""
     grid = f"w{layer.bits}a{layer.act_bits} {f'g{layer.group_size}' if layer.groups > 1 else 'per-channel'}"
-    return f"{layer.in_features}->{layer.out_features} {grid}{' act-order' if layer.g_idx is not None else ''}"
+    clip = f" clip{layer.act_clip:g}" if layer.act_bits < 16 and layer.act_clip != 1 else ""
+    return f"{layer.in_features}->{layer.out_features} {grid}{' act-order' if layer.g_idx is not None else ''}{clip}"
+
+
+def simulated(layer, kernel: str | None = None) -> bool:
+    """Whether `layer` quantizes its activations but `kernel` rounds them in floating point instead of multiplying
+    integers: accuracy-only. Without `kernel`: the kernels it has run with, or before its first call those it
+    may run with on its device (any of them simulating counts)."""
+    if layer.act_bits == 16:
+        return False
+    if kernel is not None:
+        names = {kernel}
+    elif layer.kernel_choice:
+        names = set(layer.kernel_choice.values())
+    else:
+        can = [name for name, why in runnable(layer, layer.scales.device).items() if why is None]
+        names = {forced()} if forced() in can else set(can)
+    return not all(KERNELS[name].integer_activations for name in names)
+
+
+def counted(layer, kernel: str) -> str:
+    """The name a run of `layer` by `kernel` is reported under: the kernel's, with `SIMULATED_NOTE` if simulated."""
+    return f"{kernel} ({SIMULATED_NOTE})" if simulated(layer, kernel) else kernel
 
 
 def signature(layer, device: torch.device, dtype: torch.dtype, tokens: int) -> str:
@@ -87,6 +115,11 @@ def plan(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> l
             can = row["runnable"]
             known = pinned if pinned in can else can[0] if len(can) == 1 else cache.get(signature(m, device, dtype, b))
             row["chosen"][b] = known
+        # Accuracy-only where a chosen kernel simulates the rounding, or, not chosen yet, where no runnable one
+        # multiplies integer activations.
+        row["simulated"] = m.act_bits < 16 and any(
+            simulated(m, name) if name else not any(KERNELS[k].integer_activations for k in row["runnable"])
+            for name in row["chosen"].values())
     return list(rows.values())
 
 
@@ -133,12 +166,14 @@ def _agrees(layer, name: str, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def choices(module: torch.nn.Module) -> dict[int, dict[str, int]]:
-    """{bucket: {kernel: layers}} over the quantized layers that have run (a layer not yet run is absent)."""
+    """{bucket: {kernel: layers}} over the quantized layers that have run (a layer not yet run is absent); a
+    simulated run is counted under `counted`'s name, e.g. "dequant (accuracy-only, no speed kernel here)"."""
     counts: dict[int, dict[str, int]] = {}
     for m in module.modules():
         for b, name in getattr(m, "kernel_choice", {}).items():
-            counts.setdefault(b, {}).setdefault(name, 0)
-            counts[b][name] += 1
+            key = counted(m, name)
+            counts.setdefault(b, {}).setdefault(key, 0)
+            counts[b][key] += 1
     return counts
 
 
@@ -157,7 +192,8 @@ def used(module: torch.nn.Module, tokens: int) -> dict[str, int]:
 
 
 def describe(counts: dict[int, dict[str, int]]) -> str:
-    """e.g. "int4 (14 layers) at <=32 tokens; dequant (14) at 256"; "" when nothing has run."""
+    """e.g. "int4 x14 at 32 tokens; dequant x14 at 256 tokens"; "" when nothing has run. Simulated activation
+    rounding shows as "dequant (accuracy-only, no speed kernel here) x14" (`choices`)."""
     parts = []
     for b in sorted(counts):
         names = ", ".join(f"{k} x{v}" for k, v in sorted(counts[b].items(), key=lambda kv: -kv[1]))

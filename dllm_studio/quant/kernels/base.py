@@ -15,6 +15,9 @@ import torch
 class Kernel:
     name: ClassVar[str]  # the key users and the cache see: "dequant", "int4", "int8", "w8a8"
     label: ClassVar[str]  # what the app shows
+    # Whether it multiplies integer activations (the rounding is the arithmetic), rather than rounding them in
+    # floating point to reproduce the numerics (`kernels.simulated`).
+    integer_activations: ClassVar[bool] = False
 
     @classmethod
     def unsupported(cls, layer, device: torch.device) -> str | None:
@@ -26,18 +29,40 @@ class Kernel:
         raise NotImplementedError
 
 
-def dynamic_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8: (codes int8 (tokens, in), scales fp32 (tokens, 1)), x ~ codes * scales."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / 127
-    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+def quantize_activations(x: torch.Tensor, bits: int = 8, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token dynamic quantization at `bits` with a clip ratio: (codes int8 (tokens, in), scales
+    fp32 (tokens, 1)), x ~ codes * scales. The scale maps clip * max|x| of each token to the largest level
+    2^(bits-1) - 1; values beyond it saturate (clipping trades a few outliers for finer levels everywhere)."""
+    top = (1 << bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).float().mul_(clip).clamp_min_(1e-8) / top
+    return torch.round(x.float() / scale).clamp_(-top, top).to(torch.int8), scale
 
 
-def per_channel_int8(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """An 8-bit, one-group-per-row layer as signed int8 weights (q - 128), fp32 scales and the zero-point
-    correction (128 - zero) * scale per row (zero for a symmetric grid); None when its grid has groups."""
-    if layer.bits != 8 or layer.groups != 1 or layer.g_idx is not None:
-        return None
-    weight = (layer.qweight ^ 0x80).view(torch.int8)  # q - 128 in two's complement: one XOR, one byte per weight
+def dynamic_int8(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_activations` at 8 bits (W8A8)."""
+    return quantize_activations(x, 8, clip)
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """x rounded as `quantize_activations` rounds it, back in x's dtype: the simulated numerics of A`bits`."""
+    q, scale = quantize_activations(x, bits, clip)
+    return (q.float() * scale).to(x.dtype)
+
+
+def per_channel(layer) -> bool:
+    """Whether `per_channel_int8` can hold the layer: 8 or at most 4 bits, one group per row, no act-order."""
+    return layer.bits in (2, 3, 4, 8) and layer.groups == 1 and layer.g_idx is None
+
+
+def per_channel_int8(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A `per_channel` layer as signed int8 weights, fp32 scales and the zero-point correction per row, so that
+    W_hat = weights * scales[:, None] + correction[:, None].
+
+    8 bits: q - 128 (one XOR a byte), correction (128 - zero) * scale (0 for a symmetric grid). At most 4
+    bits, q - zero itself fits in int8 (|q - zero| < 16), so the correction is 0 for any grid: exact products."""
     scales = layer.scales[:, 0].float()
-    correction = (128 - layer.zeros()[:, 0].float()) * scales
-    return weight, scales, correction
+    if layer.bits == 8:
+        weight = (layer.stored_qweight() ^ 0x80).view(torch.int8)  # q - 128 in two's complement
+        return weight, scales, (128 - layer.zeros()[:, 0].float()) * scales
+    weight = (layer.codes().to(torch.int16) - layer.zeros().to(torch.int16)).to(torch.int8)
+    return weight, scales, torch.zeros_like(scales)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dllm_studio.quant.kernels.base import Kernel, dynamic_int8
+from dllm_studio.quant.kernels.base import Kernel, fake_quantize_activations
 from dllm_studio.quant.packing import unpack
 
 TILE_ELEMENTS = 1 << 20  # weights dequantized per tile: 4 MB at fp32, measured best on 4096-wide layers
@@ -58,9 +58,8 @@ class Dequant(Kernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        if layer.act_bits == 8:  # W8A8 numerics: the activations are rounded to int8 per token first
-            q, scale = dynamic_int8(x)
-            x = q.to(x.dtype) * scale.to(x.dtype)
+        if layer.act_bits < 16:  # WxA8/WxA4 numerics, simulated: the activations are rounded per token first
+            x = fake_quantize_activations(x, layer.act_bits, layer.act_clip)
         cols, zeros = self.cols, self.zeros
         if self.perm is not None:
             x = x[:, self.perm]

@@ -1,18 +1,19 @@
-"""8-bit kernels for per-channel layers: int8 weight-only (`_weight_int8pack_mm`) and int8 x int8 (W8A8).
+"""Int8 kernels for per-channel layers: int8 weight-only (`_weight_int8pack_mm`) and int8 x int8 (W8A8, W4A8).
 
-Both take the stored codes as signed int8 (q - 128) with one scale per output row. W8A8 adds an asymmetric
-zero point back as (128 - z) * s * sum(x) per row from exact int32 products; the weight-only kernel computes
-and returns bf16 (its fp32 path is ~25x slower on CPUs; cpu-kernels.md), where adding it back after the
-cancellation would lose the result's low bits, so it takes symmetric grids only. W8A8
-runs only for layers quantized with 8-bit activations: the int32 products of `torch._int_mm` are the
-quantized numerics, not an approximation of a float layer.
+Both take the stored codes as signed int8 (8 bits: q - 128) with one scale per output row. W8A8 adds an
+asymmetric zero point back as (128 - z) * s * sum(x) per row from exact int32 products; the weight-only kernel
+computes and returns bf16 (its fp32 path is ~25x slower on CPUs; cpu-kernels.md), where adding it back after
+the cancellation would lose the result's low bits, so it takes symmetric grids only. W8A8 runs only for layers
+quantized with 8-bit activations: the int32 products of `torch._int_mm` are the quantized numerics, not an
+approximation of a float layer. It also runs W4A8 (and W3/W2): a code of at most 4 bits is stored as q - z,
+which int8 holds exactly, so no correction is needed. A4 has no integer kernel here; it is simulated.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dllm_studio.quant.kernels.base import Kernel, dynamic_int8, per_channel_int8
+from dllm_studio.quant.kernels.base import Kernel, per_channel, per_channel_int8, quantize_activations
 
 
 class _PerChannel(Kernel):
@@ -34,7 +35,7 @@ class Int8(_PerChannel):
     def unsupported(cls, layer, device: torch.device) -> str | None:
         if layer.act_bits != 16:
             return "the layer's activations are quantized too (W8A8 kernel)"
-        if per_channel_int8(layer) is None:
+        if layer.bits != 8 or not per_channel(layer):
             return "needs 8-bit codes with one scale per output channel"
         if not layer.qweight.is_meta and bool((layer.zeros() != 128).any()):  # (a model on meta: `info`)
             return "needs a symmetric grid (zero point 128)"
@@ -52,14 +53,15 @@ class Int8(_PerChannel):
 class W8A8(_PerChannel):
     name = "w8a8"
     label = "int8 x int8 (torch._int_mm, per-token activation scales)"
+    integer_activations = True
     MIN_TOKENS = 17  # torch._int_mm wants more than 16 rows; smaller calls are padded
 
     @classmethod
     def unsupported(cls, layer, device: torch.device) -> str | None:
         if layer.act_bits != 8:
             return "only for layers quantized with 8-bit activations"
-        if per_channel_int8(layer) is None:
-            return "needs 8-bit codes with one scale per output channel"
+        if not per_channel(layer):
+            return "needs 8-bit or at most 4-bit codes with one scale per output channel"
         if layer.in_features % 8 or layer.out_features % 8:
             return "torch._int_mm needs in and out features divisible by 8"
         return None
@@ -67,9 +69,10 @@ class W8A8(_PerChannel):
     def __init__(self, layer) -> None:
         super().__init__(layer)
         self.weight_t = self.weight.T  # a view: _int_mm reads the column-major layout directly
+        self.clip = layer.act_clip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = dynamic_int8(x)
+        q, scale = quantize_activations(x, 8, self.clip)
         tokens = q.shape[0]
         if tokens < self.MIN_TOKENS:
             q = torch.nn.functional.pad(q, (0, 0, 0, self.MIN_TOKENS - tokens))
