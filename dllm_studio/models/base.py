@@ -67,6 +67,9 @@ class DiffusionLM:
     # AWQ: the module (inside a block) whose output the linears of a stage read, by the stage's first
     # role, so channel scales can be folded into it exactly: {"q": "attn_norm", "o": "v_proj", ...}.
     scale_producers: ClassVar[dict[str, str]] = {}
+    # The residual stream's ends (QuaRot rotates the stream: the embedding writes it, the final norm reads it).
+    embedding_name: ClassVar[str | None] = None
+    final_norm_name: ClassVar[str | None] = None
     chat_template: ClassVar[str | None] = None  # used when the folder's tokenizer has none
     quantization = None  # the QuantRecipe that made this model, when it is a quantized one
     dtype_reason = ""  # why it runs at its dtype, set by the loader (`models.choose_dtype`)

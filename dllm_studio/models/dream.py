@@ -149,6 +149,7 @@ class Dream(DiffusionLM):
     head_names = ("lm_head",)
     scale_producers = {"q": "input_layernorm", "o": "self_attn.v_proj", "gate": "post_attention_layernorm",
                        "down": "mlp.up_proj"}
+    embedding_name, final_norm_name = "model.embed_tokens", "model.norm"
     chat_template = CHAT_TEMPLATE
 
     @classmethod

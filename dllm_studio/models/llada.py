@@ -185,6 +185,7 @@ class LLaDA(DiffusionLM):
     linear_roles = LINEAR_ROLES
     head_names = ("model.transformer.ff_out",)
     scale_producers = {"q": "attn_norm", "o": "v_proj", "gate": "ff_norm", "down": "up_proj"}
+    embedding_name, final_norm_name = "model.transformer.wte", "model.transformer.ln_f"
     chat_template = CHAT_TEMPLATE
     override_chat_template = True
 

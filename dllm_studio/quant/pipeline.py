@@ -38,6 +38,7 @@ from dllm_studio.profile import InputStats, outlier_ratio
 from dllm_studio.quant import capture, kernels, runtimes
 from dllm_studio.quant.calibration import calibration_batch
 from dllm_studio.quant.capture import BATCH, SAMPLE_TOKENS
+from dllm_studio.quant.kernels.base import fake_quantize_activations
 from dllm_studio.quant.methods.base import Block, Method
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
@@ -187,12 +188,16 @@ def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, tran
 def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor) -> float:
     reference = x @ linear.weight.detach().float().T  # `x` as the layer sees it (after its transform, if any)
     if isinstance(qlinear, QuantLinear):  # with the activations rounded as the layer rounds them
-        approx = kernels.round_activations(qlinear, x) @ qlinear.dequantize(torch.float32).T
+        approx = _rounded_inputs(qlinear, x) @ qlinear.dequantize(torch.float32).T
     else:  # a library's module: its own forward (its kernels, its activation quantizers), less the bias
         approx = qlinear(x.to(linear.weight.dtype)).float()
         if linear.bias is not None:
             approx = approx - linear.bias.detach().float()
     return float((approx - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+def _rounded_inputs(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return x if layer.act_bits == 16 else fake_quantize_activations(x, layer.act_bits, layer.act_clip)
 
 
 def _quantize_head(model: DiffusionLM, method: Method, outside: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -303,4 +308,7 @@ def _record(event) -> dict:
                 "kurtosis": event.kurtosis, "massive": event.massive, "top_channels": event.top_channels,
                 "masked_outlier_ratio": event.masked_outlier_ratio,
                 "unmasked_outlier_ratio": event.unmasked_outlier_ratio}
+    if isinstance(event, LayerTransformed):
+        return {"transform": event.transform, "transform_detail": event.detail,
+                "kurtosis_after": event.kurtosis_after, "outlier_ratio_after": event.outlier_ratio_after}
     return {"relative_error": event.relative_error, "seconds": event.seconds}

@@ -298,12 +298,3 @@ def _save(key: str, name: str) -> None:
     except (OSError, WriteError):
         pass  # a read-only cache folder costs a re-measurement next time, nothing else
 
-
-def round_activations(layer, x: torch.Tensor) -> torch.Tensor:
-    """x as the layer's activation quantizer leaves it (unchanged for 16-bit activations)."""
-    if layer.act_bits == 16:
-        return x
-    from dllm_studio.quant.kernels.base import dynamic_int8
-
-    q, scale = dynamic_int8(x)
-    return q.to(x.dtype) * scale.to(x.dtype)

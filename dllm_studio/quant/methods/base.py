@@ -85,6 +85,11 @@ class Method:
         return QuantLinear.from_codes(q, scales, zeros, self.recipe.wbits, self.group_size, g_idx=g_idx, bias=bias,
                                       **self.activations())
 
+    def codebook_linear(self, linear: nn.Linear, codes, codebook) -> QuantLinear:
+        """A QuantLinear whose codes index a per-row codebook of levels (non-uniform grids)."""
+        bias = None if linear.bias is None else linear.bias.detach()
+        return QuantLinear.from_codebook(codes, codebook, self.recipe.wbits, bias=bias, **self.activations())
+
     def activations(self) -> dict:
         """How the quantized layers round their inputs: per-token dynamic, at the recipe's bits and clip."""
         if self.recipe.abits == 16:
