@@ -80,16 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_args(ev, per_suite=True)
     ev.set_defaults(run=cmd_eval)
 
-    from dllm_studio.quant.recipe import FORMATS, METHODS, QuantRecipe
+    from dllm_studio.quant.methods import METHODS, QUANTIZED_TENSORS
+    from dllm_studio.quant.recipe import FORMATS, QuantRecipe
 
     d = QuantRecipe()
-    qu = commands.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ, AWQ, or a library runtime) and save the result",
-                             description="Quantize block by block, printing one line per block, then save to --out.")
+    qu = commands.add_parser(
+        "quantize", help="quantize a model (weight-only, or weights and activations) and save the result",
+        description="Quantize block by block, printing one line per block, then save to --out. Methods and the "
+                    "settings each produces (--wbits/--abits):\n" + "\n".join(
+                        f"  {name:12} {', '.join(f'W{w}A{a}' for w, a in spec.settings)}" for name, spec in METHODS.items())
+                    + f"\nWith --abits 8 or 4, {QUANTIZED_TENSORS}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(qu)
-    qu.add_argument("--method", required=True, choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
-    qu.add_argument("--wbits", type=int, default=d.wbits, help=f"weight bits: 8, 4, 3 or 2 (default {d.wbits})")
+    qu.add_argument("--method", required=True, choices=list(METHODS),
+                    help="; ".join(f"{k}: {v.description}" for k, v in METHODS.items()))
+    qu.add_argument("--wbits", type=int, default=d.wbits, help=f"weight bits (default {d.wbits}; valid per method above)")
     qu.add_argument("--abits", type=int, default=d.abits,
-                    help=f"activation bits: {d.abits}, or 8 for int8 activations (quanto, torchao) (default {d.abits})")
+                    help=f"activation bits: 16 (weight-only), 8 or 4, per token (default {d.abits}; valid per method above)")
+    qu.add_argument("--alpha", type=float, metavar="A",
+                    help="SmoothQuant/DuQuant migration strength in [0, 1] (default 0.5)")
+    qu.add_argument("--clip", type=float, metavar="R",
+                    help="activation clip ratio in (0, 1]: each token's scale covers R x its max |x| "
+                         "(default 1.0; DuQuant 0.9)")
     qu.add_argument("--group-size", type=int, default=d.group_size, metavar="G",
                     help=f"input columns sharing a scale (default {d.group_size}; 0 = one per output channel)")
     qu.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric, with zero points)")
@@ -401,11 +413,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     skip = tuple(s for s in args.skip if s != "none")
     recipe = QuantRecipe(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size or None, symmetric=args.sym,
                          act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
-                         seq_len=args.seq_len, masked_calib=not args.no_masked_calib, skip=skip, seed=args.seed).validate()
+                         seq_len=args.seq_len, masked_calib=not args.no_masked_calib, skip=skip, seed=args.seed,
+                         alpha=args.alpha, clip=args.clip).validate()
     check_format(recipe, args.format)
     note = getattr(runtimes.BY_METHOD.get(recipe.method), "note", None)
     if note:
         print(f"note: {note}.", file=sys.stderr)
+    if recipe.abits < 16 and recipe.method not in runtimes.METHODS:
+        from dllm_studio.quant.methods import QUANTIZED_TENSORS
+
+        print(f"note: {QUANTIZED_TENSORS}.", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FolderExistsError(out)
@@ -418,7 +435,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     def on_event(event: Event) -> None:
         events.append(event.to_dict())
-        if type(event).__name__ == "BlockQuantized":
+        if type(event).__name__ == "LayerTransformed":
+            print(f"  {event.name}  {event.transform}: kurtosis {event.kurtosis_before:.2f} -> {event.kurtosis_after:.2f}, "
+                  f"max/median {event.outlier_ratio_before:.1f} -> {event.outlier_ratio_after:.1f}"
+                  + (f"  ({event.detail})" if event.detail else ""), flush=True)
+        elif type(event).__name__ == "BlockQuantized":
             print(f"block {event.block:>3}/{event.blocks}  max outlier {event.max_outlier_ratio:7.1f}x  "
                   f"error {event.mean_relative_error:.4f}  RSS {human(event.rss_bytes)}  "
                   f"{event.elapsed_s:6.1f} s  ETA {event.eta_s:5.1f} s", flush=True)
@@ -433,6 +454,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     linears, whole = quantized_sizes(s, model.dtype)
     print(f"{linears} ({s['bits_per_weight']:.3f} bits per weight; storage theory {s['theory_bits_per_weight']:.3f})")
     print(whole)
+    if recipe.abits < 16:
+        from dllm_studio.quant import kernels
+
+        print(f"kernels here: {kernels.describe(kernels.choices(result.model.module))}")
     print(f"saved {out} ({args.format} format)")
     return 0
 

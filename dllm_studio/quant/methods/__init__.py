@@ -50,6 +50,10 @@ class Spec:
         return importlib.import_module(f"{__name__}.{self.module}").METHOD
 
 
+# Which tensors a weight-and-activation setting rounds, said wherever one is chosen or reported.
+QUANTIZED_TENSORS = ("activations quantized: the inputs of every block linear (q, k, v, o, gate, up, down), per token; "
+                     "attention's queries, keys, values and softmax stay in full precision")
+
 WEIGHT_ONLY = tuple((w, 16) for w in (8, 4, 3, 2))
 WA = ((8, 8), (4, 8), (4, 4))
 
