@@ -228,8 +228,10 @@ def quantization_config(recipe: QuantRecipe, module: nn.Module | None = None) ->
     own, which may describe the quantized `module` layer by layer)."""
     if recipe.method in runtimes.METHODS:
         return runtimes.quantization_config(recipe, module)
+    per_row = recipe.per_channel or recipe.spec.layout == "codebook"  # the recipe's group size does not apply
     config = {"quant_method": "dllm_studio", "method": recipe.method, "bits": recipe.wbits,
-              "group_size": recipe.group_size or -1, "sym": recipe.symmetric, "desc_act": recipe.act_order,
+              "group_size": -1 if per_row else recipe.group_size or -1, "sym": recipe.symmetric or recipe.per_channel,
+              "desc_act": recipe.act_order,
               "skip": list(recipe.skip), "format": "packed-uint8"}
     # The activation grid is the layers' own (every layer shares it); a weight-only model's config is unchanged.
     layer = next((m for m in module.modules() if isinstance(m, QuantLinear)), None) if module is not None else None
