@@ -105,6 +105,16 @@ def test_block_rotate_equals_the_dense_block_diagonal():
         rotation.block_rotate(torch.randn(2, 40), blocks)
 
 
+def test_greedy_step_spreads_channel_zero_evenly():
+    b = 32
+    h = rotation._helmert(b)
+    torch.testing.assert_close(h @ h.T, torch.eye(b, dtype=torch.float64))
+    assert torch.equal(h[0], torch.full((b,), 1 / math.sqrt(b), dtype=torch.float64))
+    spread = torch.zeros(b, dtype=torch.float64)
+    spread[0] = 1
+    assert torch.equal(spread @ h, h[0])  # an outlier moved to channel 0 lands on every channel alike
+
+
 def test_greedy_rotation_spreads_planted_outliers():
     block = 32
     x = planted_outliers(64, 128, [3, 40, 100])  # one outlier in each of blocks 0, 1, 3

@@ -149,11 +149,9 @@ def hadamard_transform(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if n % m or (p := n // m) & (p - 1):
         raise QuantizationError(f"A Hadamard factor of order {m} does not fit an input of {n} channels.")
     z = _walsh_hadamard(x.reshape(-1, p).contiguous()).view(-1, m, p)
-    scale = 1 / math.sqrt(n)
-    if m == 1:
-        z = z * scale
-    else:  # y[b, r] = Σ_a F[a, b] z[a, r]: a (m, m) @ (m, p) product per row, contiguous in and out
-        z = torch.matmul((factor.T * scale).to(device=z.device, dtype=z.dtype), z)
+    scaled = (factor.T / math.sqrt(n)).to(device=x.device, dtype=x.dtype)
+    # y[b, r] = Σ_a F[a, b] z[a, r] / √n: an (m, m) @ (m, p) product per row, contiguous in and out
+    z = z * scaled if m == 1 else torch.matmul(scaled, z)
     return z.reshape(x.shape)
 
 
@@ -173,8 +171,9 @@ def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def _helmert(b: int) -> torch.Tensor:
     """Orthogonal (b, b), float64, first row 1/√b: row k > 0 is (1, …, 1, −k, 0, …)/√(k(k+1)) with k ones.
 
-    It is the product of DuQuant's Givens chain with cos = 1/√(i+2): e_0 H spreads channel 0 evenly over the
-    block, while e_j H for j > 0 keeps most of channel j where it was, so one step moves only the outlier."""
+    It plays the part of DuQuant's precomputed Givens chain (cos = 1/√(i+2)), whose first row is 1/√b too, in
+    closed form: e_0 H spreads channel 0 evenly over the block, while e_j H for j > 0 keeps most of channel j where
+    it was, so one step moves mainly the outlier. (On planted outliers both reach about the same peaks.)"""
     h = torch.zeros(b, b, dtype=torch.float64)
     h[0] = 1 / math.sqrt(b)
     for k in range(1, b):
@@ -207,10 +206,10 @@ def greedy_rotation(absmax: torch.Tensor, block: int = 128, steps: int = 256,
     z = x.reshape(-1, nb, block).transpose(0, 1).contiguous()  # (nb, tokens, block)
     rot = torch.eye(block, dtype=torch.float64, device=x.device).repeat(nb, 1, 1)  # float64: 256 products stay orthogonal
     best, best_peak = rot.clone(), z.abs().amax((1, 2))
-    swap = torch.arange(block, device=x.device).repeat(nb, 1)
+    identity = torch.arange(block, device=x.device).repeat(nb, 1)
     for _ in range(steps):
         c = z.abs().amax(1).argmax(1)  # (nb,) each block's outlier channel
-        order = swap.clone()
+        order = identity.clone()
         order[:, 0] = c
         order.scatter_(1, c[:, None], 0)  # columns 0 and c exchanged (no-op where c = 0)
         z = torch.matmul(z.gather(2, order[:, None, :].expand_as(z)), helmert.float())
