@@ -14,7 +14,7 @@ from dllm_studio.quant import kernels
 from dllm_studio.quant.export import check_format, save_quantized
 from dllm_studio.quant.grid import Grid, dequantize, rtn
 from dllm_studio.quant.kernels import dequant
-from dllm_studio.quant.kernels.base import CODEBOOK_REASON
+from dllm_studio.quant.kernels.base import CODEBOOK_REASON, fake_quantize_activations
 from dllm_studio.quant.pipeline import quantize
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
@@ -136,9 +136,19 @@ def test_integer_kernels_refuse_codebook_layers(bits):
     assert kernels.prepare(module, torch.float32) == 2  # the two grids are two shapes
     row = kernels.plan(module, torch.device("cpu"), torch.float32)[0]
     assert row == {"shape": kernels.shape(layer), "layers": 1, "runnable": ["dequant"],
-                   "chosen": {b: "dequant" for b in kernels.BUCKETS}}
+                   "chosen": {b: "dequant" for b in kernels.BUCKETS}, "simulated": False}
     layer(torch.randn(256, 256))
     assert kernels.describe(kernels.choices(module)) == "dequant x1 at 32 tokens; dequant x1 at 256 tokens"
+
+
+def test_codebook_layers_with_quantized_activations_run_simulated_in_the_dequant_kernel():
+    codes, codebook = twin_log(_long_tailed(64, 256), 4)
+    layer = QuantLinear.from_codebook(codes, codebook, 4, act_bits=4, act_clip=0.9)  # ARS: W4A4
+    assert kernels.runnable(layer, torch.device("cpu"))["w8a8"] == CODEBOOK_REASON
+    assert kernels.shape(layer) == "256->64 w4a4 codebook clip0.9" and kernels.simulated(layer)
+    x = torch.randn(6, 256)
+    torch.testing.assert_close(layer(x), fake_quantize_activations(x, 4, 0.9) @ layer.dequantize().T,
+                               atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
