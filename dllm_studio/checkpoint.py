@@ -269,7 +269,7 @@ def load_bytes(folder: Path, itemsize: int) -> int:
             for dim in entry["shape"]:
                 numel *= dim
             stored = entry["data_offsets"][1] - entry["data_offsets"][0]
-            quantized = name.endswith((".scales", ".qweight", ".qzeros", ".g_idx"))
+            quantized = name.endswith((".scales", ".qweight", ".qzeros", ".g_idx", ".codebook"))
             total += numel * itemsize if entry["dtype"] in FLOAT_DTYPES and not quantized else stored
     return total
 

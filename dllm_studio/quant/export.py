@@ -30,12 +30,16 @@ from dllm_studio.memory import quantized_sizes
 from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant import runtimes
 from dllm_studio.quant.qlinear import QuantLinear
+from dllm_studio.quant.methods import METHODS as SPECS
 from dllm_studio.quant.recipe import FORMATS
 from dllm_studio.quant.storage import gptq_checkpoint_format, to_gptq
 
 NOT_COPIED = {"config.json", "README.md", "recipe.json", "profile.json", "training.json", "eval.json",
               "recipe_search.json"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
+CODEBOOK_METHODS = tuple(name for name, spec in SPECS.items() if spec.layout == "codebook")  # tlq, ars
+GPTQ_UNIFORM_ONLY = ("Twin-log (TLQ) codes are not uniform: the GPTQ format has no way to store them; export in "
+                     "the native format")
 GPTQ_WEIGHT_ONLY = ("The GPTQ format stores weight-only layers: activation quantization (W8A8, W4A4…) and online "
                     "rotations cannot be written there; export in the native format.")
 
@@ -55,7 +59,7 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     recipe = getattr(model, "quantization", None)
     if recipe is None:
         raise ExportError(f"{model.source} is not quantized; quantize it first.")
-    check_format(recipe, fmt)
+    check_format(recipe, fmt, model.module)
     out = Path(out)
     if out.exists() and not force:
         raise FolderExistsError(out)
@@ -107,10 +111,16 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     return {"path": str(out), "format": fmt, "files": files, "total_bytes": sum(size for _, size in files), **report}
 
 
-def check_format(recipe, fmt: str) -> None:
-    """Refuse, before anything is written, a format `fmt` that a model made with `recipe` cannot be stored in."""
+def check_format(recipe, fmt: str, module: torch.nn.Module | None = None) -> None:
+    """Refuse, before anything is written, a format `fmt` that a model made with `recipe` (and, once it exists,
+    holding `module`) cannot be stored in."""
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    # Known from the method before quantizing; from the layers themselves after (whatever method made them).
+    codebooks = recipe.method in CODEBOOK_METHODS or module is not None and any(
+        isinstance(m, QuantLinear) and m.codebook is not None for m in module.modules())
+    if codebooks and fmt == "gptq":
+        raise QuantizationError(GPTQ_UNIFORM_ONLY)
     runtime = runtimes.BY_METHOD.get(recipe.method)
     if runtime is not None and fmt != "native":
         raise ExportError(f"A {recipe.method} model holds {runtime.library}'s own layers, which the {fmt.upper()} "

@@ -7,6 +7,9 @@ Buffers (what the native checkpoint stores, under the layer's name):
                                          packing would pad every row to whole bytes)
     g_idx    int32 (in,)                 group of each input column; only with act-order, where
                                          GPTQ's column order makes groups non-contiguous
+    codebook fp16  (out, 2^b)            instead of scales, qzeros and g_idx: the value each code stands for,
+                                         per row (a non-uniform grid such as twin-log's); code c of row r
+                                         decodes to codebook[r, c]
     bias     (out,)                      as the original layer had it
     transform.*                          an optional `InputTransform` (smoothing, rotations) applied to
                                          the input first, fp32 (int32 perm); see `quant.transforms`
@@ -36,12 +39,14 @@ ACT_BITS = (16, 8, 4)
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, *,
                  bias: bool = False, act_order: bool = False, act_bits: int = 16, act_clip: float = 1.0,
-                 transform: InputTransform | None = None, dtype: torch.dtype = torch.float32,
+                 transform: InputTransform | None = None, codebook: bool = False, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         if act_bits not in ACT_BITS or not 0 < act_clip <= 1:
             raise ValueError(f"act_bits {act_bits} / act_clip {act_clip}: activations are {ACT_BITS} bits, "
                              "clipped at a ratio in (0, 1]")
+        if codebook and (act_order or group_size not in (None, in_features)):
+            raise ValueError("a codebook layer has one codebook per row: no groups, no act-order")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.act_bits = bits, group_size or in_features, act_bits
         self.act_clip = float(act_clip)
@@ -52,9 +57,12 @@ class QuantLinear(nn.Module):
         groups = -(-in_features // self.group_size)
         empty = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.register_buffer("qweight", empty(out_features, packed_size(in_features, bits), dtype=torch.uint8))
-        self.register_buffer("scales", empty(out_features, groups, dtype=torch.float16))
-        self.register_buffer("qzeros", empty(packed_size(out_features * groups, bits), dtype=torch.uint8))
+        uniform = not codebook
+        self.register_buffer("scales", empty(out_features, groups, dtype=torch.float16) if uniform else None)
+        self.register_buffer("qzeros", empty(packed_size(out_features * groups, bits), dtype=torch.uint8)
+                             if uniform else None)
         self.register_buffer("g_idx", empty(in_features, dtype=torch.int32) if act_order else None)
+        self.register_buffer("codebook", empty(out_features, 1 << bits, dtype=torch.float16) if codebook else None)
         self.bias = nn.Parameter(empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -77,13 +85,31 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias.detach())
         return layer
 
+    @classmethod
+    def from_codebook(cls, q: torch.Tensor, codebook: torch.Tensor, bits: int, *, bias: torch.Tensor | None = None,
+                      act_bits: int = 16, act_clip: float = 1.0, transform: InputTransform | None = None) -> QuantLinear:
+        """Build from codes q (out, in) that index each row's codebook (out, 2^bits) (`quant.twin_log`)."""
+        out_features, in_features = q.shape
+        if codebook.shape != (out_features, 1 << bits):
+            raise ValueError(f"a {bits}-bit codebook for {out_features} rows is ({out_features}, {1 << bits}), "
+                             f"not {tuple(codebook.shape)}")
+        layer = cls(in_features, out_features, bits, None, bias=bias is not None, act_bits=act_bits, act_clip=act_clip,
+                    transform=transform, codebook=True, dtype=bias.dtype if bias is not None else torch.float32,
+                    device=q.device)
+        layer.qweight.copy_(pack(q, bits))
+        layer.codebook.copy_(codebook.to(torch.float16))
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
     def _apply(self, fn, recurse=True):
         self.forget_kernels()  # built from the old tensors, maybe on another device; the codes come back first
-        # `.to(dtype)` would round the fp16 scales through another float type; keep them, move them only.
-        scales = self.scales
+        # `.to(dtype)` would round the fp16 scales (or codebook) through another float type; keep them, move them only.
+        kept = {name: t for name in ("scales", "codebook") if (t := self._buffers.get(name)) is not None}
         super()._apply(fn, recurse)
-        if self.scales.dtype != torch.float16:
-            self.scales = scales.to(self.scales.device)
+        for name, tensor in kept.items():
+            if self._buffers[name].dtype != torch.float16:
+                self._buffers[name] = tensor.to(self._buffers[name].device)
         return self
 
     def release_codes(self, kernel) -> None:
@@ -124,7 +150,7 @@ class QuantLinear(nn.Module):
 
     @property
     def groups(self) -> int:
-        return self.scales.shape[1]
+        return 1 if self.codebook is not None else self.scales.shape[1]
 
     def codes(self) -> torch.Tensor:
         """The integer codes, (out, in) uint8."""
@@ -134,6 +160,8 @@ class QuantLinear(nn.Module):
 
     def zeros(self) -> torch.Tensor:
         """Zero points, (out, groups) uint8."""
+        if self.codebook is not None:
+            raise ValueError("a codebook layer's codes index its codebook: it has no zero points")
         return unpack(self.qzeros, self.bits, self.out_features * self.groups).view(self.out_features, self.groups)
 
     def column_groups(self) -> torch.Tensor:
@@ -143,7 +171,10 @@ class QuantLinear(nn.Module):
         return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight (out, in) as the grid represents it: (q - zero) * scale, as one fused q * s - z * s."""
+        """The weight (out, in) as the grid represents it: (q - zero) * scale, as one fused q * s - z * s, or
+        for a codebook layer each code's codebook entry."""
+        if self.codebook is not None:
+            return torch.gather(self.codebook.to(dtype), 1, self.codes().long())
         q = self.codes().to(dtype)
         scales = self.scales.to(dtype)
         offsets = -self.zeros().to(dtype) * scales
@@ -166,4 +197,5 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, act_order={self.g_idx is not None}, act_bits={self.act_bits}, "
                 f"act_clip={self.act_clip:g}, bias={self.bias is not None}, "
-                f"transform={self.transform.parts() if self.transform is not None else None}")
+                f"transform={self.transform.parts() if self.transform is not None else None}"
+                f"{', codebook=True' if self.codebook is not None else ''}")

@@ -2,7 +2,8 @@
 
 Native (`quant_method: "dllm_studio"`): each quantized linear's `QuantLinear` buffers as they are held
 in memory (uint8 codes packed along the input dimension, fp16 scales, packed zero points, g_idx only
-with act-order); every other tensor as the original model had it.
+with act-order; or, for a non-uniform grid, the codes and an fp16 codebook per row instead of scales and zero
+points); every other tensor as the original model had it.
 
 GPTQ (`quant_method: "gptq"`), the layout transformers, GPTQModel, vLLM and SGLang read: `qweight` int32
 (in * bits / 32, out) packed along the input dimension, `qzeros` int32 (groups, out * bits / 32) packed along
@@ -22,7 +23,7 @@ from dllm_studio.quant import runtimes
 from dllm_studio.quant.packing import pack, packed_size, unpack
 from dllm_studio.quant.qlinear import ACT_BITS, QuantLinear
 
-QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
+QUANT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "codebook")
 TRANSFORM = "transform"  # a QuantLinear's `InputTransform` child: `<layer>.transform.<part>`
 # What each GPTQ layout subtracts from a zero point before packing it.
 GPTQ_ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
@@ -89,9 +90,12 @@ def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int
             from dllm_studio.quant.transforms import InputTransform  # only models with rotations need it
 
             transform = InputTransform.shell(linear.in_features, parts, device="meta")
-        shell = QuantLinear(linear.in_features, linear.out_features, bits, group if group > 0 else None,
-                            bias=linear.bias is not None, act_order=act_order, act_bits=act_bits, act_clip=act_clip,
-                            transform=transform, device="meta")
+        codebook = f"{name}.codebook" in shapes  # a non-uniform grid (twin-log): one group per row by construction
+        if codebook and fmt != "native":
+            raise ModelLoadError(f"{name}.codebook: codebook layers are stored only in dLLM Studio's native format.")
+        shell = QuantLinear(linear.in_features, linear.out_features, bits, None if codebook or group <= 0 else group,
+                            bias=linear.bias is not None, act_order=act_order and not codebook, act_bits=act_bits,
+                            act_clip=act_clip, transform=transform, codebook=codebook, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, shell)
 

@@ -53,9 +53,10 @@ def forced() -> str | None:
 
 
 def shape(layer) -> str:
-    """A layer's shape and grid, e.g. "4096->4096 w4a16 g128", "4096->4096 w8a8 per-channel clip0.9" (what, with
-    device, dtype and bucket, decides)."""
-    grid = f"w{layer.bits}a{layer.act_bits} {f'g{layer.group_size}' if layer.groups > 1 else 'per-channel'}"
+    """A layer's shape and grid, e.g. "4096->4096 w4a16 g128", "4096->4096 w8a8 per-channel clip0.9",
+    "4096->4096 w3a16 codebook" (what, with device, dtype and bucket, decides)."""
+    layout = "codebook" if layer.codebook is not None else f"g{layer.group_size}" if layer.groups > 1 else "per-channel"
+    grid = f"w{layer.bits}a{layer.act_bits} {layout}"
     clip = f" clip{layer.act_clip:g}" if layer.act_bits < 16 and layer.act_clip != 1 else ""
     return f"{layer.in_features}->{layer.out_features} {grid}{' act-order' if layer.g_idx is not None else ''}{clip}"
 
@@ -71,7 +72,7 @@ def simulated(layer, kernel: str | None = None) -> bool:
     elif layer.kernel_choice:
         names = set(layer.kernel_choice.values())
     else:
-        can = [name for name, why in runnable(layer, layer.scales.device).items() if why is None]
+        can = [name for name, why in runnable(layer, layer.qweight.device).items() if why is None]
         names = {forced()} if forced() in can else set(can)
     return not all(KERNELS[name].integer_activations for name in names)
 
@@ -95,7 +96,7 @@ def prepare(module: torch.nn.Module, dtype: torch.dtype) -> int:
             shapes.setdefault(shape(m), m)
     for layer in shapes.values():
         for b in BUCKETS:
-            _choose(layer, layer.scales.device, dtype, b)
+            _choose(layer, layer.qweight.device, dtype, b)
     return len(shapes)
 
 

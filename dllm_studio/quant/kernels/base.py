@@ -29,6 +29,10 @@ class Kernel:
         raise NotImplementedError
 
 
+# Why the integer kernels refuse a codebook layer (`QuantLinear.codebook`): they compute (q - zero) * scale.
+CODEBOOK_REASON = "codes index a per-row codebook (non-uniform grid); only the dequantize kernel decodes them"
+
+
 def quantize_activations(x: torch.Tensor, bits: int = 8, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-token dynamic quantization at `bits` with a clip ratio: (codes int8 (tokens, in), scales
     fp32 (tokens, 1)), x ~ codes * scales. The scale maps clip * max|x| of each token to the largest level
@@ -51,7 +55,7 @@ def fake_quantize_activations(x: torch.Tensor, bits: int, clip: float = 1.0) -> 
 
 def per_channel(layer) -> bool:
     """Whether `per_channel_int8` can hold the layer: 8 or at most 4 bits, one group per row, no act-order."""
-    return layer.bits in (2, 3, 4, 8) and layer.groups == 1 and layer.g_idx is None
+    return layer.bits in (2, 3, 4, 8) and layer.codebook is None and layer.groups == 1 and layer.g_idx is None
 
 
 def per_channel_int8(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

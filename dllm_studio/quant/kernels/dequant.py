@@ -1,8 +1,9 @@
 """Dequantize-then-matmul, a tile of output rows at a time: the kernel every layer can run.
 
-A tile of rows is unpacked and scaled into one reusable buffer, multiplied, and overwritten by the next
-tile, so a call never holds a float copy of the whole weight (at 4096 x 4096 that copy alone is 64 MB
-written and read again per call; a 1M-element tile stays in cache). Output rows are written straight
+A tile of rows is unpacked and scaled (or, for a codebook layer, looked up in its rows' codebooks) into
+one reusable buffer, multiplied, and overwritten by the next tile, so a call never holds a float copy of the
+whole weight (at 4096 x 4096 that copy alone is 64 MB written and read again per call; a 1M-element tile
+stays in cache). Output rows are written straight
 into a (out, tokens) result, whose row slices are contiguous, then transposed once.
 """
 
@@ -53,7 +54,8 @@ class Dequant(Kernel):
                 self.perm = order
         # Unpacked once here, not per call: the zero points (shifted where the int4 layout shifted the codes),
         # and for irregular act-order groups each column's group.
-        self.zeros = layer.zeros() if self.source is None else layer.zeros() + self.source.shift
+        self.zeros = None if layer.codebook is not None else (
+            layer.zeros() if self.source is None else layer.zeros() + self.source.shift)
         self.cols = layer.g_idx.long() if layer.g_idx is not None and self.perm is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +76,9 @@ class Dequant(Kernel):
 
     def _dequantize_rows(self, r0, r1, zeros, cols, w) -> None:
         layer = self.layer
+        if layer.codebook is not None:  # codes index their row's codebook: one gather into the tile
+            torch.gather(layer.codebook[r0:r1].to(w.dtype), 1, _codes(layer, r0, r1).long(), out=w)
+            return
         scales = layer.scales[r0:r1].to(w.dtype)
         offsets = -zeros[r0:r1].to(w.dtype) * scales
         size = layer.group_size

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from dllm_studio.quant.kernels.base import Kernel
+from dllm_studio.quant.kernels.base import CODEBOOK_REASON, Kernel
 from dllm_studio.quant.packing import unpack
 
 GROUPS = (256, 128, 64, 32)  # group sizes the kernels take
@@ -42,6 +42,8 @@ class Int4(Kernel):
 
     @classmethod
     def unsupported(cls, layer, device: torch.device) -> str | None:
+        if layer.codebook is not None:
+            return CODEBOOK_REASON
         if layer.act_bits != 16:
             return "weight-only kernel; the layer quantizes its activations too"
         if layer.bits > 4:

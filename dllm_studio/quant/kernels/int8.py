@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dllm_studio.quant.kernels.base import Kernel, per_channel, per_channel_int8, quantize_activations
+from dllm_studio.quant.kernels.base import CODEBOOK_REASON, Kernel, per_channel, per_channel_int8, quantize_activations
 
 
 class _PerChannel(Kernel):
@@ -33,6 +33,8 @@ class Int8(_PerChannel):
 
     @classmethod
     def unsupported(cls, layer, device: torch.device) -> str | None:
+        if layer.codebook is not None:
+            return CODEBOOK_REASON
         if layer.act_bits != 16:
             return "the layer's activations are quantized too (W8A8 kernel)"
         if layer.bits != 8 or not per_channel(layer):
@@ -58,6 +60,8 @@ class W8A8(_PerChannel):
 
     @classmethod
     def unsupported(cls, layer, device: torch.device) -> str | None:
+        if layer.codebook is not None:
+            return CODEBOOK_REASON
         if layer.act_bits != 8:
             return "only for layers quantized with 8-bit activations"
         if not per_channel(layer):
