@@ -269,12 +269,14 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe) -> dict[str, int]:
     quantized = sum(l.in_features * l.out_features for l in linears if not recipe.skips(l.name, l.role))
     tokens = recipe.calib_samples * recipe.seq_len
     taps = min(tokens, SAMPLE_TOKENS) * widest * 4 * len({l.role for l in linears})
-    hessians = 3 * widest * widest * 4 if recipe.spec.implementation().hessian else 0
+    method = recipe.spec.implementation()
+    hessians = 3 * widest * widest * 4 if method.hessian else 0
     return {
         "model": model.num_parameters() * model.dtype.itemsize,
         "quantized copy": int(quantized * theory_bits(recipe, widest, model.dtype.itemsize * 8) / 8),
         "one block at fp32": per_block * 4 * 2,  # the copy and GPTQ's working weights
         "calibration activations": tokens * model.hidden_size * 4 * 3 + taps + hessians,
+        **method.working_bytes(model, [l for l in linears if not recipe.skips(l.name, l.role)]),
     }
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dllm_studio.quant import rotation
+
 PARTS = ("smooth", "hadamard", "rotation1", "perm", "rotation2")  # in the order they apply
 
 
@@ -25,7 +27,7 @@ class InputTransform(nn.Module):
                  rotation1: torch.Tensor | None = None, perm: torch.Tensor | None = None,
                  rotation2: torch.Tensor | None = None) -> None:
         """smooth (in,); hadamard: the Hadamard factor of the size's non-power-of-two part (m, m), see
-        `rotation.hadamard`; rotation1/rotation2 block-diagonal (blocks, b, b); perm (in,) column order."""
+        `rotation.hadamard_factor`; rotation1/rotation2 block-diagonal (blocks, b, b); perm (in,) column order."""
         super().__init__()
         self.in_features = in_features
         for name, value in zip(PARTS, (smooth, hadamard, rotation1, perm, rotation2)):
@@ -57,8 +59,6 @@ class InputTransform(nn.Module):
         return self._orth(z)
 
     def _orth(self, z: torch.Tensor) -> torch.Tensor:
-        from dllm_studio.quant import rotation
-
         if self.hadamard is not None:
             z = rotation.hadamard_transform(z, self.hadamard)
         if self.rotation1 is not None:

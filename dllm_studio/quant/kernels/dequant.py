@@ -22,7 +22,10 @@ _buffers: dict[tuple, torch.Tensor] = {}  # one tile buffer per (rows, in, dtype
 def _buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     key = (rows, cols, dtype, device)
     if key not in _buffers:
-        _buffers[key] = torch.empty(rows, cols, dtype=dtype, device=device)
+        # A normal tensor even when first asked for inside inference_mode (a model's forward): an inference
+        # tensor could not be written by a later call outside it (the quantizer's, under no_grad).
+        with torch.inference_mode(False):
+            _buffers[key] = torch.empty(rows, cols, dtype=dtype, device=device)
     return _buffers[key]
 
 

@@ -56,6 +56,12 @@ class Method:
         self.grid = Grid(recipe.wbits, recipe.symmetric or per_channel)
         self.group_size = None if per_channel else recipe.group_size
 
+    @classmethod
+    def working_bytes(cls, model: DiffusionLM, layers: list[LinearLayer]) -> dict[str, int]:
+        """Bytes the method adds to a run beyond the pipeline's own (by part, for the memory preflight), given
+        the linears it quantizes; `model` may live on meta."""
+        return {}
+
     def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the first block, as the method's model will see it."""
         return x

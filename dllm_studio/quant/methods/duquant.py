@@ -1,0 +1,103 @@
+"""DuQuant (Lin et al., arXiv:2406.01721): per layer, spread the outliers of its input over channels, then round.
+
+Each linear's input x gets, online, x / s (smoothing with migration α, SmoothQuant's s from the layer's own
+weight), then a block-diagonal rotation R1 found greedily from the calibration inputs (each step spreads
+the largest remaining channel over its block), a zigzag permutation that deals the largest channels evenly
+to the blocks, and a second greedy rotation R2 (`rotation.duquant`); the weight takes the same change
+(`InputTransform`), so the full-precision layer is unchanged. Weights are then rounded to nearest per output
+channel with a clip searched per row, activations per token with the recipe's clip (0.9 by default), as the
+seed study ran it (no learnable clipping: its `--epochs 0`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dllm_studio.quant import rotation
+from dllm_studio.quant.capture import transform_linear
+from dllm_studio.quant.grid import rtn
+from dllm_studio.quant.methods.base import Method
+from dllm_studio.quant.transforms import InputTransform
+
+BLOCK = 128  # rotation block, as DuQuant's default
+STEPS = 256  # greedy rotation steps per block
+SEARCH_TOKENS = 256  # calibration rows the greedy rotations are searched on (each step rotates all of them)
+WEIGHT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)  # per-row range shrinks searched for the weights (DuQuant's swc 0.8)
+
+
+def smoothing(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s = max|X_j|^α / max|W_:,j|^(1-α) for one linear."""
+    w = weight.detach().abs().float().amax(0)
+    return (absmax.to(w.device).clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+
+
+def outlier_transform(x: torch.Tensor, weight: torch.Tensor, alpha: float | None) -> InputTransform:
+    """DuQuant's transform for a linear of weight `weight` whose calibration inputs are x (tokens, in)."""
+    in_features = x.shape[-1]
+    s = smoothing(x.abs().amax(0), weight, alpha) if alpha else None
+    xs = x if s is None else x / s
+    block = math.gcd(in_features, BLOCK)  # e.g. a 352-wide MLP gets blocks of 32
+    r1, perm, r2 = rotation.duquant(search_rows(xs), block=block, steps=STEPS)
+    return InputTransform(in_features, smooth=s, rotation1=r1, perm=perm, rotation2=r2)
+
+
+def search_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows the rotations are searched on: the tokens with the largest entries (massive outliers sit on a
+    few tokens and must be seen), then an even spread of the rest."""
+    if x.shape[0] <= SEARCH_TOKENS:
+        return x
+    peaks = x.abs().amax(1)
+    top = peaks.topk(SEARCH_TOKENS // 4).indices
+    rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    rest[top] = False
+    spread = rest.nonzero()[:, 0]
+    spread = spread[torch.linspace(0, len(spread) - 1, SEARCH_TOKENS - len(top)).long()]
+    return x[torch.cat([top, spread])]
+
+
+def clipped_rtn(w: torch.Tensor, grid, group_size):
+    """Round-to-nearest with each row's range shrunk by the clip in WEIGHT_CLIPS that minimises its error."""
+    best = None
+    for clip in WEIGHT_CLIPS:
+        q, scales, zeros = rtn(w, grid, group_size, torch.full((w.shape[0], 1), clip, device=w.device))
+        err = ((q.float() - zeros) * scales - w).pow(2).sum(1)
+        if best is None:
+            best = [q, scales, zeros, err]
+            continue
+        better = err < best[3]
+        for i, new in enumerate((q, scales, zeros, err)):
+            best[i] = torch.where(better.view(-1, *([1] * (new.dim() - 1))), new, best[i])
+    return best[:3]
+
+
+def rotation_bytes(layers) -> dict[str, int]:
+    """Two fp32 block rotations of (in / block) x block x block per linear, kept with the quantized model."""
+    return {"rotation matrices": sum(2 * l.in_features * math.gcd(l.in_features, BLOCK) * 4 for l in layers)}
+
+
+class DuQuant(Method):
+    transforms = True
+
+    @classmethod
+    def working_bytes(cls, model, layers):
+        return rotation_bytes(layers)
+
+    def prepare_block(self, block, taps):
+        for name in block.layers:
+            linear = block.module.get_submodule(name)
+            transform_linear(block.module, name, outlier_transform(taps[name].inputs(), linear.weight, self.recipe.migration))
+
+    def transform_label(self, name):
+        alpha = self.recipe.migration
+        smooth = f"smoothing α={alpha:g} → " if alpha else ""
+        return f"DuQuant: {smooth}rotation → zigzag → rotation", ""
+
+    def round(self, linear, layer, tap):
+        if tap is None:  # the LM head: no transform, plain round-to-nearest
+            return super().round(linear, layer, tap)
+        return self.quant_linear(linear, *clipped_rtn(linear.weight.detach().float(), self.grid, self.group_size))
+
+
+METHOD = DuQuant
