@@ -77,11 +77,11 @@ def test_a_quantized_folder_opens_as_a_variant(qtbot, models_page, session, demo
 
 def test_only_valid_combinations_are_offered(quantize_page):
     page = quantize_page
-    from dllm_studio.quant.recipe import WEIGHT_BITS
+    from dllm_studio.quant.methods import METHODS
 
     for method in ("rtn", "gptq", "awq"):
         page.method.setCurrentIndex(page.method.findData(method))
-        assert [page.bits.itemData(i) for i in range(page.bits.count())] == list(WEIGHT_BITS[method])
+        assert [page.bits.itemData(i) for i in range(page.bits.count())] == [w for w, _ in METHODS[method].settings]
         assert page.act_order.isEnabled() == (method == "gptq")
         assert "seed study" in page.method.toolTip() or method == "rtn"
     page.method.setCurrentIndex(page.method.findData("gptq"))
@@ -379,7 +379,8 @@ def test_a_library_method_offers_its_activation_bits_and_no_grid_options(quantiz
     pytest.importorskip("torchao")
     page = quantize_page
     page.method.setCurrentIndex(page.method.findData("torchao"))
-    assert [page.bits.itemText(i) for i in range(page.bits.count())] == ["8-bit (W8A16)", "8-bit (W8A8)"]
+    assert [page.bits.itemText(i) for i in range(page.bits.count())] == ["W8A16 (8-bit weights, 16-bit activations)",
+                                                                     "W8A8 (8-bit weights, 8-bit activations)"]
     assert not page.group.isEnabled() and not page.symmetric.isEnabled()
     page.bits.setCurrentIndex(1)
     recipe = page.recipe()

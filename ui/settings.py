@@ -21,6 +21,9 @@ DEFAULTS: dict[str, object] = {
     "chat/seed": 0,
     "quantize/method": "gptq",
     "quantize/wbits": 4,
+    "quantize/abits": 16,
+    "quantize/alpha": "",  # "": the method's default (QuantRecipe.alpha None)
+    "quantize/clip": "",
     "quantize/group_size": 128,
     "quantize/calib_samples": 32,
     "quantize/masked_calib": True,

@@ -82,6 +82,23 @@ def counted(layer, kernel: str) -> str:
     return f"{kernel} ({SIMULATED_NOTE})" if simulated(layer, kernel) else kernel
 
 
+def activation_kernel(recipe, device: torch.device | str = "cpu") -> str:
+    """How the activations a recipe quantizes would run on `device`, before any layer exists: the label of the
+    kernel that multiplies them as integers, or `SIMULATED_NOTE` where none can (A4, codebook layouts); "" when
+    the recipe quantizes no activations of its own layers (A16, or a library runtime, which brings its kernels)."""
+    if recipe.abits == 16 or recipe.spec.layout == "library":
+        return ""
+    if recipe.spec.layout == "codebook":  # non-uniform levels have no integer product to take
+        return SIMULATED_NOTE
+    from dllm_studio.quant.qlinear import QuantLinear  # (it imports this module)
+
+    # A per-channel layer of the recipe's bits, on meta: what `unsupported` reads is its shape and grid.
+    probe = QuantLinear(64, 64, recipe.wbits, None, act_bits=recipe.abits, device="meta")
+    device = torch.device(device)
+    return next((kernel.label for kernel in KERNELS.values()
+                 if kernel.integer_activations and kernel.unsupported(probe, device) is None), SIMULATED_NOTE)
+
+
 def signature(layer, device: torch.device, dtype: torch.dtype, tokens: int) -> str:
     """What decides which kernel is fastest: the layer's shape and grid, the device, the dtype, the bucket."""
     return f"{shape(layer)} {device.type} {str(dtype).removeprefix('torch.')} t{bucket(tokens)}"

@@ -19,6 +19,9 @@ from dllm_studio.quant import runtimes
 # what integer-activation kernels take), as per-row codebooks of non-uniform levels ("codebook"), or as the
 # library's own layout ("library").
 LAYOUTS = ("grid", "codebook", "library")
+# Which tensors a weight-and-activation setting rounds (`QuantLinear.act_bits`), as every report states it.
+QUANTIZED_TENSORS = ("activations quantized: the inputs of every block linear (q, k, v, o, gate, up, down); "
+                     "attention's queries, keys, values and softmax stay in full precision")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Spec:
     alpha: float | None = None  # default migration strength (SmoothQuant, DuQuant)
     clip: float = 1.0  # default activation clip ratio
     studied: tuple[str, ...] = ()  # settings the seed study (arXiv:2508.14896) ran, e.g. "W4A16"; others are beyond it
+    transforms: bool = False  # changes the linears' inputs first (`Method.transforms`: LayerTransformed events)
 
     @property
     def weight_bits(self) -> tuple[int, ...]:
@@ -65,18 +69,18 @@ _OWN = (
          studied=("W4A16", "W3A16")),
     Spec("smoothquant", "SmoothQuant: outliers migrated from activations into weights by per-channel scales folded "
          "into the norm or linear before (arXiv:2211.10438)", WA, "smoothquant",
-         options=("alpha", "clip"), alpha=0.5, studied=("W8A8", "W4A4")),
+         options=("alpha", "clip"), alpha=0.5, studied=("W8A8", "W4A4"), transforms=True),
     Spec("quarot", "QuaRot: norms fused, residual stream rotated by a randomized Hadamard, online Hadamard before "
          "the down projection, then GPTQ weights (arXiv:2404.00456)", WA, "quarot",
-         options=("clip",), studied=("W8A8", "W4A4")),
+         options=("clip",), studied=("W8A8", "W4A4"), transforms=True),
     Spec("duquant", "DuQuant: smoothing, block rotations, a zigzag permutation and a second rotation per layer, then "
          "clipped round-to-nearest (arXiv:2406.01721)", WA, "duquant",
-         options=("alpha", "clip"), alpha=0.5, clip=0.9, studied=("W8A8", "W4A4")),
+         options=("alpha", "clip"), alpha=0.5, clip=0.9, studied=("W8A8", "W4A4"), transforms=True),
     Spec("tlq", "LRQ-DiT twin-log: separate log grids for positive and negative weights, per row, searched clip and "
          "offset (arXiv:2508.03485)", ((4, 16), (3, 16)), "tlq", layout="codebook"),
     Spec("ars", "LRQ-DiT: twin-log weights and the adaptive rotation scheme, Hadamard or the outlier-aware (DuQuant) "
          "rotation per layer by its activation fluctuation (arXiv:2508.03485)", ((4, 8), (4, 4), (3, 4)), "ars",
-         layout="codebook", options=("clip",)),
+         layout="codebook", options=("clip",), transforms=True),
 )
 _LIBRARY = tuple(
     Spec(name, text, tuple((w, a) for w in runtimes.WEIGHT_BITS[name] for a in runtimes.ACTIVATION_BITS[name]),
