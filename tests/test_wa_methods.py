@@ -17,7 +17,7 @@ from dllm_studio.events import LayerQuantized, LayerTransformed
 from dllm_studio.models import load_model
 from dllm_studio.quant import capture, pipeline
 from dllm_studio.quant.calibration import calibration_batch
-from dllm_studio.quant.export import export
+from dllm_studio.quant.export import save_quantized
 from dllm_studio.quant.methods import METHODS
 from dllm_studio.quant.methods.ars import THRESHOLD
 from dllm_studio.quant.methods.base import Block
@@ -197,7 +197,7 @@ def test_ars_chooses_per_layer_by_the_fluctuation_and_says_why():
 @pytest.mark.parametrize("method, wbits, abits", [("quarot", 4, 4), ("duquant", 4, 8), ("tlq", 3, 16), ("ars", 4, 4)])
 def test_export_and_reload_give_the_same_logits(tmp_path, method, wbits, abits):
     result, _ = _job("demo", method, wbits, abits)
-    export(result.model, tmp_path / "q")
+    save_quantized(result.model, tmp_path / "q")
     reloaded = load_model(tmp_path / "q")
     ids = _ids(result.model)
     assert torch.allclose(reloaded.forward(ids), result.model.forward(ids), atol=1e-5)

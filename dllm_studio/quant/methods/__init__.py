@@ -35,7 +35,7 @@ class Spec:
     alpha: float | None = None  # default migration strength (SmoothQuant, DuQuant)
     clip: float = 1.0  # default activation clip ratio
     studied: tuple[str, ...] = ()  # settings the seed study (arXiv:2508.14896) ran, e.g. "W4A16"; others are beyond it
-    transforms: bool = False  # changes the linears' inputs first (`Method.transforms`: LayerTransformed events)
+    transforms: bool = False  # changes the linears' inputs before rounding: LayerTransformed events report them
 
     @property
     def weight_bits(self) -> tuple[int, ...]:

@@ -34,8 +34,6 @@ def relative_fluctuation(x: torch.Tensor) -> float:
 
 
 class ARS(Method):
-    transforms = True
-
     @classmethod
     def working_bytes(cls, model, layers):
         return rotation_bytes(layers)  # at most: every layer might take the outlier-aware rotation

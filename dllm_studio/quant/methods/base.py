@@ -5,7 +5,7 @@ A method (one module under `quant.methods`, a row of its table) says
   captured and rounded (`stages`: GPTQ rounds q/k/v before o sees their quantized outputs);
 - optionally, how it changes each block copy before rounding (`prepare_block`: AWQ's and SmoothQuant's
   channel scales, QuaRot's and DuQuant's rotations), given taps of the untouched block's inputs; a method
-  that changes what the linears see (`transforms`) has that change reported before and after;
+  that changes what the linears see (`Spec.transforms`) has that change reported before and after;
 - optionally, how it changes the residual stream entering the blocks and the modules outside them
   (`hidden_states`, `outside`: QuaRot rotates the embedding and the head);
 - how it rounds one linear (`round`), into a `QuantLinear` (or a library's module).
@@ -46,7 +46,6 @@ class Block:
 class Method:
     hessian: ClassVar[bool] = False
     stages: ClassVar[tuple[tuple[str, ...], ...] | None] = None  # None: every linear at once
-    transforms: ClassVar[bool] = False  # changes the linears' inputs: LayerTransformed events report it
 
     def __init__(self, model: DiffusionLM, recipe: QuantRecipe) -> None:
         self.model, self.recipe = model, recipe
@@ -55,6 +54,12 @@ class Method:
         per_channel = recipe.per_channel
         self.grid = Grid(recipe.wbits, recipe.symmetric or per_channel)
         self.group_size = None if per_channel else recipe.group_size
+
+    @property
+    def transforms(self) -> bool:
+        """Whether it changes the linears' inputs (the table says: `Spec.transforms`); LayerTransformed events
+        then report them before and after."""
+        return self.recipe.spec.transforms
 
     @classmethod
     def working_bytes(cls, model: DiffusionLM, layers: list[LinearLayer]) -> dict[str, int]:

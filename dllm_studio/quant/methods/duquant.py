@@ -78,8 +78,6 @@ def rotation_bytes(layers) -> dict[str, int]:
 
 
 class DuQuant(Method):
-    transforms = True
-
     @classmethod
     def working_bytes(cls, model, layers):
         return rotation_bytes(layers)

@@ -31,8 +31,6 @@ NORM_STAGES = ("q", "gate")  # the stages whose producer is a norm (its gain is 
 
 
 class QuaRot(GPTQ):
-    transforms = True
-
     def __init__(self, model, recipe):
         super().__init__(model, recipe)
         check_rotatable(model)

@@ -13,8 +13,6 @@ from dllm_studio.quant.methods.base import Method, fold_scales, scale_groups
 
 
 class SmoothQuant(Method):
-    transforms = True
-
     def __init__(self, model, recipe):
         super().__init__(model, recipe)
         self.smoothed: dict[str, str] = {}  # local linear name -> the producer its scales were folded into
