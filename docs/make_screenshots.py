@@ -87,6 +87,13 @@ def main() -> int:
     q.bits.setCurrentIndex(q.bits.findData(3))
     q.start()
     wait(lambda: not window.session.busy)
+    # weights and activations at 4 bits with QuaRot: the Transforms tab shows each input before and after rotating
+    q.method.setCurrentIndex(q.method.findData("quarot"))
+    q.bits.setCurrentIndex(next(i for i in range(q.bits.count()) if q.bits.itemText(i).startswith("W4A4")))
+    q.start()
+    wait(lambda: not window.session.busy)
+    q.live_tabs.setCurrentWidget(q.transforms_table.parentWidget())
+    shoot(window, "quantize-transforms", suffix)
 
     window.show_page("chat")
     chat = window.chat

@@ -76,6 +76,8 @@ def test_alpha_and_clip_are_enabled_exactly_where_the_method_reads_them(page):
     if "duquant" in installed():
         choose(page, "duquant", 4, 4)
         assert (page.alpha.value(), page.clip.value()) == (0.5, 0.9)  # the method's defaults, shown
+        choose(page, "duquant", 8, 8)
+        assert page.clip.value() == 1.0 and page.recipe().activation_clip == 1.0  # 8-bit activations: full range
     choose(page, "smoothquant", 8, 8)
     assert (page.alpha.value(), page.clip.value()) == (0.5, 1.0)
 

@@ -96,7 +96,8 @@ def test_recipe_refuses_options_a_method_has_no_use_for(settings, message):
 def test_weight_activation_settings_round_per_channel_symmetric_and_say_so():
     recipe = QuantRecipe(method="duquant", wbits=4, abits=4)
     assert recipe.per_channel and recipe.label == "DUQUANT W4A4 per-channel sym"
-    assert recipe.activation_clip == 0.9 and recipe.migration == 0.5  # the seed study's DuQuant settings
+    assert recipe.activation_clip == 0.9 and recipe.migration == 0.5  # the seed study's DuQuant W4A4 settings
+    assert QuantRecipe(method="duquant", wbits=8, abits=8).activation_clip == 1.0
     assert QuantRecipe(method="quarot", wbits=8, abits=8, clip=0.95).activation_clip == 0.95
 
 
@@ -142,7 +143,7 @@ def test_each_method_changes_a_block_exactly_before_rounding(demo_model, method,
         x = args[0]
         out = capture.run(work, args, kwargs)
         if method == "quarot":  # the block reads and writes the rotated stream
-            plain = (x.float() @ impl.Q.T).to(x.dtype)
+            plain = impl.plain_states(x)
             reference = (capture.run(original, (plain, *args[1:]), kwargs).float() @ impl.Q).to(x.dtype)
         else:
             reference = capture.run(original, args, kwargs)

@@ -87,7 +87,11 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
             in_block = {l.name[len(prefix):]: l for l in by_block.get(index, [])}  # local name -> layer
             layers = {n: l for n, l in in_block.items() if not recipe.skips(l.name, l.role)}
             collect = functools.partial(_collect, work, states=states, masks=masks)
-            for event in _quantize_block(method, Block(index, work, layers, in_block, collect), cancel, progress):
+            # What the untouched block reads: the stream in the original model's basis (QuaRot's is rotated).
+            plain = [((method.plain_states(args[0]), *args[1:]), kwargs) for args, kwargs in states]
+            untouched = functools.partial(_collect, work, states=plain, masks=masks)
+            for event in _quantize_block(method, Block(index, work, layers, in_block, collect), untouched, cancel,
+                                         progress):
                 records.setdefault(event.name, {}).update(_record(event))
                 yield event
             states = [((capture.run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]  # next block's inputs
@@ -135,32 +139,35 @@ class _Progress:
         return self.done, round(elapsed, 2), round(elapsed / self.done * (self.total - self.done), 1)
 
 
-def _quantize_block(method: Method, block: Block, cancel: CancelToken, progress: _Progress
+def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken, progress: _Progress
                     ) -> Generator[Event, None, None]:
-    """Let the method prepare one block copy, then round its linears stage by stage, in place."""
+    """Let the method prepare one block copy, then round its linears stage by stage, in place. `untouched`
+    collects what the block sees before the method changes it."""
     layers = block.layers
     if not layers:
         return
     before: dict[str, InputStats] = {}
     if type(method).prepare_block is not Method.prepare_block:
         # The untouched block's inputs: the live profile shows them, and the method's searches read them.
-        taps = block.collect(list(layers), stats=True)
+        taps = untouched(list(layers), stats=True)
         for name, tap in taps.items():
             yield tap.stats.event(layers[name].name, layers[name].role, layers[name].block)
         before = {name: tap.stats for name, tap in taps.items()}
         yield from method.prepare_block(block, taps) or ()
+        if method.transforms:  # the same inputs after the change, still in full precision: what it did alone
+            after = block.collect(list(layers), stats=True)
+            for name, layer in layers.items():
+                yield _transformed(layer, before[name], after[name].stats, *method.transform_label(name))
     stages = [[n for n, l in layers.items() if l.role in roles] for roles in method.stages or ()] or [list(layers)]
     stages.append([n for n in layers if not any(n in s for s in stages)])  # roles outside the known stages
     for stage in filter(None, stages):
         cancel.check()
-        taps = block.collect(stage, stats=not before or method.transforms, hessian=method.hessian)
+        taps = block.collect(stage, stats=not before, hessian=method.hessian)
         for name in stage:
             cancel.check()
             tap, layer = taps[name], layers[name]
             if name not in before:
                 yield tap.stats.event(layer.name, layer.role, layer.block)
-            elif method.transforms:
-                yield _transformed(layer, before[name], tap.stats, *method.transform_label(name))
             t0 = time.perf_counter()
             linear, transform = capture.unwrap(block.module.get_submodule(name))
             qlinear = method.round(linear, layer, tap)

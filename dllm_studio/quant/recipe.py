@@ -107,7 +107,7 @@ class QuantRecipe:
 
     @property
     def activation_clip(self) -> float:
-        return self.spec.clip if self.clip is None else self.clip
+        return self.spec.default_clip(self.abits) if self.clip is None else self.clip
 
     @property
     def migration(self) -> float | None:

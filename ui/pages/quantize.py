@@ -113,20 +113,18 @@ class QuantizePage(QWidget):
         self.cancel_button.setEnabled(False)
 
         form = QFormLayout()
-        for label, widget in (("&Method:", self.method), ("&Bits:", self.bits), (None, self.kernel_note),
+        for label, widget in (("&Method:", self.method), ("&Bits:", self.bits),
                               ("Alp&ha (migration):", self.alpha), ("Activation cl&ip:", self.clip),
                               ("&Group size:", self.group), ("&Calibration:", self.calib), ("Sa&mples:", self.samples),
                               ("Sequence &length:", self.seq_len)):
-            if label is None:
-                form.addRow(widget)
-                continue
             caption = QLabel(label)
             caption.setBuddy(widget)
             form.addRow(caption, widget)
         recipe_box = QGroupBox("Recipe")
         box = QVBoxLayout(recipe_box)
         box.addLayout(form)
-        for widget in (self.symmetric, self.act_order, self.masked, self.keep_head, self.preflight):
+        # Below the form, not in a row of it: a wrapped label spanning a form row is clipped to two lines.
+        for widget in (self.kernel_note, self.symmetric, self.act_order, self.masked, self.keep_head, self.preflight):
             box.addWidget(widget)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
@@ -248,7 +246,7 @@ class QuantizePage(QWidget):
 
     def _show_defaults(self, *boxes: QDoubleSpinBox) -> None:
         """The method's own alpha and clip (a method without a migration strength migrates nothing: 0)."""
-        defaults = {self.alpha: self.spec.alpha or 0.0, self.clip: self.spec.clip}
+        defaults = {self.alpha: self.spec.alpha or 0.0, self.clip: self._default_clip()}
         for box in boxes or defaults:
             box.blockSignals(True)
             box.setValue(defaults[box])
@@ -262,9 +260,11 @@ class QuantizePage(QWidget):
         self._sync_options()
         self._recipe_changed()
 
+    def _default_clip(self) -> float:
+        return self.spec.default_clip(self.bits.currentData(ABITS_ROLE) or 16)
+
     def _setting_changed(self) -> None:
-        if not self._clip_applies():
-            self._show_defaults(self.clip)  # so it shows the default again when a setting it applies to is chosen
+        self._show_defaults(self.clip)  # the default depends on the activation bits
         self._sync_options()
         self._recipe_changed()
 
@@ -297,7 +297,7 @@ class QuantizePage(QWidget):
                               else f"{name} migrates nothing from activations into weights.")
         self.clip.setEnabled(not busy and clip)
         self.clip.setToolTip(f"Each token's activation scale covers this share of its largest magnitude; larger "
-                             f"values saturate ({name}'s default: {spec.clip:g})." if clip
+                             f"values saturate ({name}'s default here: {self._default_clip():g})." if clip
                              else "This setting quantizes no activations to clip.")
         fixed = self._grid_fixed()
         for widget, what in ((self.group, "the group size"), (self.symmetric, "the symmetric grid option")):
@@ -340,7 +340,7 @@ class QuantizePage(QWidget):
                            act_order=self.act_order.isChecked() and "act_order" in spec.options,
                            # only what the user changed: None leaves the method's default to the engine
                            alpha=alpha if "alpha" in spec.options and alpha != spec.alpha else None,
-                           clip=clip if self._clip_applies() and clip != spec.clip else None,
+                           clip=clip if self._clip_applies() and clip != self._default_clip() else None,
                            calib=calib, calib_samples=self.samples.value(),
                            seq_len=self.seq_len.value(), masked_calib=self.masked.isChecked(),
                            skip=("head",) if self.keep_head.isChecked() else ())
@@ -501,8 +501,11 @@ class QuantizePage(QWidget):
                      _change(event.absmax_before, event.absmax_after), detail)
             for column, cell in enumerate(cells):
                 table.setItem(row, column, cell)
-        if first == 0:  # sized once to the first layer's contents: resizing on every row cost 8-27 ms a tick
+        if first == 0:  # sized once, not on every row (that cost 8-27 ms a tick), wide enough for later names
             table.resizeColumnsToContents()
+            metrics, pad = table.fontMetrics(), 16
+            for column, widest in ((0, "00.attn_out"), (1, "gate_up")):
+                table.setColumnWidth(column, max(table.columnWidth(column), metrics.horizontalAdvance(widest) + pad))
         table.setSortingEnabled(True)
 
     def _stop_live(self, status: str) -> None:

@@ -71,6 +71,10 @@ class Method:
         """The residual stream entering the first block, as the method's model will see it."""
         return x
 
+    def plain_states(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `hidden_states`: the stream as the original model's blocks read it."""
+        return x
+
     def prepare_block(self, block: Block, taps: dict[str, Tap]) -> Iterable | None:
         """Change the block copy before rounding; `taps` hold the untouched block's inputs (statistics and
         samples) for every linear in `block.layers`. May yield events. Called only where a method defines it."""

@@ -46,6 +46,9 @@ class QuaRot(GPTQ):
     def hidden_states(self, x):
         return (x.float() @ self.Q).to(x.dtype)
 
+    def plain_states(self, x):
+        return (x.float() @ self.Q.T).to(x.dtype)
+
     def prepare_block(self, block, taps):
         rotate_block(self.model, block.module, block.linears, self.Q)
         self.roles = {name: layer.role for name, layer in block.linears.items()}
