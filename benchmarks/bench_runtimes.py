@@ -3,7 +3,8 @@
 For (a) the bundled demo and (b) a random LLaDA-8B-shaped model of 2 blocks (d_model 4096, MLP 12288,
 32 heads; the demo's small vocabulary, so the linears dominate as they do at 32 blocks), one denoising step
 (a forward over T tokens) is timed at T = 32 (a cached Fast-dLLM block) and T = 256 (a full-sequence step)
-for: fp32, bf16, our W8/W4/W3/W2 (RTN, g128, and symmetric per-channel W8 / W8A8) on every kernel that can
+for: fp32, bf16, our W8/W4/W3/W2 (RTN, g128, and symmetric per-channel W8 / W8A8 / W4A8 / W4A4: the
+layers the weight-and-activation methods produce, without QuaRot's and DuQuant's online rotations) on every kernel that can
 run them and on the kernel the per-machine choice picks, and each installed library runtime. All configs
 are timed interleaved round-robin in one process (medians), and printed as ratios to the fastest
 full-precision dtype on this machine, with the bytes each holds. Peak RSS of a few steps at 256 and at 32
@@ -136,7 +137,8 @@ def configs(module: torch.nn.Module, which: str, skip_a8: bool) -> list[tuple[st
     fast = "bf16" if _fast_bf16() else "fp32"
     grids = [("W4 g128", 4, 128, False, 16), ("W3 g128", 3, 128, False, 16), ("W2 g128", 2, 128, False, 16),
              ("W8 g128", 8, 128, False, 16), ("W8 per-channel sym", 8, None, True, 16),
-             ("W8A8 per-channel sym", 8, None, True, 8)]
+             ("W8A8 per-channel sym", 8, None, True, 8), ("W4A8 per-channel sym", 4, None, True, 8),
+             ("W4A4 per-channel sym", 4, None, True, 4)]  # W4A4: simulated (no int4 x int4 kernel in torch)
     base = module if fast == "fp32" else bf16
     for label, bits, group, sym, act in grids:
         q = quantized(base, bits, group, sym, act)

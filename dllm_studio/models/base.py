@@ -228,6 +228,8 @@ class DiffusionLM:
                 label += f" {runtimes.layout(quant['method'], quant.get('bits'))}"
             else:
                 label += f" g{quant['group_size']}" if int(quant.get("group_size", -1)) > 0 else " per-channel"
+            if quant.get("act_bits"):  # weights and activations: W8A8, W4A4 ...
+                label += f", {quant['act_bits']}-bit activations"
         else:
             memory, label = {name: self.memory_estimate(bits) for bits, name in PRECISIONS.items()}, None
         return ModelInfo(
