@@ -94,6 +94,17 @@ def open_page(qtbot, session, studio_settings):
 
 
 @pytest.fixture
+def quantize_page(open_page):
+    """The Quantize page with a small calibration set (4 x 64 tokens), so a run takes a second or two."""
+    from ui.pages.quantize import QuantizePage
+
+    page = open_page(QuantizePage)
+    page.samples.setValue(4)
+    page.seq_len.setValue(64)
+    return page
+
+
+@pytest.fixture
 def session(qtbot, demo_model):
     """A studio session holding the demo model."""
     from qt_helpers import studio_session

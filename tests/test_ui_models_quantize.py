@@ -15,16 +15,6 @@ def models_page(open_page):
     return open_page(ModelsPage)
 
 
-@pytest.fixture
-def quantize_page(open_page):
-    from ui.pages.quantize import QuantizePage
-
-    page = open_page(QuantizePage)
-    page.samples.setValue(4)
-    page.seq_len.setValue(64)
-    return page
-
-
 def test_model_card_shows_the_demo_and_a_badge_per_bit_width(models_page, demo_model):
     table = models_page.memory_table
     assert [table.item(r, 0).text() for r in range(table.rowCount())] == ["bf16", "W8", "W4", "W3", "W2"]

@@ -7,13 +7,8 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture
-def page(open_page):
-    from ui.pages.quantize import QuantizePage
-
-    page = open_page(QuantizePage)
-    page.samples.setValue(2)
-    page.seq_len.setValue(32)
-    return page
+def page(quantize_page):
+    return quantize_page
 
 
 def choose(page, method, wbits=None, abits=None):
