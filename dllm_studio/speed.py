@@ -16,6 +16,13 @@ WHY = {
 }
 
 
+def simulated(kernels: dict[str, int]) -> bool:
+    """Whether the kernel counts (`kernels.choices`/`ran`) include layers whose activation rounding is simulated."""
+    from dllm_studio.quant.kernels import SIMULATED_NOTE
+
+    return any(name.endswith(f" ({SIMULATED_NOTE})") for name in kernels)
+
+
 def speed_note(label: str, fp_ms: float, q_ms: float, fp_bytes: int, q_bytes: int, kernels: dict[str, int],
                device: str = "cpu") -> str:
     """e.g. "W4 g128 runs int4 here: 1.4× slower than full precision, 3.8× smaller (torch's int4 kernel ...)"."""

@@ -204,3 +204,12 @@ def test_activation_kernel_names_the_integer_kernel_or_says_accuracy_only():
     assert how("rtn", 8, 8) == how("smoothquant", 4, 8) == W8A8.label
     assert how("rtn", 4, 4) == how("ars", 4, 8) == how("ars", 3, 4) == kernels.SIMULATED_NOTE
     assert how("rtn", 4, 16) == how("tlq", 4, 16) == ""
+
+
+def test_compare_says_a_simulated_variants_step_time_is_accuracy_only():
+    from dllm_studio.quant.kernels import SIMULATED_NOTE
+    from ui.pages.compare import _ms_q
+
+    row = {"ms_per_step_fp": 10.0, "ms_per_step_q": 25.0, "kernels_q": {f"dequant ({SIMULATED_NOTE})": 28}}
+    assert _ms_q(row) == "25.0\naccuracy-only"
+    assert _ms_q({**row, "kernels_q": {"w8a8": 28}}) == "25.0\n2.50× FP"

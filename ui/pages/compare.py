@@ -30,7 +30,7 @@ from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
 from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import size_change
-from dllm_studio.speed import speed_note
+from dllm_studio.speed import simulated, speed_note
 from ui.charts import GroupedBars
 from ui.dialogs import ask, show_error
 from ui.session import Session
@@ -88,8 +88,11 @@ def _score(row: dict, which: str) -> str:
 
 
 def _ms_q(row: dict) -> str:
-    """The quantized model's step time, and on a second line its ratio to full precision."""
+    """The quantized model's step time, and on a second line its ratio to full precision (or, where its
+    activation rounding is simulated, that the time says nothing of a real kernel's)."""
     fp, q = row["ms_per_step_fp"], row["ms_per_step_q"]
+    if q and simulated(row["kernels_q"]):
+        return f"{_ms(q)}\naccuracy-only"
     return f"{_ms(q)}\n{q / fp:.2f}× FP" if fp and q else _ms(q)
 
 
