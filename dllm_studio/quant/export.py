@@ -240,9 +240,14 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
              f"{recipe.wbits}-bit weights, {'per-channel' if not recipe.group_size else f'group size {recipe.group_size}'}, "
              f"{'symmetric' if recipe.symmetric else 'asymmetric'}; stored in the "
              f"{layout} format.", ""]
-    if recipe.method in runtimes.METHODS:  # the library's own grid: no group size or zero points of ours
+    if recipe.method in runtimes.METHODS or recipe.per_channel or recipe.spec.layout == "codebook":
+        # the library's own grid, or one the recipe's group size does not describe: the label says it
+        from dllm_studio.quant.methods import QUANTIZED_TENSORS
+
+        what = runtimes.METHODS.get(recipe.method, recipe.spec.description)
+        acts = f" With {recipe.abits}-bit activations ({QUANTIZED_TENSORS})." if recipe.abits < 16 else ""
         lines[2] = (f"Quantized by dLLM Studio from `{model.source}` ({model.family}) with {recipe.label}: "
-                    f"{runtimes.METHODS[recipe.method]}; stored in the {layout} format.")
+                    f"{what}; stored in the {layout} format.{acts}")
     if summary:
         lines += [f"- {line}" for line in quantized_sizes(summary, model.dtype)]
         lines += [f"- bits per quantized weight: {summary['bits_per_weight']} (bf16: 16)", ""]
