@@ -81,15 +81,14 @@ class QuantRecipe:
             if not 0 <= self.alpha <= 1:
                 raise QuantizationError(f"--alpha must lie in [0, 1] (0: no migration, 1: all of it), got {self.alpha}.")
         if self.clip is not None:
-            if "clip" not in spec.options or self.abits == 16:
+            if not spec.reads_clip(self.abits):
                 raise QuantizationError(f"--clip is the activation clip ratio; {name} W{self.wbits}A{self.abits} "
                                         "quantizes no activations it would apply to.")
             if not 0 < self.clip <= 1:
                 raise QuantizationError(f"--clip must lie in (0, 1] (1: the full per-token range), got {self.clip}.")
         if spec.layout == "library":
             return
-        fixed = "a codebook of levels per output row" if spec.layout == "codebook" else (
-            "one symmetric scale per output channel (what integer-activation kernels take)" if self.abits < 16 else None)
+        fixed = spec.fixed_grid(self.wbits, self.abits)
         if fixed and self.group_size != QuantRecipe.group_size:
             raise QuantizationError(f"{name} W{self.wbits}A{self.abits} rounds weights with {fixed}; "
                                     f"--group-size {self.group_size or 0} does not apply (leave the default).")

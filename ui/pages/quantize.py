@@ -269,20 +269,13 @@ class QuantizePage(QWidget):
         self._recipe_changed()
 
     def _clip_applies(self) -> bool:
-        return "clip" in self.spec.options and (self.bits.currentData(ABITS_ROLE) or 16) < 16
+        return self.spec.reads_clip(self.bits.currentData(ABITS_ROLE) or 16)
 
     def _grid_fixed(self) -> str | None:
-        """Why the group size and symmetry do not apply to the chosen setting (what QuantRecipe.validate refuses
-        or overrides), or None when they do."""
+        """Why the group size and symmetry do not apply to the chosen setting (the engine's reason), or None."""
         spec, wbits, abits = self.spec, self.bits.currentData(), self.bits.currentData(ABITS_ROLE) or 16
-        if spec.layout == "library":
-            return f"{spec.name} groups weights its own way ({runtimes.layout(spec.name, wbits)})"
-        if spec.layout == "codebook":
-            return f"{spec.name.upper()} rounds weights onto a codebook of levels per output row"
-        if abits < 16:
-            return f"W{wbits}A{abits} rounds weights with one symmetric scale per output channel, what " \
-                   "integer-activation kernels take"
-        return None
+        fixed = spec.fixed_grid(wbits, abits)
+        return fixed and f"{spec.name.upper()} W{wbits}A{abits} rounds weights with {fixed}"
 
     def _sync_options(self) -> None:
         """Enable exactly the options the chosen method and setting read, saying why the others do not apply."""

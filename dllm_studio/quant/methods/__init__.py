@@ -51,6 +51,21 @@ class Spec:
         clipping saves (DuQuant W8A8 on the demo: mean layer error 0.0039 at 1.0, 0.0141 at 0.9)."""
         return self.clip if abits <= 4 else 1.0
 
+    def reads_clip(self, abits: int) -> bool:
+        """Whether `--clip` applies: the method clips activations, and the setting quantizes them."""
+        return "clip" in self.options and abits < 16
+
+    def fixed_grid(self, wbits: int, abits: int) -> str | None:
+        """How the setting lays out its weights when the recipe's group size and symmetry do not apply (the
+        library's layout, a codebook per row, or one symmetric scale per output channel), None when they do."""
+        if self.layout == "library":
+            return f"{self.name}'s own layout ({runtimes.layout(self.name, wbits)})"
+        if self.layout == "codebook":
+            return "a codebook of levels per output row"
+        if abits < 16:
+            return "one symmetric scale per output channel (what integer-activation kernels take)"
+        return None
+
     def setting_label(self, wbits: int, abits: int) -> str:
         label = f"W{wbits}A{abits}"
         return label if not self.studied or label in self.studied else f"{label} (beyond the seed study)"
