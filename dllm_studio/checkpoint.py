@@ -307,6 +307,17 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tu
         raise ModelLoadError(f"{folder}: tensor {unexpected[0]} in the weights is not part of this architecture.")
 
 
+def held_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of `module` holds, by name, with their shapes: each tensor once, under its first
+    name (a tensor several modules share, e.g. one transform for q, k and v, is stored once, as `export` does)."""
+    seen, shapes = set(), {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
 def load_into(module: torch.nn.Module, folder: Path, dtype: torch.dtype, *, shapes: Mapping | None = None,
               convert=None, keep_dtype=None) -> None:
     """Load the folder's weights into `module` (built on the meta device) strictly, shapes checked.
@@ -317,7 +328,7 @@ def load_into(module: torch.nn.Module, folder: Path, dtype: torch.dtype, *, shap
     hears of every tensor read and may stop the load there.
     """
     stored = tensor_shapes(folder)
-    check_shapes(stored if shapes is None else shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
+    check_shapes(stored if shapes is None else shapes, held_shapes(module), folder)
     report = tensor_progress.get()
     for done, (name, tensor) in enumerate(iter_tensors(folder), 1):
         if report is not None:

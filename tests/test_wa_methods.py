@@ -208,6 +208,10 @@ def test_export_and_reload_give_the_same_logits(tmp_path, method, wbits, abits):
         assert all(m.codebook is not None for m in layers)
     if method in ("quarot", "duquant", "ars"):
         assert any(m.transform is not None for m in layers)
+    if method in ("duquant", "ars"):  # one transform per input, stored once, shared again once reloaded
+        block = reloaded.blocks()[0]
+        assert block.q_proj.transform is block.k_proj.transform is block.v_proj.transform
+        assert block.ff_proj.transform is block.up_proj.transform is not block.q_proj.transform
 
 
 @pytest.mark.parametrize("method, wbits, abits, message", [

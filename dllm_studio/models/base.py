@@ -255,7 +255,7 @@ def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device
     A config.json with a `quantization_config` gets `QuantLinear` layers where the checkpoint holds
     packed weights (dLLM Studio's own layout, or the GPTQ format converted on the way in).
     """
-    from dllm_studio.checkpoint import check_dtypes, check_shapes, load_into, read_config, tensor_shapes
+    from dllm_studio.checkpoint import check_dtypes, check_shapes, held_shapes, load_into, read_config, tensor_shapes
 
     module = build_on_meta(factory)
     shapes = tensor_shapes(folder)
@@ -275,7 +275,7 @@ def load_weights(folder: Path, factory, dtype: torch.dtype, device: torch.device
             convert = lambda name, tensor: storage.from_gptq(name, tensor, qconfig)  # noqa: E731
     check_dtypes(folder, module)
     if device.type == "meta":
-        check_shapes(shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()}, folder)
+        check_shapes(shapes, held_shapes(module), folder)
         return module.to(dtype)
     load_into(module, folder, dtype, shapes=shapes, convert=convert, keep_dtype=keep_dtype)
     return module.to(device)

@@ -244,6 +244,15 @@ def quantization_config(recipe: QuantRecipe, module: nn.Module | None = None) ->
     layer = next((m for m in module.modules() if isinstance(m, QuantLinear)), None) if module is not None else None
     if layer is not None and layer.act_bits != 16:
         config.update(act_bits=layer.act_bits, act_clip=layer.act_clip)
+    # Linears reading one input share one transform, stored once under the first one's name.
+    owners, shared = {}, {}
+    for name, m in (module.named_modules() if module is not None else ()):
+        if isinstance(m, QuantLinear) and m.transform is not None:
+            owner = owners.setdefault(id(m.transform), name)
+            if owner != name:
+                shared[name] = owner
+    if shared:
+        config["shared_transforms"] = shared
     return config
 
 
@@ -251,8 +260,10 @@ def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe
               peak_rss: int) -> dict:
     qlayers = [m for m in quantized.module.modules() if isinstance(m, QuantLinear) or runtimes.method_of(m)]
     weights = sum(m.in_features * m.out_features for m in qlayers)
-    packed = sum(m.nbytes() - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
-                 if isinstance(m, QuantLinear) else runtimes.stored_bytes(m) for m in qlayers)
+    held = {id(t): t for m in qlayers if isinstance(m, QuantLinear)  # a shared transform counts once
+            for name, t in m.state_dict(keep_vars=True).items() if name != "bias"}
+    packed = (sum(t.numel() * t.element_size() for t in held.values())
+              + sum(runtimes.stored_bytes(m) for m in qlayers if not isinstance(m, QuantLinear)))
     source_bytes = weights * original.dtype.itemsize
     widest = max((m.in_features for m in qlayers), default=None)
     per_row = recipe.method in runtimes.METHODS or recipe.per_channel or recipe.spec.layout == "codebook"

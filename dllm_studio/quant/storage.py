@@ -53,6 +53,9 @@ def check_qconfig(qconfig: object) -> None:
     if type(act_clip) not in (int, float) or not 0 < act_clip <= 1:
         raise ModelLoadError(f"{where}.act_clip is {act_clip!r}; the activation clip ratio must be above 0 and "
                              "at most 1.")
+    shared = qconfig.get("shared_transforms", {})
+    if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+        raise ModelLoadError(f"{where}.shared_transforms must map layer names to layer names, not {shared!r}.")
 
 
 def quant_format(qconfig: dict) -> str:
@@ -98,6 +101,22 @@ def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int
                             act_clip=act_clip, transform=transform, codebook=codebook, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, shell)
+    for name, owner in qconfig.get("shared_transforms", {}).items():  # stored once, under the owner's name
+        alias, source = (_quant_layer(module, n, "shared_transforms") for n in (name, owner))
+        if source.transform is None:
+            raise ModelLoadError(f"config.json: quantization_config.shared_transforms names {owner}, which holds no "
+                                 "transform in the weights.")
+        alias.transform = source.transform
+
+
+def _quant_layer(module: nn.Module, name: str, what: str) -> QuantLinear:
+    try:
+        layer = module.get_submodule(name)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, QuantLinear):
+        raise ModelLoadError(f"config.json: quantization_config.{what} names {name}, not a quantized layer.")
+    return layer
 
 
 def linear_at(module: nn.Module, name: str, what: str) -> nn.Linear:

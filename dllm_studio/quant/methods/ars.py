@@ -18,7 +18,7 @@ import torch
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.methods.base import Method
-from dllm_studio.quant.methods.duquant import outlier_transform, rotation_bytes
+from dllm_studio.quant.methods.duquant import outlier_transform, rotation_bytes, shared_inputs
 from dllm_studio.quant.transforms import InputTransform
 from dllm_studio.quant.twin_log import twin_log
 
@@ -43,17 +43,18 @@ class ARS(Method):
 
     def prepare_block(self, block, taps):
         self.choices = {}
-        for name in block.layers:
-            x = taps[name].inputs()
-            linear = block.module.get_submodule(name)
+        for group in shared_inputs(block):  # linears reading one input share its choice and its transform
+            x = taps[group[0]].inputs()
             j = relative_fluctuation(x)
             if j < THRESHOLD:
                 transform = InputTransform(x.shape[-1], hadamard=rotation.hadamard_factor(x.shape[-1]))
-                self.choices[name] = ("Hadamard", f"J = {j:.3g} < {THRESHOLD:g}")
+                choice = ("Hadamard", f"J = {j:.3g} < {THRESHOLD:g}")
             else:
-                transform = outlier_transform(x, linear.weight, ALPHA)
-                self.choices[name] = ("outlier-aware rotation (DuQuant)", f"J = {j:.3g} ≥ {THRESHOLD:g}")
-            transform_linear(block.module, name, transform)
+                transform = outlier_transform(x, [block.module.get_submodule(n).weight for n in group], ALPHA)
+                choice = ("outlier-aware rotation (DuQuant)", f"J = {j:.3g} ≥ {THRESHOLD:g}")
+            for name in group:
+                self.choices[name] = choice
+                transform_linear(block.module, name, transform)
 
     def transform_label(self, name):
         return self.choices[name]

@@ -18,7 +18,7 @@ import torch
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.grid import rtn
-from dllm_studio.quant.methods.base import Method
+from dllm_studio.quant.methods.base import STAGES, Method
 from dllm_studio.quant.transforms import InputTransform
 
 BLOCK = 128  # rotation block, as DuQuant's default
@@ -27,20 +27,29 @@ SEARCH_TOKENS = 256  # calibration rows the greedy rotations are searched on (ea
 WEIGHT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)  # per-row range shrinks searched for the weights (DuQuant's swc 0.8)
 
 
-def smoothing(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel s = max|X_j|^α / max|W_:,j|^(1-α) for one linear."""
-    w = weight.detach().abs().float().amax(0)
+def smoothing(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s = max|X_j|^α / max|W_:,j|^(1-α), the weight maximum over every linear
+    reading the input."""
+    w = torch.cat([weight.detach().abs().float() for weight in weights]).amax(0)
     return (absmax.to(w.device).clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
 
 
-def outlier_transform(x: torch.Tensor, weight: torch.Tensor, alpha: float | None) -> InputTransform:
-    """DuQuant's transform for a linear of weight `weight` whose calibration inputs are x (tokens, in)."""
+def outlier_transform(x: torch.Tensor, weights: list[torch.Tensor], alpha: float | None) -> InputTransform:
+    """DuQuant's transform for an input x (tokens, in) read by linears of these weights."""
     in_features = x.shape[-1]
-    s = smoothing(x.abs().amax(0), weight, alpha) if alpha else None
+    s = smoothing(x.abs().amax(0), weights, alpha) if alpha else None
     xs = x if s is None else x / s
     block = math.gcd(in_features, BLOCK)  # e.g. a 352-wide MLP gets blocks of 32
     r1, perm, r2 = rotation.duquant(search_rows(xs), block=block, steps=STEPS)
     return InputTransform(in_features, smooth=s, rotation1=r1, perm=perm, rotation2=r2)
+
+
+def shared_inputs(block) -> list[list[str]]:
+    """The block's quantized linears grouped by the input they read (q/k/v, gate/up; o and down alone), so each
+    group gets one transform: computed once, held once."""
+    groups = [[n for n, l in block.layers.items() if l.role in roles] for roles in STAGES]
+    groups += [[n] for n in block.layers if not any(n in g for g in groups)]
+    return [g for g in groups if g]
 
 
 def search_rows(x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +82,10 @@ def clipped_rtn(w: torch.Tensor, grid, group_size):
 
 
 def rotation_bytes(layers) -> dict[str, int]:
-    """Two fp32 block rotations of (in / block) x block x block per linear, kept with the quantized model."""
-    return {"rotation matrices": sum(2 * l.in_features * math.gcd(l.in_features, BLOCK) * 4 for l in layers)}
+    """Two fp32 block rotations of (in / block) x block x block per distinct input, kept with the quantized model."""
+    inputs = {(l.block, next((i for i, roles in enumerate(STAGES) if l.role in roles), l.name)): l.in_features
+              for l in layers}
+    return {"rotation matrices": sum(2 * width * math.gcd(width, BLOCK) * 4 for width in inputs.values())}
 
 
 class DuQuant(Method):
@@ -83,9 +94,11 @@ class DuQuant(Method):
         return rotation_bytes(layers)
 
     def prepare_block(self, block, taps):
-        for name in block.layers:
-            linear = block.module.get_submodule(name)
-            transform_linear(block.module, name, outlier_transform(taps[name].inputs(), linear.weight, self.recipe.migration))
+        for group in shared_inputs(block):
+            weights = [block.module.get_submodule(n).weight for n in group]
+            transform = outlier_transform(taps[group[0]].inputs(), weights, self.recipe.migration)
+            for name in group:
+                transform_linear(block.module, name, transform)
 
     def transform_label(self, name):
         alpha = self.recipe.migration
