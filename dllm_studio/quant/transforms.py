@@ -11,8 +11,9 @@ the activations and the weight, and the layer's full-precision output is unchang
 The parts are buffers of the quantized layer (`<layer>.transform.*` in the checkpoint), kept in fp32 whatever
 the model's dtype: rounded to 16 bits a rotation is orthogonal only to about 1e-3, and the layer would no longer
 compute the full-precision output exactly. That has a cost where rotations are dense: DuQuant's two fp32 128 x 128
-blocks per 128 input channels are 1 KiB per input channel, half the codes of a 4-bit 4096 x 4096 layer and
-about a third of a LLaDA-8B block's (the preflight and the bits per weight count them).
+blocks per 128 input channels are 1 KiB per input channel, half the codes of a 4-bit 4096 x 4096 layer. Linears
+reading one input share one transform (q/k/v, gate/up), so a LLaDA-8B block holds four: about a fifth of its
+4-bit bytes (the preflight and the bits per weight count them).
 """
 
 from __future__ import annotations
