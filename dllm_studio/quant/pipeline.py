@@ -86,10 +86,10 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
             work = copy.deepcopy(block)
             in_block = {l.name[len(prefix):]: l for l in by_block.get(index, [])}  # local name -> layer
             layers = {n: l for n, l in in_block.items() if not recipe.skips(l.name, l.role)}
-            collect = functools.partial(_collect, work, states=states, masks=masks)
+            collect = functools.partial(capture.collect, work, states=states, masks=masks)
             # What the untouched block reads: the stream in the original model's basis (QuaRot's is rotated).
             plain = [((method.plain_states(args[0]), *args[1:]), kwargs) for args, kwargs in states]
-            untouched = functools.partial(_collect, work, states=plain, masks=masks)
+            untouched = functools.partial(capture.collect, work, states=plain, masks=masks)
             for event in _quantize_block(method, Block(index, work, layers, in_block, collect), untouched, cancel,
                                          progress):
                 records.setdefault(event.name, {}).update(_record(event))
@@ -178,10 +178,6 @@ def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken
             done, elapsed, eta = progress.advance()
             yield LayerQuantized(layer.name, layer.role, layer.block, method.recipe.wbits, round(error, 6),
                                  round(time.perf_counter() - t0, 3), done, progress.total, elapsed, eta)
-
-
-def _collect(work, names, *, states, masks, stats: bool = False, hessian: bool = False):
-    return capture.collect(work, names, states, masks, stats=stats, hessian=hessian)
 
 
 def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, transform: str, detail: str

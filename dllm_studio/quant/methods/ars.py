@@ -17,10 +17,9 @@ import torch
 
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
-from dllm_studio.quant.methods.base import Method
 from dllm_studio.quant.methods.duquant import outlier_transform, rotation_bytes, shared_inputs
+from dllm_studio.quant.methods.tlq import TwinLog
 from dllm_studio.quant.transforms import InputTransform
-from dllm_studio.quant.twin_log import twin_log
 
 THRESHOLD = 2.0  # relative J at or above it takes the outlier-aware rotation
 ALPHA = 0.5  # smoothing before the outlier-aware rotation, as LRQ-DiT's configs
@@ -32,7 +31,7 @@ def relative_fluctuation(x: torch.Tensor) -> float:
     return rotation.fluctuation(x) / float(channel_rms.median().clamp_min(1e-12))
 
 
-class ARS(Method):
+class ARS(TwinLog):  # its rounding is twin-log's
     @classmethod
     def working_bytes(cls, model, layers):
         return rotation_bytes(layers)  # at most: every layer might take the outlier-aware rotation
@@ -58,10 +57,6 @@ class ARS(Method):
 
     def transform_label(self, name):
         return self.choices[name]
-
-    def round(self, linear, layer, tap):
-        codes, codebook = twin_log(linear.weight.detach().float(), self.recipe.wbits)
-        return self.codebook_linear(linear, codes, codebook)
 
 
 METHOD = ARS

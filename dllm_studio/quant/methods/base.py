@@ -130,6 +130,13 @@ def scale_groups(model: DiffusionLM, block: Block):
         yield producer, consumers, readers
 
 
+def smoothing(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s = max|X_j|^α / max|W_:,j|^(1-α), the weight maximum over every linear
+    reading the input: X / s and W·diag(s) even out the activations' channels (α = 0: nothing moves)."""
+    w = torch.cat([weight.detach().abs().float() for weight in weights]).amax(0)
+    return (absmax.to(w.device).clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+
+
 def fold_scales(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
     """Divide the producer's output channels by s and multiply the consumers' input columns by it."""
     s = s.to(producer.weight.dtype)

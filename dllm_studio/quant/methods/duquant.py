@@ -18,20 +18,13 @@ import torch
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.grid import rtn
-from dllm_studio.quant.methods.base import STAGES, Method
+from dllm_studio.quant.methods.base import STAGES, Method, smoothing
 from dllm_studio.quant.transforms import InputTransform
 
 BLOCK = 128  # rotation block, as DuQuant's default
 STEPS = 256  # greedy rotation steps per block
 SEARCH_TOKENS = 256  # calibration rows the greedy rotations are searched on (each step rotates all of them)
 WEIGHT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)  # per-row range shrinks searched for the weights (DuQuant's swc 0.8)
-
-
-def smoothing(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel s = max|X_j|^α / max|W_:,j|^(1-α), the weight maximum over every linear
-    reading the input."""
-    w = torch.cat([weight.detach().abs().float() for weight in weights]).amax(0)
-    return (absmax.to(w.device).clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
 
 
 def outlier_transform(x: torch.Tensor, weights: list[torch.Tensor], alpha: float | None) -> InputTransform:

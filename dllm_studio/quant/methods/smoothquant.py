@@ -7,32 +7,26 @@ the activations' channels even out: α = 0 leaves them, α = 1 moves all of thei
 A stage whose producer cannot take the fold (v → o under grouped-query attention) is left unsmoothed.
 """
 
-import torch
-
-from dllm_studio.quant.methods.base import Method, fold_scales, scale_groups
+from dllm_studio.quant.methods.base import Method, fold_scales, scale_groups, smoothing
 
 
 class SmoothQuant(Method):
     def __init__(self, model, recipe):
         super().__init__(model, recipe)
-        self.smoothed: dict[str, str] = {}  # local linear name -> the producer its scales were folded into
+        self.smoothed: dict[str, str] = {}  # the block's linears (local names) -> the producer their scales went into
 
     def prepare_block(self, block, taps):
-        alpha = self.recipe.migration
+        alpha, self.smoothed = self.recipe.migration, {}
         producers = {id(m): n for n, m in block.module.named_modules()}
         for producer, consumers, readers in scale_groups(self.model, block):
-            weight = torch.cat([c.weight.detach().abs().float() for c in consumers]).amax(0)
-            act = taps[readers[0]].stats.absmax.to(weight.device)
-            s = (act.clamp_min(1e-5).pow(alpha) / weight.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
-            fold_scales(producer, consumers, s)
+            fold_scales(producer, consumers, smoothing(taps[readers[0]].stats.absmax, [c.weight for c in consumers], alpha))
             consumer_ids = {id(c) for c in consumers}
             for name in block.layers:
                 if id(block.module.get_submodule(name)) in consumer_ids:
-                    self.smoothed[f"{block.index}.{name}"] = producers[id(producer)]
-        self._block = block.index
+                    self.smoothed[name] = producers[id(producer)]
 
     def transform_label(self, name):
-        producer = self.smoothed.get(f"{self._block}.{name}")
+        producer = self.smoothed.get(name)
         if producer is None:
             return "none", "no producer takes the scales exactly (e.g. v → o under grouped-query attention)"
         return f"smoothing α={self.recipe.migration:g}", f"folded into {producer}"
