@@ -69,7 +69,9 @@ class DenoiseStep(Event):
 
     Positions index the answer span, which starts right after the prompt. `tokens` holds every
     answer token id, with the mask id (or, for models without masks, the current draft) where
-    nothing is committed yet.
+    nothing is committed yet. A step commits `len(committed)` tokens: its fixed share, or with parallel
+    decoding every confident one, so several may appear at once and the last step may come before
+    `total_steps`, which is then a ceiling.
     """
 
     step: int  # 1-based, over the whole generation
@@ -78,6 +80,7 @@ class DenoiseStep(Event):
     tokens: tuple[int, ...]
     committed: tuple[Commit, ...]
     masked: tuple[int, ...]
+    refreshed: bool = False  # this step's forward ran the whole sequence and refilled the KV cache
 
 
 class CancelToken:

@@ -1,15 +1,23 @@
-"""The masked-diffusion sampler: LLaDA's reference algorithm, generalised.
+"""The masked-diffusion sampler: LLaDA's reference algorithm, generalised, with Fast-dLLM's accelerations.
 
 The answer starts as `gen_length` mask tokens after the prompt. It is split into blocks decoded left
 to right (semi-autoregressive when block_length < gen_length); each block gets steps / num_blocks
 steps. At every step the model predicts all masked positions at once, and the k most confident
 predictions in the current block are committed for good, k following LLaDA's equal split.
 
-Reference: ML-GSAI/LLaDA generate.py (`generate`, `get_num_transfer_tokens`, `add_gumbel_noise`);
-Dream's `topk_margin`/`entropy` confidences; arXiv:2409.02908 for why Gumbel noise is float64.
+Fast-dLLM (arXiv:2505.22618) adds two approximations, both off by default:
+- a KV cache (`cache`): the block's first step runs the whole sequence and keeps every layer's keys and
+  values; the block's other steps run only the block and the suffix after it ("prefix") or only the block
+  ("dual") against those (`models.cache`);
+- parallel decoding (`threshold` or `factor`): a step also commits every masked token of the block that is
+  confident enough, so a block may finish in fewer steps than its share; `steps` becomes a ceiling.
 
-The model is called in exactly one place per step (`_step_logits`), with the current block known:
-that is the seam where prefix/dual KV caches will reuse attention state between steps.
+Reference: ML-GSAI/LLaDA generate.py (`generate`, `get_num_transfer_tokens`, `add_gumbel_noise`);
+Dream's `topk_margin`/`entropy` confidences; arXiv:2409.02908 for why Gumbel noise is float64;
+NVlabs/Fast-dLLM `generate_with_prefix_cache`/`generate_with_dual_cache`, `get_transfer_index(_dynamic)`.
+
+The model is called in exactly one place per step (`_step_logits`), which knows the current block and
+decides what to recompute. Without a cache and a threshold the tokens are exactly LLaDA's.
 """
 
 from __future__ import annotations
@@ -23,12 +31,17 @@ import torch
 
 from dllm_studio.errors import InvalidSettingsError
 from dllm_studio.events import CancelToken, Commit, DenoiseStep, Event
+from dllm_studio.models.cache import KVCache
 from dllm_studio.quant import kernels
 
 if TYPE_CHECKING:
     from dllm_studio.models.base import DiffusionLM
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
+CACHES = ("none", "prefix", "dual")
+# Remasking scores a confidence threshold can be read against: a probability (low_confidence) or a difference
+# of two (margin), both in [0, 1]. Random scores say nothing of the prediction; entropy scores are not in [0, 1].
+THRESHOLD_SCORES = ("low_confidence", "margin")
 EMPTY_PROMPT = "The prompt is empty."
 _DEFERRED = 1e6  # subtracted from a deferred EOS's score: it is committed only after every other token
 
@@ -44,10 +57,18 @@ class GenerationConfig:
     seed: int = 0
     forbid_eos: bool = False  # EOS logits set to -inf: the answer never ends early (LLaDA `logits_eos_inf`)
     defer_eos: bool = False  # EOS/EOT committed only after all other tokens (`confidence_eos_eot_inf`)
+    cache: str = "none"  # one of CACHES: reuse keys/values within a block (Fast-dLLM); approximate
+    threshold: float | None = None  # also commit every masked token of the block scoring >= threshold
+    factor: float | None = None  # Fast-dLLM's factor rule: the n best while the n-th scores >= 1 - factor/(n+1)
 
     @property
     def num_blocks(self) -> int:
         return self.gen_length // self.block_length
+
+    @property
+    def parallel(self) -> bool:
+        """True when a step may commit more than its fixed share (a threshold or a factor is set)."""
+        return self.threshold is not None or self.factor is not None
 
     def validate(self) -> None:
         if self.gen_length < 1 or self.block_length < 1 or self.steps < 1:
@@ -63,12 +84,29 @@ class GenerationConfig:
             raise InvalidSettingsError(f"remasking must be one of {', '.join(REMASKING)}, not {self.remasking!r}.")
         if self.temperature < 0 or self.cfg_scale < 0:
             raise InvalidSettingsError("temperature and cfg_scale must not be negative.")
+        if self.cache not in CACHES:
+            raise InvalidSettingsError(f"cache must be one of {', '.join(CACHES)}, not {self.cache!r}.")
+        if self.threshold is not None and self.factor is not None:
+            raise InvalidSettingsError("Give a confidence threshold or a factor, not both.")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise InvalidSettingsError(f"threshold must be in (0, 1], not {self.threshold}.")
+        if self.factor is not None and self.factor <= 0:
+            raise InvalidSettingsError(f"factor must be positive, not {self.factor}.")
+        if self.parallel and self.remasking not in THRESHOLD_SCORES:
+            raise InvalidSettingsError(
+                f"Parallel decoding compares confidences with a threshold, which {self.remasking} remasking has "
+                f"no scale for; use {' or '.join(THRESHOLD_SCORES)}.")
 
 
 @dataclass
 class GenerationStats:
     steps: int = 0
-    forward_passes: int = 0  # sequences evaluated by the model (2 per step with CFG)
+    forward_passes: int = 0  # sequences evaluated by the model (2 per step with CFG), whole or a cached window
+    # The same counted in whole sequences: a step over a 32-token window of a 320-token sequence counts 0.1.
+    forward_equivalents: float = 0.0
+    cache_refreshes: int = 0  # full forwards that refilled the KV cache (one per block with a cache)
+    cache_bytes: int = 0  # the most the KV cache held
+    committed_tokens: int = 0
     wall_time_s: float = 0.0
     forward_time_s: float = 0.0  # of wall_time_s, spent inside the model
     answer_tokens: int = 0  # tokens before the first stop token (`DiffusionLM.answer_length`), not gen_length
@@ -80,6 +118,11 @@ class GenerationStats:
         return 1000 * self.wall_time_s / max(self.steps, 1)
 
     @property
+    def tokens_per_step(self) -> float:
+        """Tokens committed per step: gen_length / steps with the fixed schedule, more with parallel decoding."""
+        return self.committed_tokens / max(self.steps, 1)
+
+    @property
     def answer_tokens_per_s(self) -> float:
         """Answer tokens (up to, not including, the first end-of-answer token) ÷ wall time.
 
@@ -89,7 +132,8 @@ class GenerationStats:
         return self.answer_tokens / self.wall_time_s if self.wall_time_s else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ms_per_step": self.ms_per_step, "answer_tokens_per_s": self.answer_tokens_per_s}
+        return {**asdict(self), "ms_per_step": self.ms_per_step, "tokens_per_step": self.tokens_per_step,
+                "answer_tokens_per_s": self.answer_tokens_per_s}
 
 
 @dataclass
@@ -107,6 +151,26 @@ def transfer_counts(n_masked: int, steps: int) -> list[int]:
     """Tokens to commit per step: an equal split, the first n_masked % steps steps one extra."""
     base, extra = divmod(n_masked, steps)
     return [base + (i < extra) for i in range(steps)]
+
+
+def parallel_count(scores: torch.Tensor, share: int, config: GenerationConfig) -> int:
+    """How many of a block's masked positions a step commits: its fixed share, or more under parallel decoding.
+
+    threshold: every position scoring >= threshold, at least one (Fast-dLLM's `get_transfer_index`).
+    factor: the n best, for the largest n whose n-th best scores >= 1 - factor / (n + 1), at least one: more
+    tokens at once only while each is surer (Fast-dLLM's `get_transfer_index_dynamic`).
+    With steps = gen_length the share is one token, and these are Fast-dLLM's rules exactly.
+    scores: (N,) of the block's masked positions.
+    """
+    if config.threshold is not None:
+        confident = int((scores >= config.threshold).sum())
+    elif config.factor is not None:
+        ranked = scores.sort(descending=True).values
+        n = torch.arange(1, len(ranked) + 1, device=ranked.device, dtype=ranked.dtype)
+        confident = int((ranked >= 1 - config.factor / (n + 1)).cumprod(0).sum())  # the leading run that passes
+    else:
+        return min(share, len(scores))
+    return min(max(share, confident, 1), len(scores))
 
 
 def shift_right(logits: torch.Tensor) -> torch.Tensor:
@@ -160,18 +224,25 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
     stats, history = GenerationStats(dtype=str(model.dtype).removeprefix("torch.")), []
     steps_per_block = config.steps // config.num_blocks
     eos_ids = torch.tensor(model.stop_token_ids, device=x.device, dtype=torch.long)
+    cache = None if config.cache == "none" else KVCache()
+    call_tokens: dict[int, int] = {}  # tokens per model call -> calls, for the kernels the stats report
 
     for block in range(config.num_blocks):
         lo, hi = P + block * config.block_length, P + (block + 1) * config.block_length
         counts = transfer_counts(int((x[0, lo:hi] == mask_id).sum()), steps_per_block)
-        for k in counts:
+        if cache is not None:
+            cache.clear()  # the block's first forward refills it
+        for share in counts:
+            masked = (x[0, lo:hi] == mask_id).nonzero().squeeze(-1) + lo  # candidate positions
+            if config.parallel and not len(masked):
+                break  # parallel decoding finished the block early
             if cancel is not None:
                 cancel.check()
-            commits = []
-            if k:
-                masked = (x[0, lo:hi] == mask_id).nonzero().squeeze(-1) + lo  # candidate positions
+            commits, refreshed = [], False
+            if share or config.parallel:
                 t0 = time.perf_counter()
-                logits = _step_logits(model, x, P, config, stats)[masked].double()  # (N, V)
+                refreshed = cache is not None and cache.empty
+                logits = _step_logits(model, x, lo, hi, config, stats, cache, call_tokens)[masked - lo].double()
                 stats.forward_time_s += time.perf_counter() - t0
                 if config.forbid_eos:
                     logits[:, eos_ids] = -torch.inf
@@ -179,37 +250,61 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
                 scores = confidence(logits, tokens, config.remasking, generator)
                 if config.defer_eos:
                     scores = scores - _DEFERRED * torch.isin(tokens, eos_ids)
-                chosen = scores.topk(k).indices
+                chosen = scores.topk(parallel_count(scores, share, config)).indices
                 x[0, masked[chosen]] = tokens[chosen]
                 commits = [Commit(int(masked[i]) - P, int(tokens[i]), float(scores[i])) for i in chosen.tolist()]
             stats.steps += 1
+            stats.committed_tokens += len(commits)
             answer = x[0, P:].tolist()
             event = DenoiseStep(step=stats.steps, total_steps=config.steps, block=block, tokens=tuple(answer),
-                                committed=tuple(commits), masked=tuple(i for i, t in enumerate(answer) if t == mask_id))
+                                committed=tuple(commits), masked=tuple(i for i, t in enumerate(answer) if t == mask_id),
+                                refreshed=refreshed)
             history.append(event)
             yield event
 
     stats.wall_time_s = time.perf_counter() - start
     answer = x[0, P:].tolist()
     stats.answer_tokens = model.answer_length(answer)
-    stats.kernels = kernels.used(model.module, x.shape[1])
+    stats.kernels = kernels.used(model.module, max(call_tokens, key=call_tokens.get, default=x.shape[1]))
     return GenerationResult(model.decode(answer), answer, list(prompt_ids), stats, history)
 
 
-def _step_logits(model: DiffusionLM, x: torch.Tensor, prompt_len: int, config: GenerationConfig,
-                 stats: GenerationStats) -> torch.Tensor:
-    """Logits (T, V) for the current sequence, with CFG and Dream's shift applied."""
+def _step_logits(model: DiffusionLM, x: torch.Tensor, lo: int, hi: int, config: GenerationConfig,
+                 stats: GenerationStats, cache: KVCache | None, call_tokens: dict[int, int]) -> torch.Tensor:
+    """Logits (hi - lo, V) of the block [lo, hi), with CFG and Dream's shift applied.
+
+    Without a cache: one forward over the whole sequence, as LLaDA's reference does at every step. With one,
+    an empty cache is filled by a forward over the whole sequence; later steps run a window: the block
+    (dual) or the block and everything after it (prefix; its cache keeps only what precedes the window).
+    Dream predicts position i from position i - 1, so its window starts one position early.
+    """
+    rows, T = x, x.shape[1]
     if config.cfg_scale > 0:
         unconditional = x.clone()
-        unconditional[:, :prompt_len] = model.mask_token_id  # the prompt hidden: what guidance contrasts against
-        cond, uncond = model.forward(torch.cat([x, unconditional])).float().chunk(2)
-        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
-        stats.forward_passes += 2
+        unconditional[:, :T - config.gen_length] = model.mask_token_id  # the prompt hidden: what guidance contrasts against
+        rows = torch.cat([x, unconditional])
+    shift = int(model.shift_logits)
+    start, stop = lo - shift, (hi if config.cache == "dual" else T)  # a cached step's window
+    if cache is None:
+        logits = model.forward(rows).float()
+    elif cache.empty:
+        logits = model.forward(rows, cache=cache, logits_for=slice(start, hi - shift)).float()
+        if config.cache == "prefix":
+            cache.truncate(start)
+        stats.cache_refreshes += 1
+        stats.cache_bytes = max(stats.cache_bytes, cache.nbytes)
     else:
-        logits = model.forward(x).float()
-        stats.forward_passes += 1
-    if model.shift_logits:
-        logits = shift_right(logits)
+        positions = torch.arange(start, stop)
+        logits = model.forward(rows[:, start:stop], positions=positions, cache=cache, logits_for=slice(0, hi - lo)).float()
+        T = stop - start
+    call_tokens[T] = call_tokens.get(T, 0) + 1
+    stats.forward_passes += rows.shape[0]
+    stats.forward_equivalents += rows.shape[0] * T / x.shape[1]
+    if config.cfg_scale > 0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+    if cache is None:
+        logits = (shift_right(logits) if model.shift_logits else logits)[:, lo:hi]
     return logits[0]
 
 
@@ -224,6 +319,9 @@ def _check_inputs(model: DiffusionLM, prompt_ids: list[int], config: GenerationC
         raise InvalidSettingsError(EMPTY_PROMPT)
     if model.mask_token_id is None:
         raise InvalidSettingsError(f"{model.family} models have no mask token; they generate with their own sampler.")
+    if config.cache != "none" and model.no_kv_cache:
+        raise InvalidSettingsError(f"The {config.cache} cache needs a model whose forward takes a KV cache, and this "
+                                   f"{model.family} model's does not: {model.no_kv_cache}. Use cache none.")
     total = len(prompt_ids) + config.gen_length
     if total > model.context_length:
         raise InvalidSettingsError(

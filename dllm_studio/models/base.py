@@ -14,6 +14,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from dllm_studio.events import CancelToken, Event
+    from dllm_studio.models.cache import KVCache
     from dllm_studio.sampling import GenerationConfig, GenerationResult
 
 # Bit-widths the memory estimate reports, with their display names.
@@ -75,6 +76,8 @@ class DiffusionLM:
     dtype_reason = ""  # why it runs at its dtype, set by the loader (`models.choose_dtype`)
     not_quantizable: ClassVar[str | None] = None  # why the block-by-block quantizer cannot take this family
     override_chat_template: ClassVar[bool] = False  # True where the released template is known to be wrong
+    # Why `forward` takes no KV cache (the sampler's --cache prefix|dual); None where it does (our LLaDA, Dream).
+    no_kv_cache: ClassVar[str | None] = "its forward has no key/value cache"
 
     def __init__(self, module: nn.Module, tokenizer, *, config: dict, path: Path, source: str,
                  mask_token_id: int | None, stop_token_ids: tuple[int, ...], context_length: int,
@@ -97,9 +100,23 @@ class DiffusionLM:
 
     # --- running -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), unshifted."""
-        return self.module(input_ids.to(self.device), attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_for: slice | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), unshifted.
+
+        With a `KVCache` (families whose `no_kv_cache` is None): a forward over the whole sequence fills it, one
+        over the window at `positions` attends over it (`models.cache`); `logits_for` keeps only those positions'
+        logits. Called without them, the module runs exactly as it always has.
+        """
+        if cache is None and positions is None and logits_for is None:
+            return self.module(input_ids.to(self.device), attention_mask)
+        if self.no_kv_cache:
+            raise NotImplementedError(f"{self.family}: {self.no_kv_cache}")
+        if positions is not None:
+            positions = positions.to(self.device)
+        return self.module(input_ids.to(self.device), attention_mask, positions=positions, cache=cache,
+                           logits_for=logits_for)
 
     def denoise(self, prompt_ids: list[int], config: GenerationConfig,
                 cancel: CancelToken | None = None) -> Generator[Event, None, GenerationResult]:

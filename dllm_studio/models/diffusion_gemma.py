@@ -55,6 +55,7 @@ class DiffusionGemma(DiffusionLM):
     chat_template = CHAT_TEMPLATE
     not_quantizable = ("its encoder and decoder stacks share their weights, so a block cannot be replaced in one "
                        "stack alone; quantizing DiffusionGemma is not supported yet")
+    no_kv_cache = "it generates with transformers' own block-diffusion sampler, which manages its own cache"
 
     @classmethod
     def load(cls, folder: Path, *, source: str, dtype: torch.dtype, device: torch.device) -> DiffusionGemma:
@@ -185,6 +186,9 @@ class DiffusionGemma(DiffusionLM):
             raise InvalidSettingsError("temperature must not be negative.")
         if config.cfg_scale > 0:
             raise InvalidSettingsError("DiffusionGemma has no classifier-free guidance; set cfg_scale to 0.")
+        if config.cache != "none" or config.parallel:
+            raise InvalidSettingsError("DiffusionGemma generates with its own sampler and acceptance rule; "
+                                       "--cache, --threshold and --factor do not apply to it.")
         if len(prompt_ids) + config.gen_length > self.context_length:
             raise InvalidSettingsError(
                 f"The prompt ({len(prompt_ids)} tokens) plus gen_length {config.gen_length} exceeds the model's "

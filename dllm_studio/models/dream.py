@@ -22,6 +22,7 @@ from torch import nn
 from dllm_studio.checkpoint import read_config
 from dllm_studio.errors import UnsupportedModelError
 from dllm_studio.models.base import LLAMA_LINEAR_ROLES, DiffusionLM, check_token_ids, load_weights, special_ids
+from dllm_studio.models.cache import KVCache, KVView, layer_views
 from dllm_studio.models.layers import RMSNorm, RopeCache, apply_rope, attention, merge_heads, split_heads
 from dllm_studio.tokenizer import load_tokenizer
 
@@ -69,11 +70,12 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], padding_mask: torch.Tensor | None,
+                kv: KVView | None = None) -> torch.Tensor:
         q = apply_rope(split_heads(self.q_proj(x), self.cfg.num_attention_heads), *rope, full_precision=False)
         k = apply_rope(split_heads(self.k_proj(x), self.cfg.num_key_value_heads), *rope, full_precision=False)
         v = split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
-        return self.o_proj(merge_heads(attention(q, k, v, padding_mask)))
+        return self.o_proj(merge_heads(attention(q, k, v, padding_mask, kv)))
 
 
 class DreamMLP(nn.Module):
@@ -95,8 +97,9 @@ class DreamDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DreamMLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], padding_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, padding_mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], padding_mask: torch.Tensor | None,
+                kv: KVView | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, padding_mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -109,7 +112,7 @@ class DreamBaseModel(nn.Module):
 
 
 class DreamModel(nn.Module):
-    """input_ids (B, T) -> unshifted logits (B, T, vocab_size)."""
+    """input_ids (B, T) -> unshifted logits (B, T, vocab_size); positions, cache and logits_for as for LLaDA."""
 
     def __init__(self, cfg: DreamConfig) -> None:
         super().__init__()
@@ -123,11 +126,15 @@ class DreamModel(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_for: slice | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        rope = self.rope(input_ids.shape[1], input_ids.device)
-        for layer in self.model.layers:
-            x = layer(x, rope, attention_mask)
+        rope = self.rope(input_ids.shape[1] if positions is None else positions, input_ids.device)
+        for layer, kv in zip(self.model.layers, layer_views(cache, len(self.model.layers), positions)):
+            x = layer(x, rope, attention_mask, kv)
+        if logits_for is not None:
+            x = x[:, logits_for]
         x = self.model.norm(x)
         return F.linear(x, self.model.embed_tokens.weight) if self.config.tie_word_embeddings else self.lm_head(x)
 
@@ -151,6 +158,7 @@ class Dream(DiffusionLM):
                        "down": "mlp.up_proj"}
     embedding_name, final_norm_name = "model.embed_tokens", "model.norm"
     chat_template = CHAT_TEMPLATE
+    no_kv_cache = None
 
     @classmethod
     def load(cls, folder: Path, *, source: str, dtype: torch.dtype, device: torch.device) -> Dream:

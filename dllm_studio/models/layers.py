@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dllm_studio.models.cache import KVView
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -46,12 +48,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_preci
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None, kv: KVView | None = None
 ) -> torch.Tensor:
     """Bidirectional attention over (B, nh, T, hs) queries and (B, n_kv, T, hs) keys/values.
 
-    padding_mask: (B, T) with 1/True for real tokens; padded keys are never attended to.
+    padding_mask: (B, S) with 1/True for real tokens, S the keys' length; padded keys are never attended to.
+    kv: this layer's view of a `KVCache` (`KVCache.views`): it swaps the window's keys and values for those
+    of the whole sequence, so T queries attend over S >= T keys.
     """
+    if kv is not None:
+        k, v = kv(k, v)
     mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
     enable_gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=enable_gqa)
@@ -71,6 +77,7 @@ class RopeCache:
     """Rotary tables per (length, device), recomputed only when the sequence grows.
 
     Kept outside the state dict (as in the reference models) so checkpoints hold weights only.
+    Called with a length, the tables of positions 0..length-1; with a (T,) tensor, those of its positions.
     """
 
     def __init__(self, head_dim: int, theta: float) -> None:
@@ -78,7 +85,10 @@ class RopeCache:
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
 
-    def __call__(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, positions: int | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = positions if isinstance(positions, int) else int(positions.max()) + 1
         if self._cos is None or self._cos.shape[0] < seq_len or self._cos.device != device:
             self._cos, self._sin = rope_tables(seq_len, self.head_dim, self.theta, device)
-        return self._cos[:seq_len], self._sin[:seq_len]
+        if isinstance(positions, int):
+            return self._cos[:seq_len], self._sin[:seq_len]
+        return self._cos[positions], self._sin[positions]

@@ -28,6 +28,7 @@ from torch import nn
 from dllm_studio.checkpoint import read_config
 from dllm_studio.errors import UnsupportedModelError
 from dllm_studio.models.base import DiffusionLM, check_token_ids, load_weights, special_ids
+from dllm_studio.models.cache import KVCache, KVView, layer_views
 from dllm_studio.models.layers import RMSNorm, RopeCache, apply_rope, attention, merge_heads, split_heads
 from dllm_studio.tokenizer import load_tokenizer
 
@@ -114,14 +115,15 @@ class LLaDALlamaBlock(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_size, bias=cfg.include_bias)
         self.ff_out = nn.Linear(cfg.hidden_size, cfg.d_model, bias=cfg.include_bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], padding_mask: torch.Tensor | None,
+                kv: KVView | None = None) -> torch.Tensor:
         h = self.attn_norm(x)
         q = split_heads(self.q_proj(h), self.cfg.n_heads)  # (B, nh, T, hs)
         k = split_heads(self.k_proj(h), self.cfg.kv_heads)
         v = split_heads(self.v_proj(h), self.cfg.kv_heads)
         q = apply_rope(q, *rope, full_precision=self.cfg.rope_full_precision)
         k = apply_rope(k, *rope, full_precision=self.cfg.rope_full_precision)
-        x = x + self.attn_out(merge_heads(attention(q, k, v, padding_mask)))
+        x = x + self.attn_out(merge_heads(attention(q, k, v, padding_mask, kv)))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -140,7 +142,12 @@ class LLaDAModel(nn.Module):
 
 
 class LLaDAModelLM(nn.Module):
-    """input_ids (B, T) -> logits (B, T, vocab_size); no causal mask, no timestep input."""
+    """input_ids (B, T) -> logits (B, T, vocab_size); no causal mask, no timestep input.
+
+    positions: the (T,) sequence positions of input_ids (default 0..T-1); cache: a `KVCache` that a forward
+    over the whole sequence fills and a forward over a window reads (`models.cache`); logits_for: a slice of
+    the T positions whose logits are wanted (default all), so a window's head computes only those.
+    """
 
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
@@ -152,14 +159,18 @@ class LLaDAModelLM(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.blocks
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_for: slice | None = None) -> torch.Tensor:
         t = self.model.transformer
         x = t.wte(input_ids)  # (B, T, d_model)
         if self.config.input_emb_norm:
             x = x * self.config.d_model**0.5
-        rope = self.rope(input_ids.shape[1], input_ids.device)
-        for block in t.blocks:
-            x = block(x, rope, attention_mask)
+        rope = self.rope(input_ids.shape[1] if positions is None else positions, input_ids.device)
+        for block, kv in zip(t.blocks, layer_views(cache, len(t.blocks), positions)):
+            x = block(x, rope, attention_mask, kv)
+        if logits_for is not None:
+            x = x[:, logits_for]
         x = t.ln_f(x)
         logits = F.linear(x, t.wte.weight) if self.config.weight_tying else t.ff_out(x)
         if self.config.scale_logits:
@@ -188,6 +199,7 @@ class LLaDA(DiffusionLM):
     embedding_name, final_norm_name = "model.transformer.wte", "model.transformer.ln_f"
     chat_template = CHAT_TEMPLATE
     override_chat_template = True
+    no_kv_cache = None
 
     @classmethod
     def load(cls, folder: Path, *, source: str, dtype: torch.dtype, device: torch.device) -> LLaDA:

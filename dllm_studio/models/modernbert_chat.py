@@ -42,6 +42,9 @@ class ModernBertChat(DiffusionLM):
     linear_roles = {"Wqkv": "qkv", "Wo": "o", "Wi": "gate_up"}
     head_names = ("head.dense", "decoder")  # the MLM prediction head; `decoder` is tied to the embeddings
     chat_template = CHAT_TEMPLATE
+    no_kv_cache = ("it runs transformers' ModernBertForMaskedLM, whose forward takes no past keys/values; its "
+                   "alternating local (sliding-window) and global attention over unpadded sequences would need a "
+                   "port of its own")
 
     @classmethod
     def load(cls, folder: Path, *, source: str, dtype: torch.dtype, device: torch.device) -> ModernBertChat:

@@ -46,6 +46,7 @@ DEFAULT_CONTEXT = 2048  # when the config states no maximum length
 
 class RemoteCodeModel(DiffusionLM):
     family = "remote"
+    no_kv_cache = "it runs the folder's own code, whose cache interface (if any) dLLM Studio does not know"
 
     @classmethod
     def load(cls, folder: Path, *, source: str, dtype: torch.dtype, device: torch.device) -> RemoteCodeModel:
