@@ -45,6 +45,14 @@ SAMPLER_FLAGS = (
     ("--seed", {"type": int, "default": 0}, "random seed; equal seeds give identical answers", ""),
     ("--forbid-eos", {"action": "store_true"}, "never end the answer early (EOS logits = -inf)", ""),
     ("--defer-eos", {"action": "store_true"}, "commit end-of-text tokens only after all others", ""),
+    ("--cache", {"default": "none", "choices": ["none", "prefix", "dual"]},
+     "Fast-dLLM KV cache: each block's first step runs the whole sequence, later ones only the block and what "
+     "follows (prefix) or the block alone (dual), reusing the rest's keys/values: faster, approximate",
+     "default none"),
+    ("--threshold", {"type": float}, "parallel decoding: a step also commits every token of the block whose "
+     "confidence is at least this (0.9 in Fast-dLLM); steps become a ceiling", "default off"),
+    ("--factor", {"type": float}, "parallel decoding by Fast-dLLM's factor rule: the n most confident while the "
+     "n-th has confidence >= 1 - factor/(n+1)", "default off"),
 )
 CONFIG_FIELDS = {"cfg": "cfg_scale"}  # argparse dest -> GenerationConfig field, where they differ
 
@@ -288,7 +296,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen_length=args.gen_length, steps=args.steps or args.gen_length,
         block_length=args.block_length or min(32, args.gen_length), remasking=args.remasking,
         temperature=args.temperature, cfg_scale=args.cfg, seed=args.seed,
-        forbid_eos=args.forbid_eos, defer_eos=args.defer_eos)
+        forbid_eos=args.forbid_eos, defer_eos=args.defer_eos, cache=args.cache, threshold=args.threshold,
+        factor=args.factor)
     config.validate()  # before loading: a bad flag should not cost a model load
     model = _load(args)
     if args.no_chat_template:
@@ -302,15 +311,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "model": args.model, "prompt": args.prompt, "text": result.text, "settings": vars(config),
             "answer_token_ids": result.token_ids, "stats": {**result.stats.to_dict(), "threads": args.threads,
                                                        "dtype_reason": model.dtype_reason},
-            "steps": [{"step": s.step, "block": s.block, "masked": len(s.masked),
+            "steps": [{"step": s.step, "block": s.block, "masked": len(s.masked), "refreshed": s.refreshed,
                        "committed": [vars(c) for c in s.committed]} for s in result.steps],
         }, indent=2))
         return 0
     print(result.text)
     s = result.stats
-    print(f"[{s.steps} steps, {s.forward_passes} forward passes, {s.ms_per_step:.1f} ms/step, {s.wall_time_s:.2f} s, "
-          f"{s.answer_tokens} answer tokens, {s.answer_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    print(f"[{s.steps} steps, {s.tokens_per_step:.2f} tokens/step, {s.forward_passes} forward passes "
+          f"({s.forward_equivalents:.1f} full-sequence equivalents{_cache_note(s)}), {s.ms_per_step:.1f} ms/step, "
+          f"{s.wall_time_s:.2f} s, {s.answer_tokens} answer tokens, {s.answer_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def _cache_note(stats) -> str:
+    return f", {stats.cache_refreshes} cache refreshes, cache {human(stats.cache_bytes)}" if stats.cache_refreshes else ""
 
 
 MASK_GLYPH = "░"
@@ -383,10 +397,12 @@ def _print_eval_progress(event: Event) -> None:
 
 
 def _print_eval_table(results: list) -> None:
-    header = ("suite", "items", "skipped", "score", "ms/step", "passes/answer", "s/answer", "peak RSS")
+    header = ("suite", "items", "skipped", "score", "ms/step", "tokens/step", "passes/answer", "full-seq passes",
+              "s/answer", "peak RSS")
     rows = [header] + [(r.suite, str(r.items), str(len(r.skipped)), _score(r), "-" if r.ms_per_step is None else f"{r.ms_per_step:.1f}",
-                        f"{r.forward_passes_per_item:.1f}", f"{r.wall_time_per_item_s:.2f}", human(r.peak_rss_bytes))
-                       for r in results]
+                        "-" if r.tokens_per_step is None else f"{r.tokens_per_step:.2f}",
+                        f"{r.forward_passes_per_item:.1f}", f"{r.forward_equivalents_per_item:.1f}",
+                        f"{r.wall_time_per_item_s:.2f}", human(r.peak_rss_bytes)) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))

@@ -50,6 +50,8 @@ class ItemRecord:
     nll_per_token: float | None = None  # text suite only
     steps: int = 0
     forward_passes: int = 0
+    forward_equivalents: float = 0.0  # forward passes in whole sequences (a cached window counts its share)
+    committed_tokens: int = 0
     wall_time_s: float = 0.0  # generating (or scoring) this item, code tests excluded
 
 
@@ -75,6 +77,9 @@ class EvalResult:
     records: list[ItemRecord] = field(default_factory=list)
     skipped: list[SkippedItem] = field(default_factory=list)  # not answered; `items` counts the rest
     kernels: dict[str, int] = field(default_factory=dict)  # how the quantized layers ran (`kernels.ran`)
+    # What a KV cache and parallel decoding save (`GenerationStats`); equal to passes and 1 token without them.
+    forward_equivalents_per_item: float = 0.0
+    tokens_per_step: float | None = None  # None for text
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,7 +176,8 @@ def _answer_item(model: DiffusionLM, suite: str, item: dict, prompt_ids: list[in
     correct, reason = judge(suite, result.text, item, unsafe_code_eval)
     return ItemRecord(item["id"], item["prompt"], item["answer"], result.text, correct, reason,
                       steps=result.stats.steps, forward_passes=result.stats.forward_passes,
-                      wall_time_s=result.stats.wall_time_s)
+                      forward_equivalents=result.stats.forward_equivalents,
+                      committed_tokens=result.stats.committed_tokens, wall_time_s=result.stats.wall_time_s)
 
 
 def judge(suite: str, generated: str, item: dict, unsafe_code_eval: bool = False) -> tuple[bool, str]:
@@ -198,7 +204,7 @@ def _text_item(model: DiffusionLM, item: dict, seed: int) -> ItemRecord:
     nll, passes = masked_nll(model, item["text"], seed=seed)
     reason = "too short to score" if nll is None else f"nll/token {nll:.4f}"
     return ItemRecord(item["id"], item["text"], item["text"], "", None, reason, nll_per_token=nll,
-                      forward_passes=passes, wall_time_s=time.perf_counter() - start)
+                      forward_passes=passes, forward_equivalents=passes, wall_time_s=time.perf_counter() - start)
 
 
 @torch.inference_mode()
@@ -270,6 +276,8 @@ def _summary(suite: Suite, records: list[ItemRecord], config: GenerationConfig, 
         nll_per_token=_mean([r.nll_per_token for r in records if r.nll_per_token is not None]) if text else None,
         ms_per_step=None if text or not steps else 1000 * generation_s / steps,
         forward_passes_per_item=sum(r.forward_passes for r in records) / n,
+        forward_equivalents_per_item=math.fsum(r.forward_equivalents for r in records) / n,
+        tokens_per_step=None if text or not steps else sum(r.committed_tokens for r in records) / steps,
         wall_time_per_item_s=generation_s / n, peak_rss_bytes=peak_rss_bytes(), wall_time_s=wall_time_s,
         settings={"seed": config.seed} if text else dataclasses.asdict(config), records=records)
 
