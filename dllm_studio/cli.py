@@ -317,8 +317,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     print(result.text)
     s = result.stats
-    print(f"[{s.steps} steps, {s.tokens_per_step:.2f} tokens/step, {s.forward_passes} forward passes "
-          f"({s.forward_equivalents:.1f} full-sequence equivalents{_cache_note(s)}), {s.ms_per_step:.1f} ms/step, "
+    print(f"[{s.steps} steps, {s.forward_passes} forward passes ({s.forward_equivalents:.1f} full-sequence "
+          f"equivalents{_cache_note(s)}), {s.tokens_per_step:.2f} tokens/step, {s.ms_per_step:.1f} ms/step, "
           f"{s.wall_time_s:.2f} s, {s.answer_tokens} answer tokens, {s.answer_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
 
@@ -397,7 +397,7 @@ def _print_eval_progress(event: Event) -> None:
 
 
 def _print_eval_table(results: list) -> None:
-    header = ("suite", "items", "skipped", "score", "ms/step", "tokens/step", "passes/answer", "full-seq passes",
+    header = ("suite", "items", "skipped", "score", "ms/step", "tokens/step", "passes/answer", "full-seq/answer",
               "s/answer", "peak RSS")
     rows = [header] + [(r.suite, str(r.items), str(len(r.skipped)), _score(r), "-" if r.ms_per_step is None else f"{r.ms_per_step:.1f}",
                         "-" if r.tokens_per_step is None else f"{r.tokens_per_step:.2f}",

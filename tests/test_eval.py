@@ -198,7 +198,8 @@ def test_cli_eval_suite_path_writes_json(capsys, llada_dir, suite_files, tmp_pat
     assert [l.split()[:3] for l in err.splitlines() if l.startswith("qa ")] == [
         ["qa", "1/3", "qa-1:"], ["qa", "2/3", "qa-2:"], ["qa", "3/3", "qa-3:"]]
     header, row = out.splitlines()
-    assert header.split() == ["suite", "items", "skipped", "score", "ms/step", "passes/answer", "s/answer", "peak", "RSS"]
+    assert header.split() == ["suite", "items", "skipped", "score", "ms/step", "tokens/step", "passes/answer",
+                              "full-seq/answer", "s/answer", "peak", "RSS"]
     assert row.split()[:4] == ["qa", "3", "0", "acc"] and row.split()[6] == "16.0"
     data = json.loads(out_file.read_text())
     assert data["model"] == str(llada_dir) and data["overrides"] == {} and len(data["suites"]) == 1
