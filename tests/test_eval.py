@@ -200,7 +200,7 @@ def test_cli_eval_suite_path_writes_json(capsys, llada_dir, suite_files, tmp_pat
     header, row = out.splitlines()
     assert header.split() == ["suite", "items", "skipped", "score", "ms/step", "tokens/step", "passes/answer",
                               "full-seq/answer", "s/answer", "peak", "RSS"]
-    assert row.split()[:4] == ["qa", "3", "0", "acc"] and row.split()[6] == "16.0"
+    assert row.split()[:4] == ["qa", "3", "0", "acc"] and row.split()[6:9] == ["1.00", "16.0", "16.0"]
     data = json.loads(out_file.read_text())
     assert data["model"] == str(llada_dir) and data["overrides"] == {} and len(data["suites"]) == 1
     qa = data["suites"][0]
