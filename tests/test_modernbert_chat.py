@@ -165,3 +165,16 @@ def test_meta_load_describes_without_reading_weights(model, folder, tmp_path):
     meta = load_model(garbled, dtype="float32", device="meta")
     assert all(p.is_meta for p in meta.module.parameters())
     assert dataclasses.replace(meta.info(), path="", source="") == dataclasses.replace(model.info(), path="", source="")
+
+
+def test_a_kv_cache_is_refused_with_the_reason_and_parallel_decoding_works(model):
+    """ModernBERT-chat runs transformers' own module, which takes no keys/values: the cache is refused by name,
+    while threshold decoding (the sampler's alone) runs."""
+    from dllm_studio.errors import InvalidSettingsError
+
+    prompt = model.chat_ids([{"role": "user", "content": "Hi"}])
+    with pytest.raises(InvalidSettingsError, match="dual cache needs a model whose forward takes a KV cache.*"
+                                                   "ModernBertForMaskedLM, whose forward takes no past keys/values"):
+        run(model.denoise(prompt, GenerationConfig(gen_length=8, steps=8, block_length=8, cache="dual")))
+    result = run(model.denoise(prompt, GenerationConfig(gen_length=8, steps=8, block_length=8, threshold=0.01)))
+    assert model.mask_token_id not in result.token_ids and result.stats.committed_tokens == 8
