@@ -322,8 +322,9 @@ def test_cache_and_threshold_answer_as_the_engine_in_fewer_steps_and_replay(qtbo
     assert frames == [1, 2, 3]  # every frame drawn, however many tokens it committed
     assert [f.refreshed for f in turn.frames] == [e.refreshed for e in engine.steps] == [True, True, False]
     stats = page.fp.stats.text()
-    assert f"3 steps · 3 forward passes ({s.forward_equivalents:.1f} full-sequence) · 5.3 tokens/step" in stats
-    assert f"2 cache refreshes ({human(s.cache_bytes)})" in stats and s.forward_equivalents < 3
+    assert stats.startswith(f"3 steps · 5.3 tokens/step · {turn.stats['ms_per_step']:.1f} ms/step\n")
+    assert f"\n3 forward passes ({s.forward_equivalents:.1f} full-sequence) · 2 cache refreshes\n" in stats
+    assert f"\nKV cache {human(s.cache_bytes)} · peak memory" in stats and s.forward_equivalents < 3
     assert "full-sequence</b>" in page.fp.stats.toolTip() and "tokens/step</b>" in page.fp.stats.toolTip()
     assert page.fp.status.text() == f"Done: {turn.length} tokens in 3 steps (at most 16)."
 
@@ -409,8 +410,9 @@ def test_a_fast_conversation_round_trips_and_one_saved_before_opens(qtbot, sessi
     assert (before.cache.currentText(), before.threshold.text()) == ("none", "off")  # GenerationConfig's defaults
     assert before.fp.last_answer() == old.last_answer()
     ms_per_step = old.turns[-1].stats["ms_per_step"]  # the figures it has, and none of those it lacks
-    assert before.fp.stats.text().split("\n")[0] == f"3 steps · 3 forward passes · {ms_per_step:.1f} ms/step"
-    assert "cache refresh" not in before.fp.stats.text()
+    lines = before.fp.stats.text().split("\n")
+    assert (lines[0], lines[2]) == (f"3 steps · {ms_per_step:.1f} ms/step", "3 forward passes")
+    assert "cache" not in before.fp.stats.text()
     assert not any(f.refreshed for f in before.fp.turns[-1].frames)
     before.fp.replay.setValue(1)
     assert before.fp.replay_label.text() == "Step 1 of 3"

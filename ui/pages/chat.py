@@ -62,8 +62,8 @@ STATS_HELP = (
     "length: the padding after the answer is not counted).<br>"
     "<b>tokens/s</b>: answer tokens ÷ wall time, as the CLI's <tt>answer_tokens_per_s</tt>. "
     "Masked diffusion commits tokens in parallel, so this is not an autoregressive decode rate.<br>"
-    "<b>cache refreshes</b>: forwards over the whole sequence that refilled the KV cache, one per block; in "
-    "brackets the most the cache held.<br>"
+    "<b>cache refreshes</b>: forwards over the whole sequence that refilled the KV cache, one per block.<br>"
+    "<b>KV cache</b>: the most the cache held.<br>"
     "<b>peak memory</b>: this process's peak resident memory (RSS) so far, read after the run.<br>"
     "<b>kernels</b>: how the quantized layers ran, measured fastest for their shape on this machine.")
 
@@ -169,7 +169,7 @@ class Turn:
         return f"Failed: {self.message}" if self.state == "failed" else f"Not run: {self.message}"
 
     def step_of(self, step: int) -> str:
-        """"3 of 16": of the steps it took once done (parallel decoding may finish early), else of those it may take."""
+        """"3 of 16": of the steps taken once done (parallel decoding may finish early), else of those it may take."""
         if self.state == "done":
             return f"{step} of {len(self.frames)}"
         return f"{step} of {'at most ' * self.adaptive}{self.total_steps}"
@@ -209,20 +209,30 @@ class Turn:
         return turn
 
 
+def count(n: int, one: str, many: str = "") -> str:
+    """"1 step", "3 steps": a threshold often finishes a block in one step."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def stats_text(s: dict) -> str:
-    """Three lines under an answer; the figures a file saved before them lacks are left out."""
-    passes = f"{s['forward_passes']} forward passes"
+    """Four lines under an answer: the schedule, the answer, the compute, the memory.
+
+    The figures a file saved before them lacks are left out."""
+    passes = count(s["forward_passes"], "forward pass", "forward passes")
     if s.get("forward_equivalents", s["forward_passes"]) != s["forward_passes"]:  # a cache ran windows
         passes += f" ({s['forward_equivalents']:.1f} full-sequence)"
-    per_step = f" · {s['tokens_per_step']:.1f} tokens/step" if "tokens_per_step" in s else ""
-    refreshes = s.get("cache_refreshes", 0)
-    cache = (f"{refreshes} cache refresh{'es' * (refreshes != 1)} ({human(s['cache_bytes'])}) · "
-             if refreshes else "")
-    return (f"{s['steps']} steps · {passes}{per_step} · {s['ms_per_step']:.1f} ms/step\n"
-            f"{s['wall_time_s']:.2f} s total · {s['answer_tokens']} answer tokens · "
-            f"{s['answer_tokens_per_s']:.1f} tokens/s\n"
-            f"{cache}peak memory {human(s['peak_rss_bytes'])}"
-            + (f" · kernels {kernel_text(s['kernels'])}" if s.get("kernels") else ""))
+    schedule = [count(s["steps"], "step"), f"{s['ms_per_step']:.1f} ms/step"]
+    if "tokens_per_step" in s:
+        schedule.insert(1, f"{s['tokens_per_step']:.1f} tokens/step")
+    compute, memory = [passes], [f"peak memory {human(s['peak_rss_bytes'])}"]
+    if s.get("cache_refreshes"):
+        compute.append(count(s["cache_refreshes"], "cache refresh", "cache refreshes"))
+        memory.insert(0, f"KV cache {human(s['cache_bytes'])}")
+    if s.get("kernels"):
+        memory.append(f"kernels {kernel_text(s['kernels'])}")
+    answer = [f"{s['wall_time_s']:.2f} s total", f"{s['answer_tokens']} answer tokens",
+              f"{s['answer_tokens_per_s']:.1f} tokens/s"]
+    return "\n".join(" · ".join(line) for line in (schedule, answer, compute, memory))
 
 
 def kernel_help(counts: dict) -> str:
@@ -262,9 +272,9 @@ class Pane(QGroupBox):
         # wrapped, so a narrow pane (a 1024 px window) shows every number rather than clipping the lines
         self.stats = QLabel(objectName=f"{key}Stats", toolTip=STATS_HELP, wordWrap=True)
         self.stats.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        # three lines reserved up front (a splitter does not re-lay its panes when a label grows); a narrow
+        # four lines reserved up front (a splitter does not re-lay its panes when a label grows); a narrow
         # pane wraps them into more, which the label's height-for-width then claims from the answer above
-        self.stats.setMinimumHeight(3 * self.stats.fontMetrics().lineSpacing() + 4)
+        self.stats.setMinimumHeight(4 * self.stats.fontMetrics().lineSpacing() + 4)
         self.copy = QPushButton("Copy", objectName=f"{key}Copy", enabled=False)
         self.copy.setAccessibleName(f"Copy the {title.lower()} answer")
         self.copy.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.last_answer() or ""))
@@ -376,7 +386,7 @@ class Pane(QGroupBox):
             text = f"Denoising: step {turn.step_of(self.shown)}" if self.shown else "Starting…"
         elif turn.state == "done":
             n = len(turn.frames)  # fewer than total_steps when parallel decoding finished early
-            text = (f"Done: {turn.length} token{'s' * (turn.length != 1)} in {n} step{'s' * (n != 1)}"
+            text = (f"Done: {count(turn.length, 'token')} in {count(n, 'step')}"
                     + (f" (at most {turn.total_steps})." if n != turn.total_steps else "."))
         elif turn.state == "stopped":
             text = f"Stopped at step {turn.step_of(len(turn.frames))}."
@@ -582,7 +592,8 @@ class ChatPage(QWidget):
 
     def _panel_values(self) -> dict:
         """What the panel shows, as saved in the settings (a threshold that is off is 0)."""
-        return {name: w.currentText() if isinstance(w, QComboBox) else w.value() for name, w in self._fields.items()}
+        return {name: widget.currentText() if isinstance(widget, QComboBox) else widget.value()
+                for name, widget in self._fields.items()}
 
     def config(self) -> GenerationConfig:
         """The sampler settings in the panel, not yet validated."""
@@ -695,8 +706,8 @@ class ChatPage(QWidget):
         turn.state, turn.answer, turn.token_ids = "done", result.text, list(result.token_ids)
         turn.length = s.answer_tokens
         turn.stats = {**{k: v for k, v in s.to_dict().items() if k in STATS or k in LATER_STATS},
-                      "peak_rss_bytes": peak_rss_bytes(),
-                      "kernels": dict(s.kernels), "weight_bytes": model.weight_bytes()}
+                      "peak_rss_bytes": peak_rss_bytes(), "kernels": dict(s.kernels),
+                      "weight_bytes": model.weight_bytes()}
 
     def stop(self) -> None:
         """Cancel the running answer and drop the queued one; what was computed stays on screen."""
