@@ -115,6 +115,16 @@ def main() -> int:
     chat.send()
     wait(lambda: len(finished) == 2 and not window.session.busy)
     shoot(window, "chat-two-turns", suffix)
+    # Fast-dLLM: the dual cache and a 0.9 threshold commit most of each 8-token block at once
+    chat.new_chat()
+    chat.block_length.setValue(8)
+    chat.cache.setCurrentText("dual")
+    chat.threshold.setValue(0.9)
+    finished.clear()
+    chat.input.setPlainText("There were 15 birds on a tree and 2 flew away. How many birds are left?")
+    chat.send()
+    wait(lambda: len(finished) == 2 and not window.session.busy)
+    shoot(window, "chat-fast", suffix)
 
     window.show_page("compare")
     window.compare.variant.setCurrentText("RTN W3A16 g128")

@@ -11,7 +11,8 @@ from qt_helpers import error_dialogs, studio_session
 from dllm_studio import jobs
 from dllm_studio.cli import main as cli
 from dllm_studio.sampling import GenerationConfig
-from ui.pages.chat import BLANK_PROMPT, NO_TEXT, QUEUED, SINGLE_TURN, ChatPage
+from dllm_studio.memory import human
+from ui.pages.chat import BLANK_PROMPT, NO_TEXT, QUEUED, SINGLE_TURN, ChatPage, Turn
 from ui.session import Variant
 
 pytestmark = pytest.mark.gui
@@ -37,8 +38,12 @@ def ask(qtbot, page, prompt):
         page.send()
 
 
+def engine_result(model, messages, **sampler):
+    return jobs.run(model.denoise(model.chat_ids(messages), GenerationConfig(**{**SHORT, **sampler})))
+
+
 def engine_answer(model, messages, **sampler):
-    return jobs.run(model.denoise(model.chat_ids(messages), GenerationConfig(**{**SHORT, **sampler}))).text
+    return engine_result(model, messages, **sampler).text
 
 
 @pytest.fixture
@@ -294,3 +299,120 @@ def test_stats_wrap_in_a_narrow_pane_and_every_line_is_visible(qtbot, session, s
     qtbot.waitUntil(every_line_visible, timeout=2000)  # once the layout has given the label its wrapped height
     longest = max(label.fontMetrics().horizontalAdvance(line) for line in label.text().splitlines())
     assert longest > label.contentsRect().width()  # the pane is narrow: the lines had to wrap
+
+
+# ---- Fast-dLLM: the KV cache and parallel decoding ------------------------------------------------
+BIRDS = "There were 15 birds on a tree and 2 flew away. How many birds are left?"
+FAST = {"cache": "dual", "threshold": 0.9}
+
+
+def test_cache_and_threshold_answer_as_the_engine_in_fewer_steps_and_replay(qtbot, session, studio_settings):
+    """Two blocks of 8: the demo commits 8, then 7 and 1, so 3 frames stand for a ceiling of 16 steps."""
+    page = make_page(qtbot, session, studio_settings, block_length=8)
+    page.cache.setCurrentText("dual")  # through the panel, as a person would
+    page.threshold.setValue(0.9)
+    frames = []
+    page.frame_shown.connect(lambda pane, step: pane == "fp" and frames.append(step))
+    ask(qtbot, page, BIRDS)
+
+    engine = engine_result(session.model, [{"role": "user", "content": BIRDS}], block_length=8, **FAST)
+    s, turn = engine.stats, page.fp.turns[-1]
+    assert [len(e.committed) for e in engine.steps] == [8, 7, 1] and s.cache_refreshes == 2
+    assert turn.answer == engine.text == "15 - 2 = 13" and turn.token_ids == engine.token_ids
+    assert frames == [1, 2, 3]  # every frame drawn, however many tokens it committed
+    assert [f.refreshed for f in turn.frames] == [e.refreshed for e in engine.steps] == [True, True, False]
+    stats = page.fp.stats.text()
+    assert stats.startswith(f"3 steps · 5.3 tokens/step · {turn.stats['ms_per_step']:.1f} ms/step\n")
+    assert f"\n3 forward passes ({s.forward_equivalents:.1f} full-sequence) · 2 cache refreshes\n" in stats
+    assert f"\nKV cache {human(s.cache_bytes)} · peak memory" in stats and s.forward_equivalents < 3
+    assert "full-sequence</b>" in page.fp.stats.toolTip() and "tokens/step</b>" in page.fp.stats.toolTip()
+    assert page.fp.status.text() == f"Done: {turn.length} tokens in 3 steps (at most 16)."
+
+    assert page.fp.replay.maximum() == 3 and page.fp.replay_label.text() == "Step 3 of 3"
+    page.fp.replay.setValue(1)  # the first step committed a whole block at once
+    assert page.fp.replay_label.text() == "Step 1 of 3"
+    assert page.fp.browser.toPlainText().count("░") == len(engine.steps[0].masked) == 8
+    page.fp.replay.setValue(3)
+    assert page.fp.browser.toPlainText().endswith(f"Full precision: {engine.text}")
+
+
+def test_a_stopped_parallel_answer_counts_against_its_ceiling():
+    turn = Turn("q", 16, 16, 0, adaptive=True, state="stopped")
+    assert turn.step_of(2) == "2 of at most 16"
+    assert Turn("q", 16, 16, 0, state="stopped").step_of(2) == "2 of 16"
+
+
+def test_cache_and_threshold_persist_and_off_means_none(qtbot, session, studio_settings):
+    page = make_page(qtbot, session, studio_settings)
+    assert (page.cache.currentText(), page.threshold.text(), page.config().threshold) == ("none", "off", None)
+    page.cache.setCurrentText("prefix")
+    page.threshold.setValue(0.85)
+    assert (studio_settings.get("chat/cache"), studio_settings.get("chat/threshold")) == ("prefix", 0.85)
+    reopened = make_page(qtbot, session, studio_settings)
+    config = reopened.config()
+    assert (reopened.cache.currentText(), reopened.threshold.value()) == ("prefix", 0.85)
+    assert (config.cache, config.threshold) == ("prefix", 0.85) and config.parallel
+    assert "0.9 lost under 1 point of GSM8K" in reopened.threshold.toolTip()
+    assert "differ slightly from none" in reopened.cache.toolTip()
+
+
+def test_a_threshold_with_random_remasking_is_refused_inline(qtbot, session, studio_settings):
+    page = make_page(qtbot, session, studio_settings, remasking="random")
+    assert not page.sampler_error.isVisibleTo(page)
+    page.threshold.setValue(0.9)
+    assert page.sampler_error.isVisibleTo(page) and "random remasking" in page.sampler_error.text()
+    page.input.setPlainText(PROMPT)
+    page.send()
+    assert not page.running and page.fp.turns == []
+    page.remasking.setCurrentText("margin")
+    assert not page.sampler_error.isVisibleTo(page)
+
+
+def test_a_family_without_a_kv_cache_is_told_before_sending(qtbot, session, studio_settings, monkeypatch):
+    monkeypatch.setattr(type(session.model), "no_kv_cache", "its forward takes no past keys")
+    page = make_page(qtbot, session, studio_settings, cache="dual")
+    reason = f"This {session.model.family} model cannot use a KV cache: its forward takes no past keys."
+    assert page.sampler_error.isVisibleTo(page) and page.sampler_error.text().startswith(reason)
+    assert f"Not for {session.model.family}: its forward takes no past keys." in page.cache.toolTip()
+    page.input.setPlainText(PROMPT)
+    page.send()
+    assert not page.running and page.fp.turns == []
+    page.cache.setCurrentText("none")
+    assert not page.sampler_error.isVisibleTo(page)
+
+
+def test_a_fast_conversation_round_trips_and_one_saved_before_opens(qtbot, session, studio_settings, tmp_path):
+    page = make_page(qtbot, session, studio_settings, block_length=8, **FAST)
+    ask(qtbot, page, BIRDS)
+    path = tmp_path / "fast.json"
+    assert page.save_conversation(path)
+    other = make_page(qtbot, session, studio_settings)
+    assert other.open_conversation(path)
+    assert (other.cache.currentText(), other.threshold.value()) == ("dual", 0.9)
+    new, old = other.fp, page.fp
+    assert [f.refreshed for f in new.turns[-1].frames] == [f.refreshed for f in old.turns[-1].frames]
+    assert (new.stats.text(), new.status.text(), new.replay_label.text()) == (
+        old.stats.text(), old.status.text(), "Step 3 of 3")
+
+    # as saved before caches and thresholds existed: none of their keys
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("cache", "threshold"):
+        del data["sampler"][key]
+    for turn in data["panes"]["fp"]:
+        del turn["adaptive"]
+        for key in ("forward_equivalents", "tokens_per_step", "cache_refreshes", "cache_bytes"):
+            del turn["stats"][key]
+        for step in turn["steps"]:
+            del step["refreshed"]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    before = make_page(qtbot, session, studio_settings, **FAST)
+    assert before.open_conversation(path)
+    assert (before.cache.currentText(), before.threshold.text()) == ("none", "off")  # GenerationConfig's defaults
+    assert before.fp.last_answer() == old.last_answer()
+    ms_per_step = old.turns[-1].stats["ms_per_step"]  # the figures it has, and none of those it lacks
+    lines = before.fp.stats.text().split("\n")
+    assert (lines[0], lines[2]) == (f"3 steps · {ms_per_step:.1f} ms/step", "3 forward passes")
+    assert "cache" not in before.fp.stats.text()
+    assert not any(f.refreshed for f in before.fp.turns[-1].frames)
+    before.fp.replay.setValue(1)
+    assert before.fp.replay_label.text() == "Step 1 of 3"

@@ -19,6 +19,8 @@ DEFAULTS: dict[str, object] = {
     "chat/remasking": "low_confidence",
     "chat/temperature": 0.0,
     "chat/seed": 0,
+    "chat/cache": "none",  # one of sampling.CACHES
+    "chat/threshold": 0.0,  # 0: off (GenerationConfig.threshold None)
     "quantize/method": "gptq",
     "quantize/wbits": 4,
     "quantize/abits": 16,
