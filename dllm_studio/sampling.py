@@ -215,7 +215,6 @@ def confidence(logits: torch.Tensor, tokens: torch.Tensor, strategy: str,
 def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
             cancel: CancelToken | None = None) -> Generator[Event, None, GenerationResult]:
     """Generate `config.gen_length` tokens after `prompt_ids`, yielding a `DenoiseStep` per step."""
-    config.validate()
     _check_inputs(model, prompt_ids, config)
     start = time.perf_counter()
     mask_id, P = model.mask_token_id, len(prompt_ids)
@@ -319,9 +318,7 @@ def _check_inputs(model: DiffusionLM, prompt_ids: list[int], config: GenerationC
         raise InvalidSettingsError(EMPTY_PROMPT)
     if model.mask_token_id is None:
         raise InvalidSettingsError(f"{model.family} models have no mask token; they generate with their own sampler.")
-    if config.cache != "none" and model.no_kv_cache:
-        raise InvalidSettingsError(f"The {config.cache} cache needs a model whose forward takes a KV cache, and this "
-                                   f"{model.family} model's does not: {model.no_kv_cache}. Use cache none.")
+    model.check_settings(config)
     total = len(prompt_ids) + config.gen_length
     if total > model.context_length:
         raise InvalidSettingsError(

@@ -207,6 +207,9 @@ def test_refuses_settings_it_cannot_honour(model):
         run(model.denoise([2, 10], GenerationConfig(cfg_scale=1.0)))
     with pytest.raises(InvalidSettingsError, match="empty"):
         run(model.denoise([], GenerationConfig()))
+    for fast in (dict(cache="dual"), dict(threshold=0.9)):  # its own sampler has its own cache and acceptance rule
+        with pytest.raises(InvalidSettingsError, match="--cache, --threshold and --factor do not apply"):
+            model.check_settings(GenerationConfig(**fast))
 
 
 def test_meta_load_describes_without_reading_weights(model, folder, tmp_path):

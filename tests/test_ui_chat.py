@@ -371,8 +371,9 @@ def test_a_threshold_with_random_remasking_is_refused_inline(qtbot, session, stu
 def test_a_family_without_a_kv_cache_is_told_before_sending(qtbot, session, studio_settings, monkeypatch):
     monkeypatch.setattr(type(session.model), "no_kv_cache", "its forward takes no past keys")
     page = make_page(qtbot, session, studio_settings, cache="dual")
-    reason = f"This {session.model.family} model cannot use a KV cache: its forward takes no past keys."
-    assert page.sampler_error.isVisibleTo(page) and page.sampler_error.text().startswith(reason)
+    reason = (f"The dual cache needs a model whose forward takes a KV cache, and this {session.model.family} "
+              "model's does not: its forward takes no past keys. Use cache none.")
+    assert page.sampler_error.isVisibleTo(page) and page.sampler_error.text() == reason
     assert f"Not for {session.model.family}: its forward takes no past keys." in page.cache.toolTip()
     page.input.setPlainText(PROMPT)
     page.send()

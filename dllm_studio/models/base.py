@@ -125,6 +125,16 @@ class DiffusionLM:
 
         return denoise(self, prompt_ids, config, cancel)
 
+    def check_settings(self, config: GenerationConfig) -> None:
+        """Refuse sampler settings this model cannot run, with the reason; the faces call it as settings change,
+        before any prompt is sent, and `denoise` again."""
+        from dllm_studio.errors import InvalidSettingsError
+
+        config.validate()
+        if config.cache != "none" and self.no_kv_cache:
+            raise InvalidSettingsError(f"The {config.cache} cache needs a model whose forward takes a KV cache, and "
+                                       f"this {self.family} model's does not: {self.no_kv_cache}. Use cache none.")
+
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device

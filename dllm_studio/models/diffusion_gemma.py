@@ -180,6 +180,14 @@ class DiffusionGemma(DiffusionLM):
     def _check(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         if not prompt_ids:
             raise InvalidSettingsError("The prompt is empty.")
+        self.check_settings(config)
+        if len(prompt_ids) + config.gen_length > self.context_length:
+            raise InvalidSettingsError(
+                f"The prompt ({len(prompt_ids)} tokens) plus gen_length {config.gen_length} exceeds the model's "
+                f"context of {self.context_length} tokens.")
+
+    def check_settings(self, config: GenerationConfig) -> None:
+        # Only the settings its own sampler reads are checked (block_length and remasking do not apply).
         if config.gen_length < 1 or config.steps < 1:
             raise InvalidSettingsError("gen_length and steps must both be at least 1.")
         if config.temperature < 0:
@@ -189,10 +197,6 @@ class DiffusionGemma(DiffusionLM):
         if config.cache != "none" or config.parallel:
             raise InvalidSettingsError("DiffusionGemma generates with its own sampler and acceptance rule; "
                                        "--cache, --threshold and --factor do not apply to it.")
-        if len(prompt_ids) + config.gen_length > self.context_length:
-            raise InvalidSettingsError(
-                f"The prompt ({len(prompt_ids)} tokens) plus gen_length {config.gen_length} exceeds the model's "
-                f"context of {self.context_length} tokens.")
 
     # --- structure ---------------------------------------------------------------------------
     def linear_layers(self) -> list[LinearLayer]:

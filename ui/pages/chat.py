@@ -623,11 +623,8 @@ class ChatPage(QWidget):
         """Validate with the engine's own rules and say what is wrong right in the panel."""
         try:
             config.validate()
-            # the engine refuses this only once the prompt is sent (`sampling.denoise`); say so here
             for model in self._answering_models():
-                if config.cache != "none" and model.no_kv_cache:
-                    raise InvalidSettingsError(f"This {model.family} model cannot use a KV cache: "
-                                               f"{model.no_kv_cache}. Set Cache to none.")
+                model.check_settings(config)
         except InvalidSettingsError as exc:
             self.sampler_error.setText(str(exc))
             self.sampler_error.setVisible(True)
