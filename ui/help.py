@@ -52,7 +52,10 @@ Esc or Cancel stops after the current layer and keeps nothing.</li>
 <b style="color:{QUANT_COLOR}">quantized</b> variant, with the same seed and settings. The answer starts as
 masks ({MASK}); each step commits some tokens, coloured by the model's confidence:
 {_swatch(heat(0), "low")}{_swatch(heat(0.5), "medium")}{_swatch(heat(1), "high")}. When both are done,
-<span style="{DIFFER_STYLE}">underlined</span> tokens differ between the panes. The slider replays any step.</li>
+<span style="{DIFFER_STYLE}">underlined</span> tokens differ between the panes. The slider replays any step.
+Cache and Threshold (the sampler panel) are Fast-dLLM's speed-ups: a KV cache reused within a block, and
+committing every token confident enough at once, so one step may reveal many; both are approximations, and
+the stats say what they saved (full-sequence passes, tokens per step).</li>
 <li><b>Compare</b>: scores both on the task suites. The relative drop in accuracy is named with the seed
 study's bands: {_bands()}; a drop is only given a band when it is statistically distinguishable from no
 difference on these items, otherwise it reads "not significant".</li>
