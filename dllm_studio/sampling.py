@@ -277,13 +277,14 @@ def _step_logits(model: DiffusionLM, x: torch.Tensor, lo: int, hi: int, config: 
     (dual) or the block and everything after it (prefix; its cache keeps only what precedes the window).
     Dream predicts position i from position i - 1, so its window starts one position early.
     """
-    rows, T = x, x.shape[1]
+    rows, length = x, x.shape[1]
     if config.cfg_scale > 0:
         unconditional = x.clone()
-        unconditional[:, :T - config.gen_length] = model.mask_token_id  # the prompt hidden: what guidance contrasts against
+        unconditional[:, :length - config.gen_length] = model.mask_token_id  # the prompt hidden: what guidance contrasts against
         rows = torch.cat([x, unconditional])
     shift = int(model.shift_logits)
-    start, stop = lo - shift, (hi if config.cache == "dual" else T)  # a cached step's window
+    start, stop = lo - shift, (hi if config.cache == "dual" else length)  # a cached step's window
+    tokens = length  # that this forward computes
     if cache is None:
         logits = model.forward(rows).float()
     elif cache.empty:
@@ -293,12 +294,12 @@ def _step_logits(model: DiffusionLM, x: torch.Tensor, lo: int, hi: int, config: 
         stats.cache_refreshes += 1
         stats.cache_bytes = max(stats.cache_bytes, cache.nbytes)
     else:
-        positions = torch.arange(start, stop)
-        logits = model.forward(rows[:, start:stop], positions=positions, cache=cache, logits_for=slice(0, hi - lo)).float()
-        T = stop - start
-    call_tokens[T] = call_tokens.get(T, 0) + 1
+        tokens = stop - start
+        logits = model.forward(rows[:, start:stop], positions=torch.arange(start, stop), cache=cache,
+                               logits_for=slice(0, hi - lo)).float()
+    call_tokens[tokens] = call_tokens.get(tokens, 0) + 1
     stats.forward_passes += rows.shape[0]
-    stats.forward_equivalents += rows.shape[0] * T / x.shape[1]
+    stats.forward_equivalents += rows.shape[0] * tokens / length
     if config.cfg_scale > 0:
         cond, uncond = logits.chunk(2)
         logits = uncond + (config.cfg_scale + 1) * (cond - uncond)

@@ -101,6 +101,7 @@ class CraftedModel:
 
     mask_token_id, stop_token_ids, context_length, family = 4, (3,), 64, "crafted"
     device, dtype = torch.device("cpu"), torch.float32
+    no_kv_cache = "its logits are written by hand"
     module = torch.nn.Module()  # no quantized layers: no kernels to report
 
     def __init__(self, rows, prompt_len, shift_logits=False):
@@ -112,7 +113,7 @@ class CraftedModel:
             logits[:, self.prompt_len + i - (1 if self.shift_logits else 0), :4] = torch.tensor(row).clamp_min(1e-9).log()
         return logits
 
-    answer_length = DiffusionLM.answer_length
+    answer_length, check_settings = DiffusionLM.answer_length, DiffusionLM.check_settings
 
     def decode(self, ids):
         return " ".join(map(str, ids))

@@ -70,7 +70,9 @@ def layer_views(cache: KVCache | None, layers: int, positions: torch.Tensor | No
     position, or None without a cache. A window must be contiguous: it replaces one run of cached positions."""
     if cache is None:
         return [None] * layers
-    start = 0 if positions is None else int(positions[0])
-    if positions is not None and not torch.equal(positions, torch.arange(start, start + len(positions), device=positions.device)):
-        raise ValueError("a forward with a KV cache takes contiguous positions")
+    start = 0
+    if positions is not None:
+        start = int(positions[0])
+        if not torch.equal(positions, torch.arange(start, start + len(positions), device=positions.device)):
+            raise ValueError("a forward with a KV cache takes contiguous positions")
     return [functools.partial(cache.attend, i, start=start) for i in range(layers)]
