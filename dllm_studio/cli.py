@@ -49,6 +49,9 @@ SAMPLER_FLAGS = (
      "Fast-dLLM KV cache: each block's first step runs the whole sequence, later ones only the block and what "
      "follows (prefix) or the block alone (dual), reusing the rest's keys/values: faster, approximate",
      "default none"),
+    ("--refresh-after", {"type": int}, "with a cache: also refill it after a step that committed more than this "
+     "many tokens (a parallel step is where cached keys go stale; dLLM Studio's addition to Fast-dLLM)",
+     "default: once per block"),
     ("--threshold", {"type": float}, "parallel decoding: a step also commits every token of the block whose "
      "confidence is at least this (0.9 in Fast-dLLM); steps become a ceiling", "default off"),
     ("--factor", {"type": float}, "parallel decoding by Fast-dLLM's factor rule: the n most confident while the "
@@ -296,8 +299,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen_length=args.gen_length, steps=args.steps or args.gen_length,
         block_length=args.block_length or min(32, args.gen_length), remasking=args.remasking,
         temperature=args.temperature, cfg_scale=args.cfg, seed=args.seed,
-        forbid_eos=args.forbid_eos, defer_eos=args.defer_eos, cache=args.cache, threshold=args.threshold,
-        factor=args.factor)
+        forbid_eos=args.forbid_eos, defer_eos=args.defer_eos, cache=args.cache, refresh_after=args.refresh_after,
+        threshold=args.threshold, factor=args.factor)
     config.validate()  # before loading: a bad flag should not cost a model load
     model = _load(args)
     if args.no_chat_template:

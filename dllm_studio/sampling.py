@@ -60,6 +60,9 @@ class GenerationConfig:
     cache: str = "none"  # one of CACHES: reuse keys/values within a block (Fast-dLLM); approximate
     threshold: float | None = None  # also commit every masked token of the block scoring >= threshold
     factor: float | None = None  # Fast-dLLM's factor rule: the n best while the n-th scores >= 1 - factor/(n+1)
+    # Also refill the cache after a step that committed more than this many tokens (None: once per block, as
+    # Fast-dLLM does). A parallel step that commits many tokens at once is where cached keys go stale.
+    refresh_after: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -92,6 +95,8 @@ class GenerationConfig:
             raise InvalidSettingsError(f"threshold must be in (0, 1], not {self.threshold}.")
         if self.factor is not None and self.factor <= 0:
             raise InvalidSettingsError(f"factor must be positive, not {self.factor}.")
+        if self.refresh_after is not None and (self.refresh_after < 1 or self.cache == "none"):
+            raise InvalidSettingsError("refresh_after needs a cache and must be at least 1 token.")
         if self.parallel and self.remasking not in THRESHOLD_SCORES:
             raise InvalidSettingsError(
                 f"Parallel decoding compares confidences with a threshold, which {self.remasking} remasking has "
@@ -231,12 +236,15 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
         counts = transfer_counts(int((x[0, lo:hi] == mask_id).sum()), steps_per_block)
         if cache is not None:
             cache.clear()  # the block's first forward refills it
+        commits = []
         for share in counts:
             masked = (x[0, lo:hi] == mask_id).nonzero().squeeze(-1) + lo  # candidate positions
             if config.parallel and not len(masked):
                 break  # parallel decoding finished the block early
             if cancel is not None:
                 cancel.check()
+            if cache is not None and config.refresh_after is not None and len(commits) > config.refresh_after:
+                cache.clear()  # the last step changed too much of the block for its keys to be reused
             commits, refreshed = [], False
             if share or config.parallel:
                 t0 = time.perf_counter()

@@ -126,6 +126,25 @@ def test_the_demo_answers_the_same_with_either_cache(demo_model):
     assert answers["dual"].stats.forward_equivalents < answers["prefix"].stats.forward_equivalents < 64
 
 
+def test_refresh_after_refills_the_cache_after_a_step_that_committed_many(demo_model):
+    """The demo commits most of a block in its first step; with refresh_after=1 the next step runs the whole
+    sequence again instead of reusing keys computed while those tokens were masks."""
+    prompt = demo_model.chat_ids([{"role": "user", "content": "There were 15 birds on a tree and 2 flew away. "
+                                                               "How many birds are left?"}])
+    fast = dict(gen_length=32, steps=32, block_length=8, cache="dual", threshold=0.9)
+    once = jobs.run(denoise(demo_model, prompt, GenerationConfig(**fast)))
+    again = jobs.run(denoise(demo_model, prompt, GenerationConfig(**fast, refresh_after=1)))
+    for result in (once, again):
+        previous = [None] + [e for e in result.steps[:-1]]
+        first_of_block = [p is None or p.block != e.block for p, e in zip(previous, result.steps)]
+        many = [p is not None and p.block == e.block and len(p.committed) > 1 for p, e in zip(previous, result.steps)]
+        expected = first_of_block if result is once else [a or b for a, b in zip(first_of_block, many)]
+        assert [e.refreshed for e in result.steps] == expected
+    assert again.stats.cache_refreshes > once.stats.cache_refreshes
+    with pytest.raises(InvalidSettingsError, match="refresh_after needs a cache"):
+        GenerationConfig(refresh_after=1).validate()
+
+
 # ---- parallel decoding ---------------------------------------------------------------------------
 
 def test_threshold_commits_every_confident_token_and_at_least_the_share():
