@@ -1,6 +1,7 @@
 """What Fast-dLLM's KV caches and parallel decoding save, and what they cost in accuracy, in one run.
 
-Every config is cache none / prefix / dual x confidence threshold off / 0.9, compared with the uncached
+Every config is cache none / prefix / dual x confidence threshold off / 0.9 (and, on the demo, dual + 0.9 with
+the cache also refilled after a step that committed more than one token: `refresh_after`), compared with the uncached
 fixed-step run (by default one token per step: LLaDA's reference algorithm) of the same model:
 (a) the bundled demo at full precision, GPTQ W4 g128 (the default recipe) and W8A8 (SmoothQuant by default,
     or RTN), both quantized from the demo in this run: qa and math accuracy on the held-out (test) splits,
@@ -31,6 +32,11 @@ from bench_runtimes import build  # noqa: E402  (it also puts the repository roo
 SUITES = ("qa", "math")
 CACHES = ("none", "prefix", "dual")
 THRESHOLDS = (None, 0.9)
+# Fast-dLLM's grid, then dLLM Studio's refresh after a step that committed more than one token (dual, 0.9).
+DEMO_CONFIGS = [{"cache": c, "threshold": t} for c in CACHES for t in THRESHOLDS] + [
+    {"cache": "dual", "threshold": 0.9, "refresh_after": 1}]
+# `--grid threshold`: the baseline and the threshold rows only, without the slow fixed-step cached runs.
+THRESHOLD_GRID = [c for c in DEMO_CONFIGS if c["threshold"] is not None and c["cache"] in ("none", "dual")]
 
 
 # ---- summaries (pure) ---------------------------------------------------------------------------------
@@ -51,8 +57,9 @@ def relative(row: dict, base: dict) -> dict:
     return out
 
 
-def label(cache: str, threshold: float | None) -> str:
-    return f"{cache} · {'fixed' if threshold is None else f'thr {threshold}'}"
+def label(cache: str, threshold: float | None, refresh_after: int | None = None) -> str:
+    refresh = "" if refresh_after is None else f" · refresh > {refresh_after}"
+    return f"{cache} · {'fixed' if threshold is None else f'thr {threshold}'}{refresh}"
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -75,7 +82,7 @@ def demo_models(w8a8: str) -> list[tuple[str, object]]:
     return out
 
 
-def demo_rows(model, name: str, generation: dict, limit: int | None) -> list[dict]:
+def demo_rows(model, name: str, generation: dict, limit: int | None, grid: list[dict]) -> list[dict]:
     """One row per config: accuracies, per-answer costs, and both relative to the uncached fixed-step run.
 
     Every item is answered under every config before the next item, so a change in the machine's load
@@ -85,7 +92,7 @@ def demo_rows(model, name: str, generation: dict, limit: int | None) -> list[dic
     from dllm_studio.eval.runner import evaluate
     from dllm_studio.eval.suites import Suite, load_suite
 
-    configs = [{**generation, "cache": c, "threshold": t} for c in CACHES for t in THRESHOLDS]
+    configs = [{**generation, **config} for config in grid]
     for overrides in configs:  # warm-up: quantized layers build and choose their kernels at the first call
         jobs.run(evaluate(model, "qa", overrides, limit=1))
     records = [{s: [] for s in SUITES} for _ in configs]
@@ -95,6 +102,7 @@ def demo_rows(model, name: str, generation: dict, limit: int | None) -> list[dic
             for done, overrides in zip(records, configs):
                 done[suite.name] += jobs.run(evaluate(model, one, overrides)).records
     rows = [{"model": name, "cache": overrides["cache"], "threshold": overrides["threshold"],
+             "refresh_after": overrides.get("refresh_after"),
              **{s: sum(bool(r.correct) for r in done[s]) / len(done[s]) for s in SUITES},
              "items": {s: len(done[s]) for s in SUITES}, **cost([r for s in SUITES for r in done[s]])}
             for done, overrides in zip(records, configs)]
@@ -107,7 +115,7 @@ def print_demo(rows: list[dict]) -> None:
     header = ["model", "config", "qa acc (Δ pts)", "math acc (Δ pts)", "passes/answer (×)", "equiv/answer (×)",
               "tokens/step", "wall/answer ms (×)"]
     print(markdown(header, [[
-        r["model"], label(r["cache"], r["threshold"]),
+        r["model"], label(r["cache"], r["threshold"], r["refresh_after"]),
         *(f"{r[s]:.3f} ({r[f'{s}_delta_pts']:+.1f})" for s in SUITES),
         f"{r['passes']:.1f} ({r['passes_ratio']:.2f})", f"{r['equivalents']:.2f} ({r['equivalents_ratio']:.2f})",
         f"{r['tokens_per_step']:.2f}", f"{r['wall_ms']:.1f} ({r['wall_ms_ratio']:.2f})"] for r in rows]), flush=True)
@@ -172,6 +180,8 @@ def main() -> None:
     parser.add_argument("--demo-block-length", type=int, default=32)
     parser.add_argument("--demo-steps", type=int, default=64, help="default: one token per step")
     parser.add_argument("--w8a8", choices=("smoothquant", "rtn"), default="smoothquant")
+    parser.add_argument("--grid", choices=("full", "threshold"), default="full",
+                        help="demo: every config, or the baseline and the threshold rows (minutes instead of ~40)")
     parser.add_argument("--prompt-length", type=int, default=256, help="8B-shaped: random prompt tokens")
     parser.add_argument("--gen-length", type=int, default=256, help="8B-shaped")
     parser.add_argument("--block-length", type=int, default=32, help="8B-shaped")
@@ -197,14 +207,15 @@ def main() -> None:
           f"fastest full precision here: {str(fast).removeprefix('torch.')}")
     report: dict = {"cpu": cpu_units().line(), "threads": torch.get_num_threads()}
     if not args.large_only:
-        report["demo"] = run_demo(demo, args.limit, args.w8a8)
+        grid = DEMO_CONFIGS if args.grid == "full" else [DEMO_CONFIGS[0], *THRESHOLD_GRID]
+        report["demo"] = run_demo(demo, args.limit, args.w8a8, grid)
     if not args.demo_only:
         report["large"] = run_large(large, args.prompt_length, args.rounds, fast)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
-def run_demo(generation: dict, limit: int | None, w8a8: str) -> dict:
+def run_demo(generation: dict, limit: int | None, w8a8: str, grid: list[dict]) -> dict:
     items = "" if limit is None else f", first {limit} items each"
     print(f"\n## demo: {' and '.join(SUITES)} test splits{items}; gen {generation['gen_length']}, block "
           f"{generation['block_length']}, steps {generation['steps']} (a ceiling with a threshold); greedy, "
@@ -213,10 +224,10 @@ def run_demo(generation: dict, limit: int | None, w8a8: str) -> dict:
           "over both suites; wall is the sampler's own time.\n")
     rows = []
     for name, model in demo_models(w8a8):
-        rows += demo_rows(model, name, generation, limit)
-        print_demo(rows[-len(CACHES) * len(THRESHOLDS):])
+        rows += demo_rows(model, name, generation, limit, grid)
+        print_demo(rows[-len(grid):])
         print()
-    return {"settings": {**generation, "limit": limit, "w8a8": w8a8}, "rows": rows}
+    return {"settings": {**generation, "limit": limit, "w8a8": w8a8, "grid": grid}, "rows": rows}
 
 
 def run_large(generation: dict, prompt_length: int, rounds: int, dtype: torch.dtype) -> dict:

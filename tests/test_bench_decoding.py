@@ -33,3 +33,4 @@ def test_markdown_table():
     assert bench.markdown(["cache", "×"], [["none", "1.00"], ["dual", "0.38"]]) == (
         "| cache | × |\n| --- | --- |\n| none | 1.00 |\n| dual | 0.38 |")
     assert bench.label("dual", 0.9) == "dual · thr 0.9" and bench.label("none", None) == "none · fixed"
+    assert bench.label("dual", 0.9, 1) == "dual · thr 0.9 · refresh > 1"
