@@ -220,14 +220,13 @@ def confidence(logits: torch.Tensor, tokens: torch.Tensor, strategy: str,
 def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
             cancel: CancelToken | None = None) -> Generator[Event, None, GenerationResult]:
     """Generate `config.gen_length` tokens after `prompt_ids`, yielding a `DenoiseStep` per step."""
-    _check_inputs(model, prompt_ids, config)
+    check_inputs(model, prompt_ids, config)
     start = time.perf_counter()
     mask_id, P = model.mask_token_id, len(prompt_ids)
     x = torch.tensor([prompt_ids + [mask_id] * config.gen_length], device=model.device)  # (1, P + G)
     generator = torch.Generator().manual_seed(config.seed)
     stats, history = GenerationStats(dtype=str(model.dtype).removeprefix("torch.")), []
     steps_per_block = config.steps // config.num_blocks
-    eos_ids = torch.tensor(model.stop_token_ids, device=x.device, dtype=torch.long)
     cache = None if config.cache == "none" else KVCache()
     call_tokens: dict[int, int] = {}  # tokens per model call -> calls, for the kernels the stats report
 
@@ -247,19 +246,10 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
                 cache.clear()  # the last step changed too much of the block for its keys to be reused
             commits, refreshed = [], False
             if share or config.parallel:
-                t0 = time.perf_counter()
                 refreshed = cache is not None and cache.empty
-                logits = _step_logits(model, x, lo, hi, config, stats, cache, call_tokens)[masked - lo].double()
-                stats.forward_time_s += time.perf_counter() - t0
-                if config.forbid_eos:
-                    logits[:, eos_ids] = -torch.inf
-                tokens = sample_tokens(logits, config.temperature, generator)
-                scores = confidence(logits, tokens, config.remasking, generator)
-                if config.defer_eos:
-                    scores = scores - _DEFERRED * torch.isin(tokens, eos_ids)
-                chosen = scores.topk(parallel_count(scores, share, config)).indices
-                x[0, masked[chosen]] = tokens[chosen]
-                commits = [Commit(int(masked[i]) - P, int(tokens[i]), float(scores[i])) for i in chosen.tolist()]
+                commits = choose_commits(model, x, lo, hi, share, config, generator, stats, cache, call_tokens)
+                for c in commits:
+                    x[0, P + c.position] = c.token_id
             stats.steps += 1
             stats.committed_tokens += len(commits)
             answer = x[0, P:].tolist()
@@ -274,6 +264,33 @@ def denoise(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
     stats.answer_tokens = model.answer_length(answer)
     stats.kernels = kernels.used(model.module, max(call_tokens, key=call_tokens.get, default=x.shape[1]))
     return GenerationResult(model.decode(answer), answer, list(prompt_ids), stats, history)
+
+
+def choose_commits(model: DiffusionLM, x: torch.Tensor, lo: int, hi: int, share: int, config: GenerationConfig,
+                   generator: torch.Generator, stats: GenerationStats, cache: KVCache | None = None,
+                   call_tokens: dict[int, int] | None = None) -> list[Commit]:
+    """What one step commits from the state `x` (1, P + G): the block [lo, hi)'s `share` most confident predictions
+    at its masked positions (more under parallel decoding), most confident first. `x` is left as it is.
+
+    The one definition of a step's decision: the sampler applies it, `flips.decision_flips` asks it of another
+    model from the same state. Draws from `generator` only as the step needs (sampling, random remasking), so
+    two models asked in the same order from the same states draw the same numbers.
+    """
+    t0 = time.perf_counter()
+    P = x.shape[1] - config.gen_length
+    masked = (x[0, lo:hi] == model.mask_token_id).nonzero().squeeze(-1) + lo
+    logits = _step_logits(model, x, lo, hi, config, stats, cache, {} if call_tokens is None else call_tokens)
+    logits = logits[masked - lo].double()
+    stats.forward_time_s += time.perf_counter() - t0
+    eos_ids = torch.tensor(model.stop_token_ids, device=logits.device, dtype=torch.long)
+    if config.forbid_eos:
+        logits[:, eos_ids] = -torch.inf
+    tokens = sample_tokens(logits, config.temperature, generator)
+    scores = confidence(logits, tokens, config.remasking, generator)
+    if config.defer_eos:
+        scores = scores - _DEFERRED * torch.isin(tokens, eos_ids)
+    chosen = scores.topk(parallel_count(scores, share, config)).indices
+    return [Commit(int(masked[i]) - P, int(tokens[i]), float(scores[i])) for i in chosen.tolist()]
 
 
 def _step_logits(model: DiffusionLM, x: torch.Tensor, lo: int, hi: int, config: GenerationConfig,
@@ -322,7 +339,7 @@ def check_prompt(prompt: str) -> None:
         raise InvalidSettingsError(EMPTY_PROMPT)
 
 
-def _check_inputs(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig) -> None:
+def check_inputs(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig) -> None:
     if not prompt_ids:
         raise InvalidSettingsError(EMPTY_PROMPT)
     if model.mask_token_id is None:

@@ -22,7 +22,7 @@ from dllm_studio import jobs
 from dllm_studio.errors import InvalidSettingsError
 from dllm_studio.eval.scoring import final_number, normalize, require_sandbox, score_code, score_math, score_qa
 from dllm_studio.eval.suites import Suite, load_suite
-from dllm_studio.events import CancelToken, EvalProgress
+from dllm_studio.events import CancelToken, DenoiseStep, EvalProgress
 from dllm_studio.memory import peak_rss_bytes
 from dllm_studio.quant import kernels
 from dllm_studio.sampling import GenerationConfig, shift_right
@@ -36,6 +36,7 @@ SUITE_DEFAULTS: dict[str, GenerationConfig] = {
     "math": GenerationConfig(gen_length=16, steps=16, block_length=16),
     "code": GenerationConfig(gen_length=32, steps=32, block_length=32),
 }
+KEPT_STEPS = ("prompt_ids", "trajectory")  # ItemRecord fields `keep_steps` fills, left out of `to_dict`
 NLL_SAMPLES = 8  # mask ratios per sentence for the text suite's likelihood estimate
 
 
@@ -53,6 +54,8 @@ class ItemRecord:
     forward_equivalents: float = 0.0  # forward passes in whole sequences (a cached window counts its share)
     committed_tokens: int = 0
     wall_time_s: float = 0.0  # generating (or scoring) this item, code tests excluded
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # kept with the steps (`evaluate(keep_steps)`)
+    trajectory: list[DenoiseStep] = field(default_factory=list, repr=False)  # its denoising steps, when kept
 
 
 @dataclass
@@ -82,7 +85,18 @@ class EvalResult:
     tokens_per_step: float | None = None  # None for text
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data; the trajectories `keep_steps` kept stay out (they are the flips' input, not a result)."""
+        data = dataclasses.asdict(dataclasses.replace(self, records=[]))
+        data["records"] = [{k: v for k, v in dataclasses.asdict(dataclasses.replace(r, trajectory=[], prompt_ids=[])).items()
+                            if k not in KEPT_STEPS} for r in self.records]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResult:
+        """The result `to_dict` made (as a study's cache reads it back)."""
+        records = [ItemRecord(**r) for r in data["records"]]
+        skipped = [SkippedItem(**s) for s in data.get("skipped", [])]
+        return cls(**{**data, "records": records, "skipped": skipped})
 
 
 def suite_config(suite: str, overrides: dict | None = None) -> GenerationConfig:
@@ -115,9 +129,11 @@ def unisolated_code(suites: list[Suite | str | Path]) -> str | None:
 
 
 def evaluate(model: DiffusionLM, suite: Suite | str | Path, config_overrides: dict | None = None,
-             limit: int | None = None, cancel: CancelToken | None = None, unsafe_code_eval: bool = False
-             ) -> Generator[EvalProgress, None, EvalResult]:
+             limit: int | None = None, cancel: CancelToken | None = None, unsafe_code_eval: bool = False,
+             keep_steps: bool = False) -> Generator[EvalProgress, None, EvalResult]:
     """Answer and score the first `limit` items of `suite` (all by default), one `EvalProgress` each.
+
+    With `keep_steps` every answer's record keeps its prompt ids and denoising steps (for `flips`).
 
     A code suite is refused before any answer is generated where no OS sandbox can isolate the code,
     unless `unsafe_code_eval` (see `scoring.require_sandbox`)."""
@@ -140,7 +156,8 @@ def evaluate(model: DiffusionLM, suite: Suite | str | Path, config_overrides: di
         if suite.name == "text":
             records.append(_text_item(model, item, config.seed + len(records)))
         else:
-            records.append(_answer_item(model, suite.name, item, prompt_ids, config, cancel, unsafe_code_eval))
+            records.append(_answer_item(model, suite.name, item, prompt_ids, config, cancel, unsafe_code_eval,
+                                        keep_steps))
         yield _progress(suite.name, records, len(items))
     result = _summary(suite, records, config, time.perf_counter() - start)
     result.skipped = skipped
@@ -171,13 +188,15 @@ def _fitting(model: DiffusionLM, suite: Suite, items: tuple[dict, ...], config: 
 # ---- answering --------------------------------------------------------------------------------------
 
 def _answer_item(model: DiffusionLM, suite: str, item: dict, prompt_ids: list[int], config: GenerationConfig,
-                 cancel: CancelToken | None, unsafe_code_eval: bool = False) -> ItemRecord:
+                 cancel: CancelToken | None, unsafe_code_eval: bool = False, keep_steps: bool = False) -> ItemRecord:
     result = jobs.run(model.denoise(prompt_ids, config, cancel))
     correct, reason = judge(suite, result.text, item, unsafe_code_eval)
-    return ItemRecord(item["id"], item["prompt"], item["answer"], result.text, correct, reason,
-                      steps=result.stats.steps, forward_passes=result.stats.forward_passes,
-                      forward_equivalents=result.stats.forward_equivalents,
-                      committed_tokens=result.stats.committed_tokens, wall_time_s=result.stats.wall_time_s)
+    record = ItemRecord(item["id"], item["prompt"], item["answer"], result.text, correct, reason,
+                        steps=result.stats.steps, forward_passes=result.stats.forward_passes, forward_equivalents=result.stats.forward_equivalents,
+                        committed_tokens=result.stats.committed_tokens, wall_time_s=result.stats.wall_time_s)
+    if keep_steps:
+        record.prompt_ids, record.trajectory = list(prompt_ids), result.steps
+    return record
 
 
 def judge(suite: str, generated: str, item: dict, unsafe_code_eval: bool = False) -> tuple[bool, str]:
