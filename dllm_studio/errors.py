@@ -78,3 +78,7 @@ class FolderExistsError(ExportError):
 
 class WriteError(DllmError):
     """A file cannot be written (full disk, no permission, read-only place); nothing half-written is left."""
+
+
+class ConversationError(DllmError):
+    """A saved chat conversation cannot be read (missing, malformed, or from a newer dLLM Studio)."""

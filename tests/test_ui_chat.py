@@ -10,9 +10,10 @@ from qt_helpers import error_dialogs, studio_session
 
 from dllm_studio import jobs
 from dllm_studio.cli import main as cli
+from dllm_studio.conversation import SAMPLER_FIELDS, Turn
 from dllm_studio.sampling import GenerationConfig
 from dllm_studio.memory import human
-from ui.pages.chat import BLANK_PROMPT, NO_TEXT, QUEUED, SINGLE_TURN, ChatPage, Turn
+from ui.pages.chat import BLANK_PROMPT, NO_TEXT, QUEUED, SAMPLER, SINGLE_TURN, ChatPage
 from ui.session import Variant
 
 pytestmark = pytest.mark.gui
@@ -233,6 +234,10 @@ def test_save_then_open_round_trips(qtbot, session, studio_settings, demo_rtn4, 
     assert other.diff_label.text() == page.diff_label.text()
     other.fp.replay.setValue(1)
     assert other.fp.browser.toPlainText().count("░") >= 14
+
+
+def test_the_panel_offers_the_sampler_fields_a_conversation_records():
+    assert tuple(SAMPLER) == SAMPLER_FIELDS
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"version": 1, "panes": {"fp": [{"prompt": 3}]}}', "[1, 2]"])

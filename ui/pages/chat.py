@@ -9,10 +9,7 @@ one step per tick: every step is seen, however fast the model.
 from __future__ import annotations
 
 import html
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication
@@ -20,9 +17,10 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayo
                                QPlainTextEdit, QPushButton, QSlider, QSpinBox, QSplitter, QTextBrowser, QVBoxLayout,
                                QWidget)
 
-from dllm_studio.errors import DllmError, InvalidSettingsError, WriteError
-from dllm_studio.events import Commit, DenoiseStep
-from dllm_studio.files import atomic_write_text
+from dllm_studio.conversation import (LATER_STATS, STATS, Conversation, Turn, load_conversation,
+                                      save_conversation)
+from dllm_studio.errors import ConversationError, DllmError, InvalidSettingsError, WriteError
+from dllm_studio.events import DenoiseStep
 from dllm_studio.memory import human, peak_rss_bytes
 from dllm_studio.quant.kernels import KERNELS
 from dllm_studio.sampling import CACHES, REMASKING, GenerationConfig, check_prompt
@@ -35,7 +33,6 @@ from ui.theme import BAD, FP_COLOR, QUANT_COLOR
 from ui.widgets import VariantPicker
 from ui.workers import stream
 
-FORMAT_VERSION = 2  # 2: stats named answer_tokens / answer_tokens_per_s (1 said tokens / tokens_per_s)
 FRAME_MS = 30  # one denoising step drawn per tick: fast enough to watch, slow enough to see each step
 MASK = '<span style="color:#9a9ea6">░</span>'
 ENDED = "∎"  # drawn where one answer stopped and the other went on
@@ -94,12 +91,6 @@ SAMPLER = {
                   "of each other. Fast-dLLM's 0.9 lost under 1 point of GSM8K accuracy on LLaDA-8B. "
                   "off: the fixed schedule. Needs low_confidence or margin remasking."),
 }
-LATER_SAMPLER = ("cache", "threshold")  # absent from files saved before they existed: GenerationConfig's defaults
-STATS = {"steps": int, "forward_passes": int, "wall_time_s": float, "ms_per_step": float, "answer_tokens": int,
-         "answer_tokens_per_s": float, "peak_rss_bytes": int}
-LATER_STATS = {"kernels": dict, "weight_bytes": int, "forward_equivalents": float, "tokens_per_step": float,
-               "cache_refreshes": int, "cache_bytes": int}  # absent from files saved before they existed
-OLD_STATS = {"answer_tokens": "tokens", "answer_tokens_per_s": "tokens_per_s"}  # format 1's names, same meaning
 SINGLE_TURN = ("This model was trained on single exchanges: only your latest message is sent to it. The earlier "
                "turns stay on screen but are not part of its prompt.")
 BLANK_PROMPT = "Type a prompt to send it."
@@ -143,70 +134,6 @@ def frame_html(frame: DenoiseStep, pieces: dict[int, str], *, fresh: bool, diffe
         else:
             out.append(piece or (END_TOKEN if fresh else ""))
     return f'<span style="white-space: pre-wrap">{"".join(out)}</span>'
-
-
-@dataclass
-class Turn:
-    """One prompt and one pane's answer to it, with every denoising step kept for replay."""
-
-    prompt: str
-    total_steps: int
-    gen_length: int
-    mask_id: int | None
-    variant: str | None = None  # the quantized pane's model, by name
-    state: str = "queued"  # queued | running | done | stopped | failed | skipped
-    message: str = ""  # why it failed or was skipped
-    frames: list[DenoiseStep] = field(default_factory=list)
-    pieces: dict[int, str] = field(default_factory=dict)  # token id -> its text, for every id in the frames
-    token_ids: list[int] = field(default_factory=list)  # the final answer span, stop tokens included
-    answer: str | None = None  # the decoded answer, once done
-    length: int = 0  # generated tokens before the first stop token
-    stats: dict | None = None
-    prompt_ids: list[int] = field(default_factory=list)
-    adaptive: bool = False  # parallel decoding: total_steps is a ceiling, the answer may take fewer
-
-    def note(self) -> str:
-        return f"Failed: {self.message}" if self.state == "failed" else f"Not run: {self.message}"
-
-    def step_of(self, step: int) -> str:
-        """"3 of 16": of the steps taken once done (parallel decoding may finish early), else of those it may take."""
-        if self.state == "done":
-            return f"{step} of {len(self.frames)}"
-        return f"{step} of {'at most ' * self.adaptive}{self.total_steps}"
-
-    def to_dict(self) -> dict:
-        used = sorted({t for f in self.frames for t in f.tokens})
-        return {"prompt": self.prompt, "variant": self.variant, "state": self.state, "message": self.message,
-                "answer": self.answer, "token_ids": self.token_ids, "length": self.length, "stats": self.stats,
-                "total_steps": self.total_steps, "adaptive": self.adaptive, "gen_length": self.gen_length,
-                "mask_token_id": self.mask_id, "pieces": {str(t): self.pieces.get(t, "") for t in used},
-                "steps": [{"block": f.block, "tokens": list(f.tokens), "refreshed": f.refreshed,
-                           "committed": [[c.position, round(c.confidence, 4)] for c in f.committed]}
-                          for f in self.frames]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Turn:
-        if d["state"] not in ("done", "stopped", "failed", "skipped"):
-            raise ValueError(f"a turn's state is {d['state']!r}")
-        turn = cls(str(d["prompt"]), int(d["total_steps"]), int(d["gen_length"]), d["mask_token_id"],
-                   d.get("variant"), d["state"], str(d.get("message", "")), adaptive=bool(d.get("adaptive", False)))
-        for i, s in enumerate(d["steps"]):  # "adaptive" and "refreshed" are absent from files saved before them
-            tokens = tuple(int(t) for t in s["tokens"])
-            committed = tuple(Commit(int(p), tokens[int(p)], float(c)) for p, c in s["committed"])
-            masked = tuple(j for j, t in enumerate(tokens) if t == turn.mask_id)
-            turn.frames.append(DenoiseStep(i + 1, turn.total_steps, int(s["block"]), tokens, committed, masked,
-                                           bool(s.get("refreshed", False))))
-        turn.pieces = {int(k): str(v) for k, v in d["pieces"].items()}
-        turn.token_ids = [int(t) for t in d["token_ids"]]
-        turn.answer = None if d["answer"] is None else str(d["answer"])
-        turn.length = int(d["length"])
-        if not 0 <= turn.length <= len(turn.token_ids):
-            raise ValueError(f"an answer of {len(turn.token_ids)} tokens cannot have {turn.length} before its end")
-        stats = d["stats"]
-        turn.stats = None if stats is None else {
-            **{k: kind(stats[k] if k in stats else stats[OLD_STATS[k]]) for k, kind in STATS.items()},
-            **{k: kind(stats[k]) for k, kind in LATER_STATS.items() if k in stats}}
-        return turn
 
 
 def count(n: int, one: str, many: str = "") -> str:
@@ -762,15 +689,12 @@ class ChatPage(QWidget):
         self._update_buttons()
 
     def save_conversation(self, path) -> bool:
-        """Write both conversations as JSON, all or nothing (`files.atomic_write_text`)."""
-        path = Path(path)
-        data = {"version": FORMAT_VERSION,
-                "model": self.session.model.source if self.session.model is not None else None,
-                "variant": self.variant_box.currentText() or None,
-                "sampler": self._sampler_values(),
-                "panes": {pane.key: [turn.to_dict() for turn in pane.turns] for pane in self.panes}}
+        """Write both conversations, all or nothing (`conversation.save_conversation`)."""
+        conversation = Conversation(self.session.model.source if self.session.model is not None else None,
+                                    self.variant_box.currentText() or None, self._sampler_values(),
+                                    {pane.key: pane.turns for pane in self.panes})
         try:
-            atomic_write_text(path, json.dumps(data, ensure_ascii=False))
+            save_conversation(path, conversation)
         except WriteError as exc:
             show_error(self, "Could not save the conversation", str(exc))
             return False
@@ -781,25 +705,16 @@ class ChatPage(QWidget):
         if self.running:
             return False
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            if data["version"] > FORMAT_VERSION:
-                raise ValueError(f"it was written by a newer dLLM Studio (format {data['version']})")
-            turns = {key: [Turn.from_dict(t) for t in data["panes"][key]] for key in ("fp", "quant")}
-            saved = {**{name: getattr(GenerationConfig(), name) for name in LATER_SAMPLER}, **data["sampler"]}
-            sampler = {name: kind(saved[name]) for name, (kind, _label, _help) in SAMPLER.items()}
-        except OSError as exc:
-            show_error(self, "Could not open the conversation", f"{path}: {exc.strerror or exc}")
+            conversation = load_conversation(path)
+        except ConversationError as exc:
+            show_error(self, "Could not open the conversation", str(exc))
             return False
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            show_error(self, "Could not open the conversation",
-                       f"{path} is not a dLLM Studio conversation ({type(exc).__name__}: {exc}).")
-            return False
-        self._apply_sampler(sampler)
+        self._apply_sampler(conversation.sampler)
         self._sampler_changed()
-        if data.get("variant") in self.session.variants:
-            self.variant_box.setCurrentText(data["variant"])
+        if conversation.variant in self.session.variants:
+            self.variant_box.setCurrentText(conversation.variant)
         for pane in self.panes:
-            pane.load(turns[pane.key])
+            pane.load(conversation.panes[pane.key])
         self._compare()
         self._update_buttons()
         return True
