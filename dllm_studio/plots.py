@@ -187,6 +187,8 @@ def bars(title: str, categories: Sequence[str], series: Mapping[str, Sequence[fl
     legend, legend_height = _legend(list(series), width)
     left, top, right, bottom = box = _box(width, height, legend_height)
     spread = values + [v for pairs in errors.values() for pair in pairs if pair for v in pair]
+    if y_max is not None and y_max <= min(0.0, *spread):
+        raise ValueError(f"y_max {y_max} leaves no room above the lowest value, {min(0.0, *spread)}.")
     y = _axis([*spread, 0.0], bottom, top, hi=y_max)  # bars grow from zero, so zero is always in range
     clamp = lambda py: min(max(py, top), bottom)  # noqa: E731  (a value above y_max is cut at the top)
     group = (right - left) / len(categories)
@@ -242,7 +244,8 @@ def scatter(title: str, points: Sequence[tuple[str, float, float]], *, x_label: 
                 f'r="{5 if on_front else 3.5}" fill="{PALETTE[3] if on_front else PALETTE[0]}" stroke="{_INK}" '
                 f'stroke-width="{1 if on_front else 0}"><title>{_esc(label)}: {_esc(x_format(x))}, '
                 f'{_number(y)}</title></circle>',
-                f'<text x="{tx:.1f}" y="{py - 6:.1f}" text-anchor="{anchor}" fill="{_INK}"{weight}>{_esc(label)}</text>']
+                f'<text x="{tx:.1f}" y="{py - 6:.1f}" text-anchor="{anchor}" fill="{_INK}"{weight}>'
+                f'{_esc(label)}</text>']
     return _svg(title, width, height, out)
 
 
@@ -289,7 +292,8 @@ def lines(title: str, x: Sequence[str] | Sequence[float], series: Mapping[str, S
         for run in _runs(positions, vals):
             xy = [(xa(px), ya(py)) for px, py in run]
             if len(xy) == 1:  # a lone value between gaps would be invisible as a line
-                out.append(f'<circle class="line" cx="{xy[0][0]:.1f}" cy="{xy[0][1]:.1f}" r="2.5" fill="{_colour(j)}"/>')
+                (cx, cy), = xy
+                out.append(f'<circle class="line" cx="{cx:.1f}" cy="{cy:.1f}" r="2.5" fill="{_colour(j)}"/>')
             else:
                 out.append(f'<polyline class="line" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}" '
                            f'fill="none" stroke="{_colour(j)}" stroke-width="1.5" stroke-linejoin="round"/>')

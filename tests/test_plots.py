@@ -97,6 +97,8 @@ def test_bars_reject_non_finite_values_naming_the_series():
         bars("A", ["x"], {"fp16": [0.5], "w4": [math.inf]}, y_label="acc")
     with pytest.raises(ValueError, match="'fp16'"):
         bars("A", ["x"], {"fp16": [0.5]}, y_label="acc", errors={"fp16": [(math.nan, 0.6)]})
+    with pytest.raises(ValueError, match="y_max -1 leaves no room"):
+        bars("A", ["x"], {"fp16": [0.5]}, y_label="acc", y_max=-1)
     with pytest.raises(ValueError, match="'fp16' has 1 values for 2 categories"):
         bars("A", ["x", "y"], {"fp16": [0.5]}, y_label="acc")
 
@@ -147,7 +149,8 @@ def test_scatter_rejects_what_its_axes_cannot_show():
 
 def test_a_missing_value_breaks_the_line():
     root = parse(lines("L", ["a", "b", "c", "d", "e"], {"s": [1, 2, None, 3, 4]}, y_label="err"))
-    assert len(marks(root, "polyline", "line")) == 2
+    before, after = (coords(p) for p in marks(root, "polyline", "line"))
+    assert len(before) == len(after) == 2 and before[1][0] < after[0][0]
     root = parse(lines("L", ["a", "b", "c", "d"], {"s": [1, None, 3, 4]}, y_label="err"))
     assert len(marks(root, "polyline", "line")) == 1 and len(marks(root, "circle", "line")) == 1
 
