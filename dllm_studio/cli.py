@@ -81,15 +81,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="score a model on task suites: accuracy, likelihood, speed, memory")
     _model_args(ev)
-    ev.add_argument("--suite", required=True, metavar="SUITE",
-                    help="qa, math, code, text, all (the four shipped suites) or the path of a JSONL suite file")
-    ev.add_argument("--split", default="test", choices=["test", "train"], help="shipped suites' split (default test)")
-    ev.add_argument("--limit", type=int, metavar="N", help="score only each suite's first N items")
+    _suite_args(ev)
     ev.add_argument("--json", metavar="OUT", help="also write every number and every item's answer to this JSON file")
-    ev.add_argument("--unsafe-code-eval", action="store_true",
-                    help="run the code suite's generated code even where no OS sandbox (bubblewrap) can isolate it")
     _sampler_args(ev, per_suite=True)
     ev.set_defaults(run=cmd_eval)
+
+    cmp = commands.add_parser(
+        "compare", help="the same suites, items, settings and seeds on a base model and quantized variants",
+        description="Evaluate BASE, then each QUANT in turn (one model held at a time), and report per suite: "
+                    "accuracy with 95 % intervals, the change against BASE (the seed study's band only where a "
+                    "paired test is significant), agreement, decision flips, speed, memory and size.")
+    _model_args(cmp, positional=False)
+    cmp.add_argument("base", metavar="BASE", help="the reference model: 'demo', a folder or a hub id")
+    cmp.add_argument("variants", nargs="+", metavar="QUANT", help="quantized model folders (or any model) to compare")
+    _suite_args(cmp)
+    cmp.add_argument("--report", metavar="DIR", help="write report.json, report.csv and report.html here")
+    cmp.add_argument("--no-flips", action="store_true",
+                     help="skip the decision flips (teacher-forcing each variant on BASE's steps costs one more "
+                          "forward per step)")
+    cmp.add_argument("--json", action="store_true", help="print the whole report, per item answers and flips, as JSON")
+    _sampler_args(cmp, per_suite=True)
+    cmp.set_defaults(run=cmd_compare)
+
+    st = commands.add_parser(
+        "study", help="quantize every method x bit-width, evaluate each and tabulate it as the seed study does",
+        description="Each valid (method, setting) is quantized from MODEL and evaluated on the suites; invalid "
+                    "ones are skipped with the reason. Results are cached under --report, so a rerun after an "
+                    "interruption resumes where it stopped; Ctrl-C keeps finished cells.")
+    _model_args(st)
+    st.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated methods (default rtn,gptq,awq)")
+    st.add_argument("--bits", default="w8a16,w4a16,w3a16,w2a16",
+                    help="comma-separated settings such as w4a16, w3a16, w8a8, w4a4 (default w8a16,w4a16,w3a16,w2a16)")
+    _suite_args(st)
+    st.add_argument("--report", required=True, metavar="DIR", help="the report folder (and the cache of results)")
+    st.add_argument("--calib-samples", type=int, metavar="N", help="calibration samples per recipe (default 32)")
+    st.add_argument("--seq-len", type=int, metavar="N", help="calibration tokens per sample (default 256)")
+    _sampler_args(st, per_suite=True)
+    st.set_defaults(run=cmd_study)
 
     from dllm_studio.quant.methods import METHODS, QUANTIZED_TENSORS
     from dllm_studio.quant.recipe import FORMATS, QuantRecipe
@@ -149,8 +177,18 @@ def _sampler_overrides(args: argparse.Namespace) -> dict:
     return {CONFIG_FIELDS.get(d, d): getattr(args, d) for d in dests if hasattr(args, d)}
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="'demo', a local model folder, or a hub id (org/name)")
+def _suite_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", required=True, metavar="SUITE",
+                        help="qa, math, code, text, all (the four shipped suites) or the path of a JSONL suite file")
+    parser.add_argument("--split", default="test", choices=["test", "train"], help="shipped suites' split (default test)")
+    parser.add_argument("--limit", type=int, metavar="N", help="score only each suite's first N items")
+    parser.add_argument("--unsafe-code-eval", action="store_true",
+                        help="run the code suite's generated code even where no OS sandbox (bubblewrap) can isolate it")
+
+
+def _model_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        parser.add_argument("model", metavar="MODEL", help="'demo', a local model folder, or a hub id (org/name)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="precision to run at (default auto: bfloat16 on a GPU or a CPU with AVX512-BF16/AMX, "
                              "else float32; the checkpoint's own if only that fits; `info` says which and why)")
@@ -216,15 +254,15 @@ def open_desktop(argv: list[str] | None = None) -> int:
     return next(iter(faces)).load()(argv or [])
 
 
-def _load(args: argparse.Namespace, device: str | None = None, stages: bool = True):
-    """Load MODEL as the flags say, printing a download's progress and, with `stages`, the loading stages."""
+def _load(args: argparse.Namespace, device: str | None = None, stages: bool = True, model: str | None = None):
+    """Load MODEL (or `model`) as the flags say, printing a download's progress and, with `stages`, the loading stages."""
     from dllm_studio.models import load_model
 
     def on_event(event: Event) -> None:
         if stages or isinstance(event, DownloadProgress):
             _print_progress(event)
 
-    return load_model(args.model, dtype=args.dtype, device=device or args.device, runs_on=args.device,
+    return load_model(model or args.model, dtype=args.dtype, device=device or args.device, runs_on=args.device,
                       trust_remote_code=args.trust_remote_code, on_event=on_event,
                       check_memory=not args.no_memory_check)
 
@@ -478,6 +516,115 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         print(f"kernels here: {kernels.describe(kernels.choices(result.model.module))}")
     print(f"saved {out} ({args.format} format)")
+    return 0
+
+
+# ---- compare and study ----------------------------------------------------------------------------
+
+def _suites_checked(args: argparse.Namespace) -> tuple[list, dict]:
+    """The suites and sampler overrides the flags ask for, refused before any model is loaded."""
+    from dllm_studio.errors import InvalidSettingsError
+    from dllm_studio.eval.runner import suite_config
+    from dllm_studio.eval.scoring import require_sandbox
+    from dllm_studio.eval.suites import SUITES, load_suite
+
+    suites = [load_suite(name, args.split) for name in (SUITES if args.suite == "all" else (args.suite,))]
+    overrides = _sampler_overrides(args)
+    for suite in suites:
+        suite_config(suite.name, overrides)
+    if args.limit is not None and args.limit < 1:
+        raise InvalidSettingsError(f"--limit must be at least 1, not {args.limit}.")
+    if any(suite.name == "code" for suite in suites):
+        require_sandbox(args.unsafe_code_eval)
+    return suites, overrides
+
+
+def _report_folder(args: argparse.Namespace) -> Path | None:
+    from dllm_studio.errors import InvalidSettingsError
+
+    folder = Path(args.report) if args.report else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise InvalidSettingsError(f"Cannot write the report into {folder}: it is a file.")
+    return folder
+
+
+def _print_job_progress(event: Event) -> None:
+    """Compare's and study's progress lines: what starts, with the ETA over the whole run."""
+    name = type(event).__name__
+    eta = getattr(event, "eta_s", None)
+    eta = "" if eta is None else f", ETA {eta:.0f} s"
+    if name == "CompareStage":
+        print(f"[{event.index}/{event.total}] {event.suite} on {event.model} ({event.elapsed_s:.0f} s{eta})",
+              file=sys.stderr)
+    elif name == "StudyProgress":
+        print(f"[cell {event.cell}/{event.cells}] {event.label}: {event.stage} ({event.elapsed_s:.0f} s{eta})",
+              file=sys.stderr)
+    elif name == "SuiteCompared":
+        row = event.row
+        from dllm_studio.report import change_text, score_text
+
+        print(f"  {row['model']} {row['suite']}: {score_text(row)}  {change_text(row)}  {row['verdict']}",
+              file=sys.stderr)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dllm_studio import jobs
+    from dllm_studio.compare import Candidate, compare
+    from dllm_studio.report import TABLE_HEADER, row_cells, text_table, write_report
+
+    suites, overrides = _suites_checked(args)
+    folder = _report_folder(args)
+    specs = [args.base, *args.variants]
+    labels = _labels(specs)
+    candidates = [Candidate(label, load=lambda spec=spec: _load(args, model=spec, stages=False))
+                  for label, spec in zip(labels, specs)]
+    report = jobs.run(compare(candidates, suites, limit=args.limit, overrides=overrides, split=args.split,
+                              flips=not args.no_flips, unsafe_code_eval=args.unsafe_code_eval), _print_job_progress)
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    if folder is not None:
+        write_report(report, folder)
+    if args.json:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+    else:
+        print(text_table([row_cells(r) for r in report["rows"]], TABLE_HEADER))
+    if folder is not None:
+        print(f"report: {folder / 'report.html'} (and report.json, report.csv)", file=sys.stderr)
+    return 0
+
+
+def _labels(specs: list[str]) -> list[str]:
+    """Each model's name in the tables: its folder's name ('demo' for the demo), made unique."""
+    labels = []
+    for spec in specs:
+        name = Path(spec).name or spec
+        label, n = name, 2
+        while label in labels:
+            label, n = f"{name} ({n})", n + 1
+        labels.append(label)
+    return labels
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from dllm_studio import jobs
+    from dllm_studio.compare import Candidate
+    from dllm_studio.report import study_grid, text_table
+    from dllm_studio.study import parse_setting, plan, study
+
+    suites, overrides = _suites_checked(args)
+    methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+    settings = [parse_setting(b) for b in args.bits.split(",") if b.strip()]
+    recipe = {k: v for k, v in (("calib_samples", args.calib_samples), ("seq_len", args.seq_len)) if v is not None}
+    for cell in plan(methods, settings, recipe):  # what will be skipped, said before the model loads
+        if cell["status"] == "skipped":
+            print(f"skipping {cell['label']}: {cell['reason']}", file=sys.stderr)
+    base = Candidate(_labels([args.model])[0], load=lambda: _load(args, stages=False))
+    report = jobs.run(study(base, methods, settings, suites, args.report, limit=args.limit, overrides=overrides,
+                            split=args.split, recipe=recipe, unsafe_code_eval=args.unsafe_code_eval),
+                      _print_job_progress)
+    header, grid = study_grid(report)
+    print(text_table(grid, header))
+    print(f"report: {Path(args.report) / 'report.html'} (and report.json, report.csv)", file=sys.stderr)
     return 0
 
 
