@@ -3,7 +3,9 @@
     dllm-studio info MODEL [--json]
     dllm-studio generate MODEL --prompt TEXT [--gen-length N] [--steps N] [--block-length N] [--show-steps] [--json]
     dllm-studio eval MODEL --suite qa|math|code|text|all|PATH [--limit N] [--split test|train] [--json OUT]
-    dllm-studio quantize MODEL --method rtn|gptq|awq|bnb-nf4|... --wbits 8|4|3|2 --out DIR [--format native|gptq] ...
+    dllm-studio quantize MODEL --method rtn|gptq|awq|bnb-nf4|... --wbits 8|4|3|2 --out DIR [--format native|gptq] [--verify] ...
+    dllm-studio export QUANTIZED_FOLDER --format native|gptq --out DIR [--verify] [--force]
+    dllm-studio export MODEL --method ... --wbits ... --format native|gptq --out DIR [--verify]   (quantize's recipe flags)
 
 MODEL is `demo` (the bundled model), a local folder, or a hub id such as GSAI-ML/LLaDA-8B-Instruct.
 Errors print one line and exit with status 1; set DLLM_DEBUG=1 for the full traceback.
@@ -18,7 +20,8 @@ import sys
 from pathlib import Path
 
 from dllm_studio.errors import DllmError
-from dllm_studio.events import DenoiseStep, DownloadProgress, EvalProgress, Event, LoadProgress, LoadWarning
+from dllm_studio.events import (DenoiseStep, DownloadProgress, EvalProgress, Event, ExportProgress, LoadProgress,
+                                LoadWarning)
 from dllm_studio.memory import human, quantized_sizes
 
 EXAMPLES = """examples:
@@ -31,6 +34,8 @@ EXAMPLES = """examples:
   dllm-studio quantize demo --method gptq --wbits 4 --out demo-gptq-w4
   dllm-studio quantize ./my-llada --method awq --wbits 3 --calib corpus.txt --format gptq --out llada-awq-w3
   dllm-studio eval demo-gptq-w4 --suite all
+  dllm-studio export demo-rtn-w4 --format gptq --out demo-rtn-w4-gptq --verify
+  dllm-studio export demo --method rtn --wbits 4 --format gptq --out demo-rtn-w4-gptq --verify
 """
 
 # The sampler's flags, shared by generate and eval: flag, argparse options, help, generate's default.
@@ -120,47 +125,102 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(run=cmd_study)
 
     from dllm_studio.quant.methods import METHODS, QUANTIZED_TENSORS
-    from dllm_studio.quant.recipe import FORMATS, QuantRecipe
 
-    d = QuantRecipe()
+    settings = ("Methods and the settings each produces (--wbits/--abits):\n" + "\n".join(
+        f"  {name:12} {', '.join(f'W{w}A{a}' for w, a in spec.settings)}" for name, spec in METHODS.items())
+        + f"\nWith --abits 8 or 4, {QUANTIZED_TENSORS}.")
     qu = commands.add_parser(
         "quantize", help="quantize a model (weight-only, or weights and activations) and save the result",
-        description="Quantize block by block, printing one line per block, then save to --out. Methods and the "
-                    "settings each produces (--wbits/--abits):\n" + "\n".join(
-                        f"  {name:12} {', '.join(f'W{w}A{a}' for w, a in spec.settings)}" for name, spec in METHODS.items())
-                    + f"\nWith --abits 8 or 4, {QUANTIZED_TENSORS}.",
+        description=f"Quantize block by block, printing one line per block, then save to --out. {settings}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(qu)
-    qu.add_argument("--method", required=True, choices=list(METHODS),
-                    help="; ".join(f"{k}: {v.description}" for k, v in METHODS.items()))
-    qu.add_argument("--wbits", type=int, default=d.wbits, help=f"weight bits (default {d.wbits}; valid per method above)")
-    qu.add_argument("--abits", type=int, default=d.abits,
-                    help=f"activation bits: 16 (weight-only), 8 or 4, per token (default {d.abits}; valid per method above)")
-    qu.add_argument("--alpha", type=float, metavar="A",
-                    help="SmoothQuant/DuQuant migration strength in [0, 1] (default 0.5)")
-    qu.add_argument("--clip", type=float, metavar="R",
-                    help="activation clip ratio in (0, 1]: each token's scale covers R x its max |x| "
-                         "(default 1.0; DuQuant 0.9)")
-    qu.add_argument("--group-size", type=int, default=d.group_size, metavar="G",
-                    help=f"input columns sharing a scale (default {d.group_size}; 0 = one per output channel)")
-    qu.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric, with zero points)")
-    qu.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing importance")
-    qu.add_argument("--calib", default=d.calib, metavar="TEXTFILE",
-                    help="calibration text: 'builtin' (the demo tasks and sentences) or a UTF-8 text file")
-    qu.add_argument("--calib-samples", type=int, default=d.calib_samples, metavar="N", help=f"default {d.calib_samples}")
-    qu.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N", help=f"tokens per sample (default {d.seq_len})")
-    qu.add_argument("--no-masked-calib", action="store_true",
-                    help="calibrate on clean text (the seed study's setting) instead of masked inputs")
-    qu.add_argument("--skip", nargs="*", default=list(d.skip), metavar="ROLE|GLOB",
-                    help="layers left in full precision: roles (q k v o gate up down head) or name globs (default: head)")
-    qu.add_argument("--seed", type=int, default=d.seed)
-    qu.add_argument("--format", default="native", choices=list(FORMATS),
-                    help="native: dLLM Studio's packed layout; gptq: the GPTQ checkpoint format other tools load")
-    qu.add_argument("--out", required=True, metavar="DIR", help="folder to create (refused if it exists, unless --force)")
-    qu.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    _recipe_args(qu, method_required=True)
+    _output_args(qu)
     qu.add_argument("--profile-json", metavar="FILE", help="also write every event (layer statistics, errors, memory) here")
     qu.set_defaults(run=cmd_quantize)
+
+    ex = commands.add_parser(
+        "export", help="write a quantized folder in another format, or quantize and write one, and verify it",
+        description="MODEL is a quantized folder (written by quantize, native or GPTQ layout), written again in\n"
+                    "--format; or a full-precision model with a recipe (the flags of quantize), quantized in memory\n"
+                    f"first. With --verify the written folder is reloaded and its logits compared.\n{settings}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(ex)
+    _recipe_args(ex, method_required=False)
+    _output_args(ex)
+    ex.set_defaults(run=cmd_export)
     return parser
+
+
+def _recipe_args(parser: argparse.ArgumentParser, method_required: bool) -> None:
+    """The recipe's flags, for quantize and export. An absent flag leaves no attribute (QuantRecipe's default
+    applies), so export can tell a recipe given from none."""
+    from dllm_studio.quant.methods import METHODS
+    from dllm_studio.quant.recipe import QuantRecipe
+
+    d = QuantRecipe()
+    dests = []
+
+    def add(*flags, **options) -> None:
+        dests.append(parser.add_argument(*flags, default=argparse.SUPPRESS, **options).dest)
+
+    add("--method", required=method_required, choices=list(METHODS),
+        help="; ".join(f"{k}: {v.description}" for k, v in METHODS.items()))
+    add("--wbits", type=int, help=f"weight bits (default {d.wbits}; valid per method above)")
+    add("--abits", type=int,
+        help=f"activation bits: 16 (weight-only), 8 or 4, per token (default {d.abits}; valid per method above)")
+    add("--alpha", type=float, metavar="A", help="SmoothQuant/DuQuant migration strength in [0, 1] (default 0.5)")
+    add("--clip", type=float, metavar="R",
+        help="activation clip ratio in (0, 1]: each token's scale covers R x its max |x| (default 1.0; DuQuant 0.9)")
+    add("--group-size", type=int, metavar="G",
+        help=f"input columns sharing a scale (default {d.group_size}; 0 = one per output channel)")
+    add("--sym", action="store_true", help="symmetric grid (default asymmetric, with zero points)")
+    add("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing importance")
+    add("--calib", metavar="TEXTFILE",
+        help=f"calibration text: 'builtin' (the demo tasks and sentences) or a UTF-8 text file (default {d.calib})")
+    add("--calib-samples", type=int, metavar="N", help=f"default {d.calib_samples}")
+    add("--seq-len", type=int, metavar="N", help=f"tokens per sample (default {d.seq_len})")
+    add("--no-masked-calib", action="store_true",
+        help="calibrate on clean text (the seed study's setting) instead of masked inputs")
+    add("--skip", nargs="*", metavar="ROLE|GLOB",
+        help="layers left in full precision: roles (q k v o gate up down head) or name globs, 'none' for none "
+             f"(default: {' '.join(d.skip)})")
+    add("--seed", type=int, help=f"random seed: calibration samples, QuaRot's rotation, AWQ's search (default {d.seed})")
+    parser.set_defaults(recipe_dests=tuple(dests))
+
+
+def _recipe_flags(args: argparse.Namespace) -> dict:
+    """The recipe flags given on the command line, by argparse dest."""
+    return {dest: getattr(args, dest) for dest in args.recipe_dests if hasattr(args, dest)}
+
+
+def _recipe(flags: dict):
+    """The validated QuantRecipe the recipe flags describe (`_recipe_flags`; --method among them)."""
+    from dllm_studio.quant.recipe import QuantRecipe
+
+    fields = dict(flags)
+    if "group_size" in fields:
+        fields["group_size"] = fields["group_size"] or None  # 0: per output channel
+    if "sym" in fields:
+        fields["symmetric"] = fields.pop("sym")
+    if "no_masked_calib" in fields:
+        fields["masked_calib"] = not fields.pop("no_masked_calib")
+    if "skip" in fields:
+        fields["skip"] = tuple(s for s in fields["skip"] if s != "none")
+    return QuantRecipe(**fields).validate()
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    """Where and how quantize and export write the folder."""
+    from dllm_studio.quant.recipe import FORMATS
+
+    parser.add_argument("--format", default="native", choices=list(FORMATS),
+                        help="native: dLLM Studio's packed layout; gptq: the GPTQ checkpoint format other tools load")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to create (refused if it exists, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload the written folder and compare its logits with the model in memory (exit "
+                             "status 1 if it predicts another token anywhere); the folder is kept either way")
 
 
 def _sampler_args(parser: argparse.ArgumentParser, per_suite: bool) -> None:
@@ -271,9 +331,10 @@ def _print_progress(event: Event) -> None:
     if isinstance(event, DownloadProgress):
         total = f"{event.total / 1e6:,.1f}" if event.total else "?"
         print(f"\rdownloading {event.repo_id}: {event.downloaded / 1e6:,.1f} / {total} MB", end="", file=sys.stderr)
-    elif isinstance(event, LoadProgress) and event.total:  # one line, redrawn per tensor on a terminal
+    elif isinstance(event, (LoadProgress, ExportProgress)) and event.total:  # one line, redrawn per step on a terminal
         if event.done == event.total or sys.stderr.isatty():
-            print(f"\r{event.stage} {event.done}/{event.total}", end="\n" if event.done == event.total else "",
+            stage = f"writing {event.stage}" if isinstance(event, ExportProgress) else event.stage
+            print(f"\r{stage} {event.done}/{event.total}", end="\n" if event.done == event.total else "",
                   file=sys.stderr)
     elif isinstance(event, LoadProgress):
         print(event.stage, file=sys.stderr)
@@ -458,21 +519,68 @@ def _score(result) -> str:
 # ---- quantize -----------------------------------------------------------------------------------
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from dllm_studio import jobs
-    from dllm_studio.errors import FolderExistsError
-    from dllm_studio.quant import runtimes
-    from dllm_studio.quant.export import check_format, save_quantized
-    from dllm_studio.quant.pipeline import check_supported, quantize, working_set
-    from dllm_studio.quant.recipe import QuantRecipe
-    from dllm_studio.memory import preflight
+    recipe = _recipe(_recipe_flags(args))
+    _refuse_before_loading(args, recipe)
+    profile_out = Path(args.profile_json) if args.profile_json else None
+    profile, events, report = _quantize_and_export(args, recipe, _load(args, device="meta", stages=False))
+    if profile_out is not None:
+        _write_json(profile_out, {**profile, "recipe": recipe.to_dict(), "threads": args.threads, "events": events})
+    print(f"saved {report['path']} ({report['format']} format)")
+    return _print_verdict(report)
 
-    # Everything that can be refused is refused before the model is loaded.
-    skip = tuple(s for s in args.skip if s != "none")
-    recipe = QuantRecipe(method=args.method, wbits=args.wbits, abits=args.abits, group_size=args.group_size or None, symmetric=args.sym,
-                         act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
-                         seq_len=args.seq_len, masked_calib=not args.no_masked_calib, skip=skip, seed=args.seed,
-                         alpha=args.alpha, clip=args.clip).validate()
-    check_format(recipe, args.format)
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dllm_studio.errors import ExportError, QuantizationError
+    from dllm_studio.quant.export import check_format, read_profile
+
+    flags = _recipe_flags(args)
+    recipe = _recipe(flags) if "method" in flags else None
+    _refuse_before_loading(args, recipe)
+    described = _load(args, device="meta", stages=False)  # reads no weights: which case this is, and the checks
+    if described.config.get("quantization_config"):
+        if flags:
+            given = " ".join(f"--{dest.replace('_', '-')}" for dest in flags)
+            raise QuantizationError(f"{args.model} is already quantized ({described.info().quantization}); the "
+                                    f"recipe ({given}) would quantize it twice. Drop those flags to write it in "
+                                    "another format, or give the full-precision model to quantize it afresh.")
+        if described.quantization is None:
+            raise ExportError(f"{args.model} holds no recipe.json (it was not written by dLLM Studio), so dLLM Studio "
+                              "cannot describe how it was made; export the folders quantize writes.")
+        check_format(described.quantization, args.format, described.module)  # its layers, not only its recipe
+        model = _load(args)
+        report = _export(args, model, read_profile(model.path))
+    elif recipe is None:
+        raise QuantizationError(f"{args.model} is not quantized: give a recipe (--method, --wbits) or a quantized folder.")
+    else:
+        _, _, report = _quantize_and_export(args, recipe, described)
+    print(f"exported {report['path']} ({report['format']} format)")
+    width = max(len(name) for name, _ in report["files"])
+    for name, size in report["files"]:
+        print(f"  {name:<{width}}  {human(size)}")
+    print(f"total {human(report['total_bytes'])}")
+    return _print_verdict(report)
+
+
+def _refuse_before_loading(args: argparse.Namespace, recipe) -> None:
+    """What can be refused from the flags alone: a format the recipe cannot be stored in, an existing --out."""
+    from dllm_studio.errors import FolderExistsError
+    from dllm_studio.quant.export import check_format
+
+    if recipe is not None:
+        check_format(recipe, args.format)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FolderExistsError(out)
+
+
+def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[dict, list[dict], dict]:
+    """Quantize MODEL (`described`: its meta copy) with `recipe` in memory, a line per block and the summary on
+    stdout, then write --out (`_export`). Returns the profile, every event, and the export's report."""
+    from dllm_studio import jobs
+    from dllm_studio.memory import preflight
+    from dllm_studio.quant import runtimes
+    from dllm_studio.quant.pipeline import check_supported, quantize, working_set
+
     note = getattr(runtimes.BY_METHOD.get(recipe.method), "note", None)
     if note:
         print(f"note: {note}.", file=sys.stderr)
@@ -480,11 +588,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from dllm_studio.quant.methods import QUANTIZED_TENSORS
 
         print(f"note: {QUANTIZED_TENSORS}.", file=sys.stderr)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FolderExistsError(out)
-    profile_out = Path(args.profile_json) if args.profile_json else None
-    described = _load(args, device="meta", stages=False)  # for the checks; the real load below says its stages
     check_supported(described)
     preflight(f"Quantizing {args.model}", working_set(described, recipe), args.device, force=args.no_memory_check)
     model = _load(args)
@@ -502,10 +605,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   f"{event.elapsed_s:6.1f} s  ETA {event.eta_s:5.1f} s", flush=True)
 
     result = jobs.run(quantize(model, recipe), on_event)
-    profile = {"summary": result.summary, "layers": result.layers}
-    save_quantized(result.model, out, fmt=args.format, force=args.force, profile=profile)
-    if profile_out is not None:
-        _write_json(profile_out, {**profile, "recipe": recipe.to_dict(), "threads": args.threads, "events": events})
     s = result.summary
     print(f"{recipe.label}: {s['quantized_layers']} layers in {s['seconds']:.1f} s, peak RSS {human(s['peak_rss_bytes'])}")
     linears, whole = quantized_sizes(s, model.dtype)
@@ -515,8 +614,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from dllm_studio.quant import kernels
 
         print(f"kernels here: {kernels.describe(kernels.choices(result.model.module))}")
-    print(f"saved {out} ({args.format} format)")
-    return 0
+    profile = {"summary": result.summary, "layers": result.layers}
+    return profile, events, _export(args, result.model, profile)
+
+
+def _export(args: argparse.Namespace, model, profile: dict) -> dict:
+    """Write the quantized `model` to --out in --format, progress on stderr; with --verify, reload and compare."""
+    from dllm_studio import jobs
+    from dllm_studio.quant.export import export
+
+    return jobs.run(export(model, args.out, fmt=args.format, force=args.force, profile=profile, check=args.verify),
+                    _print_progress)
+
+
+def _print_verdict(report: dict) -> int:
+    """With --verify, say what the reload showed; exit status 1 when it predicts another token somewhere."""
+    from dllm_studio.quant.export import verdict_text
+
+    if "argmax_disagreements" not in report:
+        return 0
+    text, ok = verdict_text(report)
+    print(text)
+    return 0 if ok else 1
 
 
 # ---- compare and study ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from dllm_studio.quant import runtimes
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.methods import METHODS as SPECS
 from dllm_studio.quant.recipe import FORMATS
-from dllm_studio.quant.storage import gptq_checkpoint_format, to_gptq
+from dllm_studio.quant.storage import gptq_checkpoint_format, quant_format, to_gptq
 
 NOT_COPIED = {"config.json", "README.md", "recipe.json", "profile.json", "training.json", "eval.json",
               "recipe_search.json"}
@@ -65,7 +65,7 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
         raise FolderExistsError(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder.")
-    config = {**model.config, "quantization_config": gptq_config(recipe) if fmt == "gptq" else model.config["quantization_config"]}
+    config = {**model.config, "quantization_config": gptq_config(recipe) if fmt == "gptq" else native_config(model)}
     # The unquantized tensors are stored at the dtype the model ran at, and verification reloads at that dtype.
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "torch_dtype":
@@ -181,6 +181,17 @@ def verification(model: DiffusionLM, folder: str | Path, cancel: CancelToken | N
             "argmax_disagreements": disagree, "positions": len(ids)}
 
 
+def verdict_text(report: dict) -> tuple[str, bool]:
+    """What `verification`'s report means in words, and whether the folder passed: the same token predicted at
+    every position (logits may differ by rounding, e.g. a GPTQ folder's fp16 scales)."""
+    diff, wrong = report["max_abs_logit_diff"], report["argmax_disagreements"]
+    if diff == 0:
+        return "Verified: reloaded model gives identical outputs", True
+    if not wrong:
+        return f"Verified: same predicted token everywhere; logits differ by at most {diff:.3g}", True
+    return f"Reloaded model differs: another token at {wrong} of {report['positions']} positions", False
+
+
 def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
@@ -220,6 +231,17 @@ def gptq_state(model: DiffusionLM) -> dict[str, torch.Tensor]:
         except ValueError as exc:
             raise ExportError(f"{name} cannot be written in the GPTQ format: {exc}.") from None
     return state
+
+
+def native_config(model: DiffusionLM) -> dict:
+    """The `quantization_config` of `model` written in the native format: its own, unless it was read from a GPTQ
+    folder, whose config describes the GPTQ tensors rather than the packed ones written now."""
+    qconfig = model.config["quantization_config"]
+    if quant_format(qconfig) != "gptq":
+        return qconfig
+    from dllm_studio.quant.pipeline import quantization_config  # pipeline imports much that export needs not
+
+    return quantization_config(model.quantization, model.module)
 
 
 def gptq_config(recipe) -> dict:

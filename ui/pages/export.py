@@ -19,7 +19,7 @@ from dllm_studio.errors import ExportError, FolderExistsError
 from dllm_studio.events import ExportProgress, LoadProgress
 from dllm_studio.memory import human
 from dllm_studio.models import WEIGHTS_STAGE
-from dllm_studio.quant.export import VERIFY_MASKS, export
+from dllm_studio.quant.export import VERIFY_MASKS, export, verdict_text
 from dllm_studio.quant.recipe import FORMATS
 from ui.dialogs import show_error
 from ui.paths import models_dir
@@ -41,13 +41,9 @@ def slug(name: str) -> str:
 
 
 def verdict(report: dict) -> tuple[str, str]:
-    """What the verification means in words, and its colour."""
-    diff, wrong = report["max_abs_logit_diff"], report["argmax_disagreements"]
-    if diff == 0:
-        return "Verified: reloaded model gives identical outputs", GOOD
-    if not wrong:
-        return f"Verified: same predicted token everywhere; logits differ by at most {diff:.3g}", GOOD
-    return f"Reloaded model differs: another token at {wrong} of {report['positions']} positions", BAD
+    """What the verification means in words (the engine's wording, as the CLI prints it), and its colour."""
+    text, ok = verdict_text(report)
+    return text, GOOD if ok else BAD
 
 
 class ExportPage(QWidget):
