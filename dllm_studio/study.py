@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dllm_studio.compare import REPORT_VERSION, Candidate, SuiteCompared, machine, model_entry, suite_row
-from dllm_studio.errors import DllmError, InvalidSettingsError
+from dllm_studio.errors import DllmError, InvalidSettingsError, WriteError
 from dllm_studio.eval.runner import EvalResult, evaluate, suite_config
 from dllm_studio.eval.suites import Suite, load_suite
 from dllm_studio.events import CancelToken, Event
-from dllm_studio.files import atomic_write_text
+from dllm_studio.files import atomic_write_text, describe
 from dllm_studio.memory import MemorySampler
 
 if TYPE_CHECKING:
@@ -105,6 +105,10 @@ def study(base: Candidate, methods: Sequence[str], settings: Sequence[tuple[int,
     for suite in loaded:
         suite_config(suite.name, overrides)
     folder = Path(folder)
+    try:
+        (folder / CACHE).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # before the model loads: a bad folder should not cost a load
+        raise WriteError(f"Cannot use {folder} for the study's report: {describe(exc)}.") from None
     model = base.open()
     if model.mask_token_id is None:  # the text suite's likelihood needs a mask token
         loaded = [s for s in loaded if s.name != "text"]
