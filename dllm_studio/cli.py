@@ -239,7 +239,8 @@ def _sampler_overrides(args: argparse.Namespace) -> dict:
 
 def _suite_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", required=True, metavar="SUITE",
-                        help="qa, math, code, text, all (the four shipped suites) or the path of a JSONL suite file")
+                        help="qa, math, code, text, all (the four shipped suites), several as qa,math, or the path "
+                             "of a JSONL suite file")
     parser.add_argument("--split", default="test", choices=["test", "train"], help="shipped suites' split (default test)")
     parser.add_argument("--limit", type=int, metavar="N", help="score only each suite's first N items")
     parser.add_argument("--unsafe-code-eval", action="store_true",
@@ -452,23 +453,14 @@ def _step_printer(model):
 def cmd_eval(args: argparse.Namespace) -> int:
     from dllm_studio import jobs
     from dllm_studio.errors import InvalidSettingsError
-    from dllm_studio.eval.runner import evaluate, suite_config
-    from dllm_studio.eval.scoring import require_sandbox
-    from dllm_studio.eval.suites import SUITES, load_suite
+    from dllm_studio.eval.runner import evaluate
 
     # Suites, settings and the output folder are checked before loading: a typo should not cost a model load.
-    suites = [load_suite(name, args.split) for name in (SUITES if args.suite == "all" else (args.suite,))]
-    overrides = _sampler_overrides(args)
-    for suite in suites:
-        suite_config(suite.name, overrides)  # raises for settings the sampler would refuse
-    if args.limit is not None and args.limit < 1:
-        raise InvalidSettingsError(f"--limit must be at least 1, not {args.limit}.")
     out = Path(args.json) if args.json else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         problem = "it is a folder" if out.is_dir() else f"the folder {out.parent} does not exist"
         raise InvalidSettingsError(f"Cannot write {out}: {problem}.")
-    if any(suite.name == "code" for suite in suites):
-        require_sandbox(args.unsafe_code_eval)
+    suites, overrides = _suites_checked(args)
     model = _load(args)
     if args.suite == "all" and model.mask_token_id is None:
         # The text suite's likelihood needs a mask token; such families still answer the other suites.
@@ -647,7 +639,8 @@ def _suites_checked(args: argparse.Namespace) -> tuple[list, dict]:
     from dllm_studio.eval.scoring import require_sandbox
     from dllm_studio.eval.suites import SUITES, load_suite
 
-    suites = [load_suite(name, args.split) for name in (SUITES if args.suite == "all" else (args.suite,))]
+    names = SUITES if args.suite == "all" else (args.suite,) if Path(args.suite).is_file() else args.suite.split(",")
+    suites = [load_suite(name.strip(), args.split) for name in names]
     overrides = _sampler_overrides(args)
     for suite in suites:
         suite_config(suite.name, overrides)

@@ -109,7 +109,8 @@ def charts(report: dict) -> dict[str, str]:
     rows, models = report["rows"], report["models"]
     answer_suites = [s for s in report["suites"] if any(r["suite"] == s and r["metric"] == "accuracy" for r in rows)]
     by = {(r["model"], r["suite"]): r for r in rows}
-    labels = [m["label"] for m in models if any(r["model"] == m["label"] for r in rows)]
+    labels = list(dict.fromkeys(r["model"] for r in rows))  # the rows alone draw a run still going
+    size = {r["model"]: r["weight_bytes"] for r in rows}
     out = {}
 
     def accuracy(label, suite):
@@ -131,7 +132,6 @@ def charts(report: dict) -> dict[str, str]:
             errors = {s: [interval(m, s) for m in labels] for s in answer_suites}
             out["Accuracy per category"] = plots.bars("Accuracy per category (95 % intervals)", labels, series,
                                                       y_label="accuracy (%)", y_max=100, errors=errors, width=960)
-        size = {m["label"]: m["weight_bytes"] for m in models}
         mean_acc, mean_ms = [], []
         for m in labels:
             scores = [accuracy(m, s) for s in answer_suites]

@@ -43,71 +43,102 @@ def choose(page, *suites, limit):
 
 # ---- Compare ---------------------------------------------------------------------------------------
 
-def test_compare_rows_match_direct_evaluation(qtbot, compare, session, variant, demo_model, tmp_path):
-    from dllm_studio import jobs
-    from dllm_studio.eval.drop import compare_results
-    from dllm_studio.eval.runner import evaluate
-    from ui.pages.compare import FIELDS, VERDICT_COLUMN
+# The row fields that depend neither on timing, nor on the process's memory, nor on what else the model ran before
+# (kernels: every token-count bucket it has run): the CLI and the GUI must agree on them.
+MEASURED = ("suite", "model", "metric", "items", "score", "score_low", "score_high", "relative_drop", "drop_low",
+            "drop_high", "p_value", "test", "band", "verdict", "agreement", "flipped_items", "first_flip_mean",
+            "forward_passes_per_answer", "tokens_per_step", "weight_bytes", "bits_per_weight", "bits_per_parameter")
+
+
+def test_the_gui_numbers_equal_the_cli_numbers(qtbot, compare, session, variant, demo_rtn4, tmp_path, capsys):
+    """The page and `dllm-studio compare` run one engine job: the same items and settings give the same rows."""
+    from dllm_studio.cli import main
+    from dllm_studio.quant.export import save_quantized
+    from dllm_studio.report import charts, read_report, score_text
+    from ui.pages.compare import VERDICT_COLUMN
+
+    folder = save_quantized(demo_rtn4.model, tmp_path / "RTN W4", profile={"summary": demo_rtn4.summary,
+                                                                          "layers": demo_rtn4.layers})
+    assert main(["compare", "demo", str(folder), "--suite", "qa,text", "--limit", "2",
+                 "--report", str(tmp_path / "cli")]) == 0
+    cli = read_report(tmp_path / "cli")
 
     assert [n for n, box in compare.suite_boxes.items() if box.isChecked()] == ["qa", "math", "code"]
-    choose(compare, "qa", "math", "text", limit=2)
+    choose(compare, "qa", "text", limit=2)
     with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS) as done:
         compare.run()
-    rows = done.args[0]
     assert not session.busy and compare.state.text().startswith("Done")
-    assert [r["suite"] for r in rows] == ["qa", "math", "text"] and compare.table.rowCount() == 3
-    for row in rows:
-        assert set(row) == set(FIELDS)  # (Qt hands dicts over with their keys sorted)
-        fp = jobs.run(evaluate(demo_model, row["suite"], limit=2))
-        q = jobs.run(evaluate(variant.model, row["suite"], limit=2))
-        metric = "nll_per_token" if row["suite"] == "text" else "accuracy"
-        assert row["metric"] == metric and row["items"] == 2
-        assert (row["fp"], row["q"]) == (getattr(fp, metric), getattr(q, metric))
-        assert (row["weight_bytes_fp"], row["weight_bytes_q"]) == (demo_model.weight_bytes(), variant.model.weight_bytes())
-        stats = compare_results(fp, q)
-        assert (row["verdict"], row["p_value"], row["relative_drop"]) == (stats.verdict, stats.p_value, stats.drop)
-        assert shown(compare, rows.index(row), VERDICT_COLUMN) == stats.verdict
-        if metric == "accuracy":  # Wilson intervals around both accuracies
-            assert (row["fp_low"], row["fp_high"]) == stats.fp_interval and row["fp_low"] <= row["fp"] <= row["fp_high"]
-        else:
-            assert row["fp_low"] is None and row["drop_low"] is None  # no interval for a likelihood
+    gui = compare.report
+    assert [r["suite"] for r in done.args[0]] == ["qa", "text"] and compare.table.rowCount() == 2
+    renamed = {"demo": "full precision", "RTN W4": "RTN W4"}  # the CLI names models by their folders
+    for ours, theirs in zip(gui["rows"], cli["rows"], strict=True):
+        assert {k: ours[k] for k in MEASURED} == {**{k: theirs[k] for k in MEASURED}, "model": renamed[theirs["model"]]}
+    assert gui["items"]["qa"][0]["flips"]["RTN W4"] == cli["items"]["qa"][0]["flips"]["RTN W4"]
+    qa = done.args[0][0]
+    assert shown(compare, 0, 3) == score_text(qa) and shown(compare, 0, VERDICT_COLUMN) == qa["verdict"]
+    assert compare.table.item(1, 2).text().endswith("nats/token")
+    # The plots are the report's own SVGs, with the layer profile the variant carries.
+    tabs = {compare.plots.tabText(i): compare.plots.widget(i) for i in range(compare.plots.count())}
+    assert list(tabs) == list(charts(gui)) and "Layer error" in tabs
+    for title, view in tabs.items():
+        assert view.svg == charts(gui)[title] and view.renderer().isValid()
 
-    assert compare.table.item(2, 2).text().endswith("nats/token")
-    # the quantized step time comes with its ratio, and the reason for it on hover
-    from ui.pages.compare import Q_MS_COLUMN
-    qa = rows[0]
-    assert set(qa["kernels_q"]) == {"dequant"}  # the kernel tests pin (conftest)
-    ms_q = compare.table.item(0, Q_MS_COLUMN)
-    assert ms_q.text().split("\n")[1] == f"{qa['ms_per_step_q'] / qa['ms_per_step_fp']:.2f}× FP"
-    assert " runs dequant here: " in ms_q.toolTip() and "smaller" in ms_q.toolTip()
-    # The chart shows accuracy (qa, math); the text suite's NLL is in the table only.
-    assert list(compare.chart.fp.opts["height"]) == [100 * rows[0]["fp"], 100 * rows[1]["fp"]]
-    assert list(compare.chart.q.opts["height"]) == [100 * rows[0]["q"], 100 * rows[1]["q"]]
-
-    out = tmp_path / "compare.csv"
-    assert compare.save_csv(out)
-    saved = list(csv.DictReader(out.open()))
-    assert [r["suite"] for r in saved] == ["qa", "math", "text"]
-    assert float(saved[2]["fp"]) == pytest.approx(rows[2]["fp"])
-    assert not list(tmp_path.glob(".compare.csv*"))  # the temporary file was renamed into place
+    assert compare.save_report(tmp_path / "gui")
+    assert read_report(tmp_path / "gui")["rows"] == gui["rows"]
+    assert {p.name for p in (tmp_path / "gui").iterdir()} == {"report.json", "report.csv", "report.html"}
 
 
-def fake_evaluations(monkeypatch, fp_model, fp_correct, q_correct):
-    """The Compare page's `evaluate`, answering from fixed per-item correctness, so a test knows the flips."""
+def test_a_saved_report_opens_with_its_rows_and_plots(qtbot, compare, tmp_path):
+    from dllm_studio.report import charts, read_report, write_report
+
+    report = {"version": 1, "kind": "compare", "base": "demo", "split": "test", "limit": 5, "suites": ["qa"],
+              "models": [], "items": {}, "settings": {}, "notes": [], "rows": [
+                  _row("demo", 1.0, None), _row("RTN W3", 0.6, 0.4), _row("RTN W2", 0.2, 0.8)]}
+    write_report(report, tmp_path)
+    assert compare.open_report(tmp_path / "report.json")
+    assert compare.table.rowCount() == 2  # a line per variant, each against the base
+    assert shown(compare, 0, 0) == "RTN W3 qa" and shown(compare, 1, 3) == "20.0 % [3.6–62.4]"
+    assert [compare.plots.tabText(i) for i in range(compare.plots.count())] == list(charts(read_report(tmp_path)))
+    assert compare.state.text() == "Opened report.json"
+
+    (tmp_path / "bad.json").write_text('{"kind": "something else"}')
+    assert not compare.open_report(tmp_path / "bad.json")
+    (dialog,) = error_dialogs()
+    assert "not a dLLM Studio report" in dialog.text() and compare.table.rowCount() == 2  # nothing lost
+    dialog.close()
+
+
+def _row(model, score, drop):
+    from dllm_studio.eval.stats import wilson
+
+    low, high = wilson(round(score * 5), 5)
+    return {"suite": "qa", "model": model, "metric": "accuracy", "items": 5, "score": score, "score_low": low,
+            "score_high": high, "relative_drop": drop, "drop_low": None, "drop_high": None,
+            "p_value": None if drop is None else 0.5, "test": "exact McNemar", "band": "",
+            "verdict": "baseline" if drop is None else "not significant at n = 5", "agreement": None,
+            "flipped_items": None, "first_flip_mean": None, "ms_per_step": 5.0, "forward_passes_per_answer": 16.0,
+            "forward_equivalents_per_answer": 16.0, "wall_s_per_answer": 0.1, "tokens_per_step": 1.0,
+            "peak_rss_bytes": 1 << 28, "weight_bytes": 4_000_000 if drop is None else 1_000_000,
+            "bits_per_weight": 32 if drop is None else 3.2, "bits_per_parameter": 32.0, "kernels": ""}
+
+
+def fake_evaluations(monkeypatch, compare, fp_model, fp_correct, q_correct):
+    """The engine's `evaluate` answering from fixed per-item correctness, so a test knows the flips."""
     from dllm_studio.eval.runner import EvalResult, ItemRecord
     from dllm_studio.events import EvalProgress
 
-    def evaluate(model, source, limit=None, cancel=None, unsafe_code_eval=False):
+    def evaluate(model, suite, overrides=None, limit=None, cancel=None, unsafe_code_eval=False, keep_steps=False):
         correct = fp_correct if model is fp_model else q_correct
-        records = [ItemRecord(f"{source}-{i}", "prompt", "answer", "answer" if c else "wrong", c, "")
+        records = [ItemRecord(f"{suite.name}-{i}", "prompt", "answer", "answer" if c else "wrong", c, "")
                    for i, c in enumerate(correct)]
         for done in range(1, len(records) + 1):
-            yield EvalProgress(str(source), done, len(records), records[done - 1].id, correct[done - 1],
+            yield EvalProgress(suite.name, done, len(records), records[done - 1].id, correct[done - 1],
                                sum(correct[:done]) / done)
-        return EvalResult(str(source), "", len(records), sum(correct) / len(records), None, 1.0, 1.0, 0.01, 0,
+        return EvalResult(suite.name, "", len(records), sum(correct) / len(records), None, 1.0, 1.0, 0.01, 0,
                           0.05, None, records)
 
-    monkeypatch.setattr("ui.pages.compare.evaluate", evaluate)
+    monkeypatch.setattr("dllm_studio.compare.evaluate", evaluate)
+    compare.flips.setChecked(False)  # the fake answers have no denoising steps to teacher-force
 
 
 def shown(compare, row: int, column: int) -> str:
@@ -116,7 +147,7 @@ def shown(compare, row: int, column: int) -> str:
 
 
 def test_the_table_fits_a_1024_pixel_window_unscrolled(qtbot, monkeypatch, compare, variant, demo_model):
-    fake_evaluations(monkeypatch, demo_model, [True] * 20, [True] * 17 + [False] * 3)
+    fake_evaluations(monkeypatch, compare, demo_model, [True] * 20, [True] * 17 + [False] * 3)
     choose(compare, "qa", limit=20)
     compare.resize(860, 600)  # the page's width in a 1024-pixel window, beside the sidebar
     compare.show()
@@ -125,32 +156,34 @@ def test_the_table_fits_a_1024_pixel_window_unscrolled(qtbot, monkeypatch, compa
     table = compare.table
     qtbot.waitUntil(lambda: table.horizontalHeader().length() > 0, timeout=5_000)
     assert table.horizontalHeader().length() <= table.viewport().width()  # every column visible, no scrolling
-    assert shown(compare, 0, 3) == "85.0 % (64.0–94.8)"
+    assert shown(compare, 0, 3) == "85.0 % [64.0–94.8]"
 
 
 def test_one_flipped_item_is_not_significant(qtbot, monkeypatch, compare, variant, demo_model, tmp_path):
     from ui.pages.compare import DROP_COLUMN, VERDICT_COLUMN
 
-    fake_evaluations(monkeypatch, demo_model, [True] * 5, [True] * 4 + [False])
+    fake_evaluations(monkeypatch, compare, demo_model, [True] * 5, [True] * 4 + [False])
     choose(compare, "qa", limit=5)
     with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS) as done:
         compare.run()
     (row,) = done.args[0]
     assert row["relative_drop"] == pytest.approx(0.2) and row["p_value"] == 1.0  # exact McNemar, b = 1, c = 0
-    assert row["band"] == "" and row["verdict"] == "not significant at n = 5"
+    assert row["band"] == "" and row["verdict"] == "not significant at n = 5" and row["agreement"] == 0.8
     verdict = compare.table.item(0, VERDICT_COLUMN)
     assert shown(compare, 0, VERDICT_COLUMN) == "not significant at n = 5"
     assert verdict.background().style() == Qt.BrushStyle.NoBrush  # no band colour for what the items cannot show
     change = shown(compare, 0, DROP_COLUMN)
-    assert change.startswith("\u221220.0 % (\u2212") and "+" in change  # the interval straddles no change
-    assert shown(compare, 0, 3) == "80.0 % (37.6–96.4)"  # Wilson 4/5
+    assert change.startswith("\u221220.0 % [\u2212") and "+" in change  # the interval straddles no change
+    assert shown(compare, 0, 3) == "80.0 % [37.6–96.4]"  # Wilson 4/5
+    assert shown(compare, 0, 6) == "80 %"  # agreement, and no flips: none were asked for
     assert "exact McNemar" in verdict.toolTip() and "p = 1" in verdict.toolTip()
 
-    out = tmp_path / "compare.csv"
-    assert compare.save_csv(out)
-    (saved,) = csv.DictReader(out.open())
-    assert saved["verdict"] == "not significant at n = 5" and float(saved["p_value"]) == 1.0
-    assert float(saved["q_low"]) == pytest.approx(0.3755, abs=1e-4) and float(saved["drop_low"]) < 0
+    assert compare.save_report(tmp_path)
+    saved = {r["model"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert saved["RTN W4"]["verdict"] == "not significant at n = 5" and float(saved["RTN W4"]["p_value"]) == 1.0
+    assert float(saved["RTN W4"]["score_low"]) == pytest.approx(0.3755, abs=1e-4)
+    assert float(saved["RTN W4"]["drop_low"]) < 0 < float(saved["RTN W4"]["drop_high"])
+    assert not list(tmp_path.glob(".report*"))  # the temporary files were renamed into place
 
     assert compare.progress.value() == compare.progress.maximum() > 0  # a finished run reads full
 
@@ -158,7 +191,7 @@ def test_one_flipped_item_is_not_significant(qtbot, monkeypatch, compare, varian
 def test_ten_flips_in_twenty_are_named_and_tinted(qtbot, monkeypatch, compare, variant, demo_model):
     from ui.pages.compare import VERDICT_COLUMN
 
-    fake_evaluations(monkeypatch, demo_model, [True] * 20, [False] * 10 + [True] * 10)
+    fake_evaluations(monkeypatch, compare, demo_model, [True] * 20, [False] * 10 + [True] * 10)
     choose(compare, "qa", limit=20)
     with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS) as done:
         compare.run()
@@ -167,27 +200,9 @@ def test_ten_flips_in_twenty_are_named_and_tinted(qtbot, monkeypatch, compare, v
     assert verdict.text() == "significant" and verdict.background().style() != Qt.BrushStyle.NoBrush
 
 
-def test_the_legend_covers_no_bar(qtbot, monkeypatch, compare, variant, demo_model):
-    import pyqtgraph as pg
+def test_compare_cancel_keeps_finished_rows(qtbot, compare, session, variant, tmp_path):
+    from dllm_studio.report import read_report
 
-    fake_evaluations(monkeypatch, demo_model, [True] * 5, [True] * 5)  # every bar at 100 %, up to the top
-    choose(compare, "qa", "math", "code", limit=5)
-    compare.chart.resize(400, 200)  # small, as in a crowded window
-    compare.chart.show()
-    with qtbot.waitSignal(compare.finished, timeout=TIMEOUT_MS):
-        compare.run()
-    qtbot.wait(50)  # let the layout settle
-    chart = compare.chart
-    legend = chart.legend.sceneBoundingRect()
-    assert legend.width() > 0
-    for bars in (chart.fp, chart.q):
-        width = bars.opts["width"]
-        for x, height in zip(bars.opts["x"], bars.opts["height"]):
-            bar = chart.plotItem.vb.mapViewToScene(pg.QtCore.QRectF(x - width / 2, 0, width, height)).boundingRect()
-            assert not bar.intersects(legend), (x, height)
-
-
-def test_compare_cancel_keeps_finished_rows(qtbot, compare, session, variant):
     finished = []
     compare.finished.connect(finished.append)
     choose(compare, "qa", "math", "code", limit=3)
@@ -200,6 +215,9 @@ def test_compare_cancel_keeps_finished_rows(qtbot, compare, session, variant):
     assert 1 <= compare.table.rowCount() < 3 and compare.table.item(0, 0).text() == "qa"
     assert compare.run_button.isEnabled() and not compare.cancel_button.isEnabled()
     assert compare.save_button.isEnabled()  # finished rows can still be saved
+    assert compare.save_report(tmp_path)
+    saved = read_report(tmp_path)
+    assert saved["rows"] == compare.rows and saved["notes"][0].startswith("Incomplete")
 
 
 def test_compare_suite_files(qtbot, compare, tmp_path):

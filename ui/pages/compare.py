@@ -1,126 +1,94 @@
 """Compare: the same task suites on full precision and on a quantized variant, side by side.
 
-One session job evaluates every chosen suite on both models in turn (full precision first), so a
-finished suite's row appears while the next one runs and survives a cancel. The drop bands are the
-seed study's (arXiv:2508.14896): under 1% negligible, 1–4% moderate, over 4% significant; the engine
-(`eval.drop.compare_results`) names one only when a paired test on the same items tells the drop from zero,
-and gives the 95 % intervals this page shows.
+The page drives the engine's `compare` job (the CLI's `dllm-studio compare` runs the same one), so its
+numbers are the CLI's: full precision is evaluated first, then the variant, and each finished (model, suite)
+arrives as a row that survives a cancel. The drop bands are the seed study's (arXiv:2508.14896): under 1%
+negligible, 1–4% moderate, over 4% significant, named only when a paired test on the same items tells the drop
+from zero (`eval.drop`). The plots are the report's own SVGs (`report.charts`), and a saved report (the CLI's
+too) opens here.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QByteArray, Qt, Signal
 from PySide6.QtGui import QColor
+from PySide6.QtSvgWidgets import QSvgWidget
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel,
                                QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+                               QTabWidget, QVBoxLayout, QWidget)
 
-from dllm_studio import jobs
-from dllm_studio.errors import SuiteError, WriteError
-from dllm_studio.eval.drop import compare_results
+from dllm_studio.compare import Candidate, CompareStage, SuiteCompared, compare
+from dllm_studio.errors import DllmError, SuiteError
 from dllm_studio.eval.scoring import code_runner_missing
-from dllm_studio.eval.runner import EvalResult, evaluate, unisolated_code
+from dllm_studio.eval.runner import unisolated_code
 from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
-from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import size_change
+from dllm_studio.report import change_text, charts, read_report, score_text, write_report
 from dllm_studio.speed import simulated, speed_note
-from ui.charts import GroupedBars
 from ui.dialogs import ask, show_error
 from ui.session import Session
 from ui.theme import BAND_COLORS
 from ui.widgets import VariantPicker
+from ui.workers import stream
 
 DEFAULT_SUITES = ("qa", "math", "code")
-COLUMNS = ("Suite", "Items", "Full precision", "Quantized", "Change (95 % CI)", "Verdict", "ms/step FP",
-           "ms/step Q", "Weights")
-DROP_COLUMN, VERDICT_COLUMN = COLUMNS.index("Change (95 % CI)"), COLUMNS.index("Verdict")
-Q_MS_COLUMN, SIZE_COLUMN = COLUMNS.index("ms/step Q"), COLUMNS.index("Weights")
-FIELDS = ("suite", "metric", "items", "fp", "fp_low", "fp_high", "q", "q_low", "q_high", "relative_drop",
-          "drop_low", "drop_high", "p_value", "test", "band", "verdict", "ms_per_step_fp", "ms_per_step_q",
-          "weight_bytes_fp", "weight_bytes_q", "kernels_q")
-MINUS = "\u2212"  # a real minus sign: "-2.1" reads as a hyphenated fragment in proportional fonts
+# Two-line headers where the cells are narrower than a one-line header: the table fits a 1024-pixel window.
+COLUMNS = ("Suite", "Items", "Full\nprecision", "Quantized", "Change\n(95 % CI)", "Verdict", "Agreement",
+           "ms/step\nFP", "ms/step\nQ", "Weights")
+DROP_COLUMN, VERDICT_COLUMN = COLUMNS.index("Change\n(95 % CI)"), COLUMNS.index("Verdict")
+Q_MS_COLUMN, SIZE_COLUMN = COLUMNS.index("ms/step\nQ"), COLUMNS.index("Weights")
 
 
-# What the job hands the page besides the engine's EvalProgress (they share the job's event channel).
-@dataclass(frozen=True)
-class Stage:
-    suite: str
-    model: str  # "full precision" or "quantized"
-
-
-@dataclass(frozen=True)
-class SuitePair:
-    suite: str  # the row's label: a shipped suite's name or a suite file's stem
-    fp: EvalResult
-    q: EvalResult
-
-
-def row_for(pair: SuitePair, weight_bytes_fp: int, weight_bytes_q: int) -> dict:
-    """One table row as plain data: what `finished` carries and the CSV holds."""
-    text = pair.fp.accuracy is None  # the text suite scores likelihood, not answers
-    fp, q = (pair.fp.nll_per_token, pair.q.nll_per_token) if text else (pair.fp.accuracy, pair.q.accuracy)
-    stats = compare_results(pair.fp, pair.q)
-    fp_low, fp_high = stats.fp_interval or (None, None)
-    q_low, q_high = stats.q_interval or (None, None)
-    drop_low, drop_high = stats.drop_interval or (None, None)
-    return {"suite": pair.suite, "metric": "nll_per_token" if text else "accuracy", "items": pair.fp.items,
-            "fp": fp, "fp_low": fp_low, "fp_high": fp_high, "q": q, "q_low": q_low, "q_high": q_high,
-            "relative_drop": stats.drop, "drop_low": drop_low, "drop_high": drop_high, "p_value": stats.p_value,
-            "test": stats.test, "band": stats.band or "", "verdict": stats.verdict,
-            "ms_per_step_fp": pair.fp.ms_per_step, "ms_per_step_q": pair.q.ms_per_step,
-            "weight_bytes_fp": weight_bytes_fp, "weight_bytes_q": weight_bytes_q, "kernels_q": dict(pair.q.kernels)}
-
-
-def _score(row: dict, which: str) -> str:
-    value = row[which]
-    if value is None:
-        return "—"
-    if row["metric"] == "nll_per_token":
-        return f"{value:.3f} nats/token"
-    return f"{100 * value:.1f} %\n({100 * row[which + '_low']:.1f}–{100 * row[which + '_high']:.1f})"
-
-
-def _ms_q(row: dict) -> str:
-    """The quantized model's step time, and on a second line its ratio to full precision (or, where its
-    activation rounding is simulated, that the time says nothing of a real kernel's)."""
-    fp, q = row["ms_per_step_fp"], row["ms_per_step_q"]
-    if q and simulated(row["kernels_q"]):
-        return f"{_ms(q)}\naccuracy-only"
-    return f"{_ms(q)}\n{q / fp:.2f}× FP" if fp and q else _ms(q)
+def _two_lines(text: str) -> str:
+    """The engine's one-line cell with its interval on a second line: the table fits a 1024-pixel window."""
+    return text.replace(" [", "\n[", 1)
 
 
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def _change_text(row: dict) -> str:
-    """The relative drop shown as the change in quality, so a drop reads as negative (and 0 as +0.0)."""
-    if row["relative_drop"] is None:
-        return "n/a"
-    text = f"{0.0 - 100 * row['relative_drop']:+.1f} %"
-    if row["drop_low"] is not None:  # the change's interval is the drop's, mirrored
-        text += f"\n({0.0 - 100 * row['drop_high']:+.1f} to {0.0 - 100 * row['drop_low']:+.1f})"
-    return text.replace("-", MINUS)
+def _ms_q(base: dict, row: dict) -> str:
+    """The quantized model's step time, and on a second line its ratio to full precision (or, where its
+    activation rounding is simulated, that the time says nothing of a real kernel's)."""
+    fp, q = base["ms_per_step"], row["ms_per_step"]
+    if q and simulated(_kernel_counts(row["kernels"])):
+        return f"{_ms(q)}\naccuracy-only"
+    return f"{_ms(q)}\n{q / fp:.2f}× FP" if fp and q else _ms(q)
+
+
+def _agreement(row: dict) -> str:
+    """"85 %" of answers identical, and below it how many items flipped a decision somewhere."""
+    if row["agreement"] is None:
+        return "—"
+    text = f"{100 * row['agreement']:.0f} %"
+    return text if row["flipped_items"] is None else f"{text}\n{row['flipped_items']} flipped"
+
+
+def _kernel_counts(text: str) -> dict[str, int]:
+    """'int4 ×24, dequant ×4' (a row's kernels) -> {'int4': 24, 'dequant': 4}."""
+    counts = {}
+    for part in filter(None, text.split(", ")):
+        name, _, n = part.rpartition(" ×")
+        counts[name] = int(n)
+    return counts
 
 
 class ComparePage(QWidget):
-    finished = Signal(list)  # row dicts (see row_for), one per suite, when a run completes
+    finished = Signal(list)  # the variant's rows (`compare.suite_row`), one per suite, when a run completes
 
     def __init__(self, session: Session, settings, parent=None) -> None:
         super().__init__(parent)
         self.session, self.settings = session, settings
         self.job = None
-        self.rows: list[dict] = []
-        self._weights = (0, 0)  # weight bytes of both models, read when a run starts
+        self.rows: list[dict] = []  # every finished row, full precision's included, as the engine made them
+        self.report: dict | None = None  # the finished run's, or the opened file's
         self._held = ""  # the full-precision model's dtype: the baseline the weights column states
-        self._stage = Stage("", "")  # which suite and model the progress events are about
+        self._base = ""  # the base model's label in the rows
 
         # ---- what to compare ----
         self.variant = VariantPicker(session, objectName="compareVariant")
@@ -137,6 +105,10 @@ class ComparePage(QWidget):
         self.limit = QSpinBox(minimum=0, maximum=100_000, value=20, objectName="compareLimit")
         self.limit.setSpecialValueText("all")  # shown at 0
         self.limit.setToolTip("The first N items of each suite; 0 runs them all.")
+        self.flips = QCheckBox("Decision flips", objectName="compareFlips", checked=True)
+        self.flips.setToolTip("Also teacher-force the variant on full precision's denoising steps for every item: "
+                              "which items it would decide differently somewhere, even where the answer ends the "
+                              "same (one more forward per step of the variant).")
         self.run_button = QPushButton("&Run", objectName="compareRun")
         self.cancel_button = QPushButton("Cancel", objectName="compareCancel", enabled=False)
         self.cancel_button.setToolTip("Stop after the current step; suites already finished stay in the table.")
@@ -159,6 +131,7 @@ class ComparePage(QWidget):
         suites.addStretch(1)
         suites.addWidget(QLabel("&Items per suite:", buddy=self.limit))
         suites.addWidget(self.limit)
+        suites.addWidget(self.flips)
         controls_layout.addLayout(suites)
         run = QHBoxLayout()
         run.addWidget(self.run_button)
@@ -170,7 +143,7 @@ class ComparePage(QWidget):
         # ---- results ----
         self.table = QTableWidget(0, len(COLUMNS), objectName="compareTable")
         self.table.setHorizontalHeaderLabels(COLUMNS)
-        for column in ("Full precision", "Quantized"):
+        for column in ("Full\nprecision", "Quantized"):
             self.table.horizontalHeaderItem(COLUMNS.index(column)).setToolTip(
                 "Accuracy with its 95 % Wilson score interval in brackets (the text suite: NLL per token, "
                 "lower is better, no interval).")
@@ -181,27 +154,34 @@ class ComparePage(QWidget):
         self.table.horizontalHeaderItem(VERDICT_COLUMN).setToolTip(
             "The seed study's band for the drop (under 1% negligible, 1–4% moderate, over 4% significant), named "
             "only when a paired test on the same items (exact McNemar; a sign test for NLL) gives p < 0.05.")
+        self.table.horizontalHeaderItem(COLUMNS.index("Agreement")).setToolTip(
+            "The share of items the variant answered exactly as full precision did; below it, with decision flips, "
+            "the items where the variant, given full precision's state before a step, would commit another token "
+            "or another position at some step (teacher-forced), even if its answer ends the same.")
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setAccessibleName("Comparison results")
-        self.chart = GroupedBars("Accuracy per suite", "accuracy (%)",
-                                 "Share of items answered correctly, full precision (blue) beside quantized "
-                                 "(orange). The text suite scores likelihood (NLL) and is in the table only.")
-        self.chart.setObjectName("compareChart")
-        self.save_button = QPushButton("Save table as CSV…", objectName="compareSaveCsv", enabled=False)
+        self.plots = QTabWidget(objectName="comparePlots")
+        self.plots.setAccessibleName("Comparison plots")
+        self.open_button = QPushButton("Open report…", objectName="compareOpenReport")
+        self.open_button.setToolTip("Show a saved report (report.json), the CLI's `dllm-studio compare` or `study` "
+                                    "reports too.")
+        self.save_button = QPushButton("Save report…", objectName="compareSaveReport", enabled=False)
+        self.save_button.setToolTip("Write report.json, report.csv and a self-contained report.html with the plots.")
         results = QWidget()
         results_layout = QVBoxLayout(results)
         results_layout.setContentsMargins(0, 0, 0, 0)
         results_layout.addWidget(self.table, 1)
         save_row = QHBoxLayout()
         save_row.addStretch(1)
+        save_row.addWidget(self.open_button)
         save_row.addWidget(self.save_button)
         results_layout.addLayout(save_row)
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(results)
-        splitter.addWidget(self.chart)
+        splitter.addWidget(self.plots)
         splitter.setSizes([300, 300])
 
         layout = QVBoxLayout(self)
@@ -211,13 +191,14 @@ class ComparePage(QWidget):
         self.add_suite_button.clicked.connect(self._browse_suite)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.session.cancel)
-        self.save_button.clicked.connect(self._browse_csv)
+        self.save_button.clicked.connect(self._browse_save)
+        self.open_button.clicked.connect(self._browse_open)
         self.variant.currentIndexChanged.connect(self._update_controls)
         session.variants_changed.connect(self._update_controls)
         session.model_changed.connect(self._clear_results)  # rows of another model would mislead
         session.busy_changed.connect(self._update_controls)
         self._update_controls()
-        self._draw_chart()
+        self._draw_plots()
 
     # ---- suites -----------------------------------------------------------------------------------
     def _add_suite_box(self, key: str, label: str, source: str | Path, checked: bool) -> QCheckBox:
@@ -270,17 +251,18 @@ class ComparePage(QWidget):
         # The hint explains only what the user has to go and do elsewhere; a busy session explains itself.
         self.hint.setText(blocker if blocker and not self.session.busy else "")
         self.cancel_button.setEnabled(self.job is not None)
-        self.save_button.setEnabled(bool(self.rows))
+        self.save_button.setEnabled(bool(self.rows) and self.job is None)
+        self.open_button.setEnabled(self.job is None)
 
     def _clear_results(self) -> None:
-        self.rows = []
+        self.rows, self.report = [], None
         self.table.setRowCount(0)
-        self._draw_chart()
+        self._draw_plots()
         self._update_controls()
 
     # ---- running ----------------------------------------------------------------------------------
     def run(self, *, unsafe_code_eval: bool = False) -> None:
-        """Evaluate the chosen suites on full precision and on the chosen variant, as one job."""
+        """Evaluate the chosen suites on full precision and on the chosen variant: the engine's `compare` job."""
         blocker = self._blocker()
         if blocker is not None:
             show_error(self, "Cannot compare yet", blocker)
@@ -296,48 +278,43 @@ class ComparePage(QWidget):
                 "or delete your files and reach the network. Run it anyway?",
                 lambda: self.run(unsafe_code_eval=True))
             return
+        variant = self.session.variants[self.variant.currentText()]
         fp_model = self.session.model
-        q_model = self.session.variants[self.variant.currentText()].model
-        limit = self.limit.value() or None
         self._clear_results()
-        self._weights = (fp_model.weight_bytes(), q_model.weight_bytes())
-        self._held = str(fp_model.dtype).removeprefix("torch.")
-
-        def work(emit, cancel) -> list[SuitePair]:
-            pairs = []
-            for label, source in suites:
-                fp_q = []
-                for which, model in (("full precision", fp_model), ("quantized", q_model)):
-                    emit(Stage(label, which))
-                    fp_q.append(jobs.run(evaluate(model, source, limit=limit, cancel=cancel,
-                                                  unsafe_code_eval=unsafe_code_eval), emit))
-                pairs.append(SuitePair(label, *fp_q))
-                emit(pairs[-1])  # the row can be shown (and kept on cancel) before the next suite starts
-            return pairs
-
-        self._started, self._suite_count = time.perf_counter(), len(suites)
+        self._held, self._base = str(fp_model.dtype).removeprefix("torch."), "full precision"
+        candidates = [Candidate(self._base, fp_model),
+                      Candidate(variant.name, variant.model, profile={"summary": variant.summary, "layers": variant.layers})]
+        sources = [source for _, source in suites]
+        limit, flips = self.limit.value() or None, self.flips.isChecked()
+        work = stream(lambda cancel: compare(candidates, sources, limit=limit, flips=flips, cancel=cancel,
+                                             unsafe_code_eval=unsafe_code_eval))
+        self._started = time.perf_counter()
         self.job = self.session.start("Comparing", work, on_event=self._on_event, on_done=self._on_done,
                                       on_failed=lambda message: self._ended("Failed"),
                                       on_cancelled=lambda: self._ended("Cancelled"))
         self._update_controls()
 
     def _on_event(self, event) -> None:
-        if isinstance(event, Stage):
+        if isinstance(event, CompareStage):
             self._stage = event
-            self.state.setText(f"Suite {len(self.rows) + 1} of {self._suite_count}")
+            self.state.setText(f"{event.index} of {event.total}" + (f", about {event.eta_s:.0f} s left"
+                                                                    if event.eta_s is not None else ""))
             self.progress.setRange(0, 0)  # busy until the first item is scored
             self.progress.setFormat(f"{event.suite} on {event.model}: starting…")
         elif isinstance(event, EvalProgress):
             self.progress.setRange(0, event.total)
             self.progress.setValue(event.done)
             self.progress.setFormat(f"{self._stage.suite} on {self._stage.model}: {event.done} / {event.total}")
-        elif isinstance(event, SuitePair):
-            self._add_row(row_for(event, *self._weights))
+        elif isinstance(event, SuiteCompared):
+            self._add_row(event.row)
 
-    def _on_done(self, pairs: list[SuitePair]) -> None:
+    def _on_done(self, report: dict) -> None:
         seconds = time.perf_counter() - self._started
-        self._ended(f"Done: {len(pairs)} suite{'s' * (len(pairs) > 1)} in {seconds:.1f} s", complete=True)
-        self.finished.emit(list(self.rows))
+        self.report = report
+        self._draw_plots()  # now with the layer profile the finished report holds
+        suites = len(report["suites"])
+        self._ended(f"Done: {suites} suite{'s' * (suites > 1)} in {seconds:.1f} s", complete=True)
+        self.finished.emit([r for r in self.rows if r["model"] != self._base])
 
     def _ended(self, state: str, complete: bool = False) -> None:
         self.job = None
@@ -349,11 +326,21 @@ class ComparePage(QWidget):
 
     # ---- results ----------------------------------------------------------------------------------
     def _add_row(self, row: dict) -> None:
+        """A finished row: full precision's wait for their variant's, which fills the table line."""
         self.rows.append(row)
-        # Two lines a cell (value, then its interval or baseline): the table fits a 1024-pixel window unscrolled.
-        cells = (row["suite"], str(row["items"]), _score(row, "fp"), _score(row, "q"), _change_text(row),
-                 row["verdict"].replace(" at n", "\nat n"), _ms(row["ms_per_step_fp"]), _ms_q(row),
-                 size_change(row["weight_bytes_fp"], row["weight_bytes_q"], self._held).replace(" → ", " →\n"))
+        if row["model"] != self._base:
+            base = next(r for r in self.rows if r["model"] == self._base and r["suite"] == row["suite"])
+            self._show(base, row, several=False)
+        self._draw_plots()
+        self._update_controls()
+
+    def _show(self, base: dict, row: dict, several: bool) -> None:
+        cells = (f"{row['model']}\n{row['suite']}" if several else row["suite"], str(row["items"]),
+                 _two_lines(score_text(base)), _two_lines(score_text(row)), _two_lines(change_text(row)),
+                 row["verdict"].replace(" at n", "\nat n"),
+                 _agreement(row),
+                 _ms(base["ms_per_step"]), _ms_q(base, row),
+                 size_change(base["weight_bytes"], row["weight_bytes"], self._held).replace(" → ", " →\n"))
         r = self.table.rowCount()
         self.table.insertRow(r)
         for column, text in enumerate(cells):
@@ -366,38 +353,76 @@ class ComparePage(QWidget):
             evidence += "; no interval for a likelihood"
         for column in (DROP_COLUMN, VERDICT_COLUMN):
             self.table.item(r, column).setToolTip(evidence)
-        if row["ms_per_step_fp"] and row["ms_per_step_q"]:  # why the quantized model runs at the speed it does
-            note = speed_note(self.variant.currentText() or "Quantized", row["ms_per_step_fp"], row["ms_per_step_q"],
-                              row["weight_bytes_fp"], row["weight_bytes_q"], row["kernels_q"])
+        if base["ms_per_step"] and row["ms_per_step"]:  # why the quantized model runs at the speed it does
+            note = speed_note(row["model"], base["ms_per_step"], row["ms_per_step"], base["weight_bytes"],
+                              row["weight_bytes"], _kernel_counts(row["kernels"]))
             for column in (Q_MS_COLUMN, SIZE_COLUMN):
                 self.table.item(r, column).setToolTip(note)
         if row["band"]:  # only a band the items support gets its colour
             tint = QColor(BAND_COLORS[row["band"]])
             tint.setAlpha(90)  # a tint keeps the theme's text colour readable in light and dark palettes
             self.table.item(r, VERDICT_COLUMN).setBackground(tint)
-        self._draw_chart()
-        self._update_controls()
 
-    def _draw_chart(self) -> None:
-        accuracy = [x for x in self.rows if x["metric"] == "accuracy"]
-        self.chart.set_values([x["suite"] for x in accuracy], [100 * x["fp"] for x in accuracy],
-                              [100 * x["q"] for x in accuracy])
-        self.chart.setYRange(0, 105, padding=0)
+    def _draw_plots(self) -> None:
+        """The report's plots, drawn from the same SVG the HTML report holds."""
+        report = self.report or {"suites": list(dict.fromkeys(r["suite"] for r in self.rows)), "rows": self.rows,
+                                 "models": []}
+        current = self.plots.currentIndex()
+        self.plots.clear()
+        for title, svg in charts(report).items():
+            view = QSvgWidget(objectName=f"comparePlot_{title.replace(' ', '_')}")
+            view.load(QByteArray(svg.encode()))
+            view.renderer().setAspectRatioMode(Qt.AspectRatioMode.KeepAspectRatio)
+            view.setAccessibleName(title)
+            view.svg = svg  # what it draws, for tests and for copying
+            self.plots.addTab(view, title)
+        self.plots.setCurrentIndex(max(current, 0))
 
-    def _browse_csv(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the comparison", "comparison.csv", "CSV files (*.csv)")
-        if path:
-            self.save_csv(path)
+    # ---- reports ----------------------------------------------------------------------------------
+    def _partial_report(self) -> dict:
+        """What was finished, as a report: the whole one after a run, the rows so far after a cancel."""
+        if self.report is not None:
+            return self.report
+        return {"version": 1, "kind": "compare", "base": self._base, "split": "test", "limit": self.limit.value() or None,
+                "suites": list(dict.fromkeys(r["suite"] for r in self.rows)), "models": [], "rows": self.rows,
+                "items": {}, "settings": {}, "notes": ["Incomplete: the run stopped; only the suites it finished are here."]}
 
-    def save_csv(self, path: str | Path) -> bool:
-        """Write the table's rows (raw numbers, accuracy as a fraction) to `path`, all or nothing."""
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(self.rows)
+    def _browse_save(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Save the report into")
+        if folder:
+            self.save_report(folder)
+
+    def save_report(self, folder: str | Path) -> bool:
+        """Write report.json, report.csv and report.html into `folder`, each all or nothing."""
         try:
-            atomic_write_text(path, table.getvalue())
-        except WriteError as exc:
-            show_error(self, "Cannot save the table", str(exc))
+            write_report(self._partial_report(), folder)
+        except DllmError as exc:
+            show_error(self, "Cannot save the report", str(exc))
             return False
+        return True
+
+    def _browse_open(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a report", "", "Reports (report.json);;JSON files (*.json)")
+        if path:
+            self.open_report(path)
+
+    def open_report(self, path: str | Path) -> bool:
+        """Show a saved report: its rows against its base, and its plots."""
+        try:
+            report = read_report(path)
+        except DllmError as exc:
+            show_error(self, "Cannot open the report", str(exc))
+            return False
+        self._clear_results()
+        self.report, self.rows, self._base = report, list(report["rows"]), report["base"]
+        dtype = next((m.get("dtype") for m in report["models"] if m["label"] == self._base), None)
+        self._held = dtype or "full precision"
+        bases = {r["suite"]: r for r in self.rows if r["model"] == self._base}
+        variants = {r["model"] for r in self.rows} - {self._base}
+        for row in self.rows:
+            if row["model"] != self._base and row["suite"] in bases:
+                self._show(bases[row["suite"]], row, several=len(variants) > 1)
+        self._draw_plots()
+        self.state.setText(f"Opened {Path(path).name if Path(path).is_file() else Path(path).name + '/report.json'}")
+        self._update_controls()
         return True
