@@ -184,7 +184,7 @@ def suite_row(suite: str, label: str, result: EvalResult, base: EvalResult | Non
            "wall_s_per_answer": result.wall_time_per_item_s, "tokens_per_step": result.tokens_per_step,
            "peak_rss_bytes": peak_rss_bytes, "weight_bytes": entry["weight_bytes"],
            "bits_per_weight": entry["bits_per_weight"], "bits_per_parameter": entry["bits_per_parameter"],
-           "kernels": ", ".join(f"{k} ×{n}" for k, n in sorted(result.kernels.items(), key=lambda kv: -kv[1])),
+           "kernels": dict(result.kernels),  # {kernel: layer-bucket pairs} that ran the quantized layers
            "flipped_items": None if flipped is None else flipped[0],
            "first_flip_mean": None if flipped is None else flipped[1]}
     if not text:

@@ -65,7 +65,12 @@ def row_cells(row: dict) -> tuple[str, ...]:
             _number(row["ms_per_step"], ".1f"), _number(row["forward_passes_per_answer"], ".1f"),
             _number(row["wall_s_per_answer"], ".2f"), _number(row["tokens_per_step"], ".2f"),
             human(row["peak_rss_bytes"]), human(row["weight_bytes"]), _number(row["bits_per_weight"], ".2f"),
-            row["kernels"] or "—")
+            kernel_text(row["kernels"]) or "—")
+
+
+def kernel_text(counts: dict[str, int]) -> str:
+    """{'int4': 24, 'dequant': 4} -> 'int4 ×24; dequant ×4', the most used first."""
+    return "; ".join(f"{name} ×{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def text_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -188,7 +193,7 @@ def write_report(report: dict, folder: str | Path) -> list[Path]:
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=ROW_FIELDS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(report["rows"])
+    writer.writerows({**row, "kernels": kernel_text(row["kernels"])} for row in report["rows"])
     texts = {"report.json": json.dumps(report, indent=1, ensure_ascii=False) + "\n", "report.csv": table.getvalue(),
              "report.html": to_html(report)}
     for name, text in texts.items():

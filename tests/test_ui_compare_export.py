@@ -119,7 +119,7 @@ def _row(model, score, drop):
             "flipped_items": None, "first_flip_mean": None, "ms_per_step": 5.0, "forward_passes_per_answer": 16.0,
             "forward_equivalents_per_answer": 16.0, "wall_s_per_answer": 0.1, "tokens_per_step": 1.0,
             "peak_rss_bytes": 1 << 28, "weight_bytes": 4_000_000 if drop is None else 1_000_000,
-            "bits_per_weight": 32 if drop is None else 3.2, "bits_per_parameter": 32.0, "kernels": ""}
+            "bits_per_weight": 32 if drop is None else 3.2, "bits_per_parameter": 32.0, "kernels": {}}
 
 
 def fake_evaluations(monkeypatch, compare, fp_model, fp_correct, q_correct):

@@ -56,7 +56,7 @@ def _ms_q(base: dict, row: dict) -> str:
     """The quantized model's step time, and on a second line its ratio to full precision (or, where its
     activation rounding is simulated, that the time says nothing of a real kernel's)."""
     fp, q = base["ms_per_step"], row["ms_per_step"]
-    if q and simulated(_kernel_counts(row["kernels"])):
+    if q and simulated(row["kernels"]):
         return f"{_ms(q)}\naccuracy-only"
     return f"{_ms(q)}\n{q / fp:.2f}× FP" if fp and q else _ms(q)
 
@@ -67,15 +67,6 @@ def _agreement(row: dict) -> str:
         return "—"
     text = f"{100 * row['agreement']:.0f} %"
     return text if row["flipped_items"] is None else f"{text}\n{row['flipped_items']} flipped"
-
-
-def _kernel_counts(text: str) -> dict[str, int]:
-    """'int4 ×24, dequant ×4' (a row's kernels) -> {'int4': 24, 'dequant': 4}."""
-    counts = {}
-    for part in filter(None, text.split(", ")):
-        name, _, n = part.rpartition(" ×")
-        counts[name] = int(n)
-    return counts
 
 
 class ComparePage(QWidget):
@@ -355,7 +346,7 @@ class ComparePage(QWidget):
             self.table.item(r, column).setToolTip(evidence)
         if base["ms_per_step"] and row["ms_per_step"]:  # why the quantized model runs at the speed it does
             note = speed_note(row["model"], base["ms_per_step"], row["ms_per_step"], base["weight_bytes"],
-                              row["weight_bytes"], _kernel_counts(row["kernels"]))
+                              row["weight_bytes"], row["kernels"])
             for column in (Q_MS_COLUMN, SIZE_COLUMN):
                 self.table.item(r, column).setToolTip(note)
         if row["band"]:  # only a band the items support gets its colour
