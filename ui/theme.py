@@ -13,6 +13,9 @@ QUANT_COLOR = "#e07b28"  # quantized
 GOOD, WARN, BAD = "#2e9d57", "#d99a1e", "#d64541"
 FIT_COLORS = {"fits": GOOD, "tight": WARN, "won't fit": BAD}  # memory.fit's verdicts
 BAND_COLORS = {"negligible": GOOD, "moderate": WARN, "significant": BAD}  # the seed study's accuracy-drop bands
+# A decision flip's kind (Okabe-Ito vermillion and sky blue: apart for every common colour-vision deficiency, and
+# strong enough against a light or a dark window).
+FLIP_TOKEN, FLIP_POSITION = "#d55e00", "#56b4e9"
 
 
 def is_dark(theme: str) -> bool:

@@ -3,7 +3,9 @@
 The panes run one after the other (the session runs one job at a time): full precision first, then the
 quantized variant, chained from the first one's end. Engine steps can come faster than the eye follows
 (the demo model takes a few ms a step), so frames are stored as they arrive and a 30 ms timer draws them
-one step per tick: every step is seen, however fast the model.
+one step per tick: every step is seen, however fast the model. Once both have answered, a third short job
+teacher-forces the variant on full precision's steps, and the strip under the panes shows where it would have
+decided otherwise (`dllm_studio.flips`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from dllm_studio.conversation import (LATER_STATS, STATS, Conversation, Turn, lo
                                       save_conversation)
 from dllm_studio.errors import ConversationError, DllmError, InvalidSettingsError, WriteError
 from dllm_studio.events import DenoiseStep
+from dllm_studio.flips import DecisionFlips, decision_flips
 from dllm_studio.memory import human, peak_rss_bytes
 from dllm_studio.quant.kernels import KERNELS
 from dllm_studio.sampling import CACHES, REMASKING, GenerationConfig, check_prompt
 from dllm_studio.speed import speed_note
 from ui.dialogs import show_error
+from ui.flip_strip import FlipPanel
 from ui.paths import conversations_dir
 from ui.session import Session
 from ui.settings import Settings
@@ -364,9 +368,10 @@ class ChatPage(QWidget):
     def __init__(self, session: Session, settings: Settings, parent=None) -> None:
         super().__init__(parent)
         self.session, self.settings = session, settings
-        self.running = False  # from Send until every pane of that send has settled
+        self.running = False  # from Send until every pane of that send has settled and its flips are found
         self._queue: list[tuple[Pane, Turn, object]] = []  # panes waiting for their turn on the session
         self._job = None
+        self._config: GenerationConfig | None = None  # what the last send ran with, for its decision flips
         self._timer = QTimer(self, interval=FRAME_MS)
         self._timer.timeout.connect(self._tick)
 
@@ -397,6 +402,7 @@ class ChatPage(QWidget):
                        f'<span style="{DIFFER_STYLE}">underlined</span>: differs from the other pane '
                        f"({ENDED}: one answer ended there)")
         self.diff_label = QLabel(objectName="diffLabel", wordWrap=True)
+        self.flips = FlipPanel()
         self.turn_note = QLabel(SINGLE_TURN, objectName="singleTurnNote", wordWrap=True, visible=False)
 
         # ---- the prompt ----
@@ -447,6 +453,7 @@ class ChatPage(QWidget):
         main.addWidget(splitter, 1)
         main.addWidget(legend)
         main.addWidget(self.diff_label)
+        main.addWidget(self.flips)
         main.addWidget(self.turn_note)
         main.addLayout(prompt_row)
         main.addWidget(self.prompt_hint)
@@ -571,8 +578,9 @@ class ChatPage(QWidget):
             return
         variant = self.session.variants.get(self.variant_box.currentText())
         self.input.clear()
-        self.running = True
+        self.running, self._config = True, config
         self.diff_label.clear()
+        self.flips.hide()
         fp_turn = Turn(prompt, config.steps, config.gen_length, model.mask_token_id, adaptive=config.parallel)
         self.fp.begin(fp_turn)
         self._queue = [(self.fp, fp_turn, model)]
@@ -651,10 +659,50 @@ class ChatPage(QWidget):
                 self.answer_finished.emit(pane.key, pane.turns[-1].answer)
         if self.running and all(p.settled for p in self.panes):
             self._timer.stop()
-            self.running = False
             self._compare()
-            self._update_buttons()
-            self.turn_finished.emit()
+            if not self._start_flips():
+                self._end_turn()
+
+    def _end_turn(self) -> None:
+        self.running = False
+        self._update_buttons()
+        self.turn_finished.emit()
+
+    def _start_flips(self) -> bool:
+        """Once both panes answered, ask the variant where it would have decided otherwise on full precision's
+        own steps (`flips.decision_flips`), as one more job of this turn: True when it started."""
+        fp, quant = (p.turns[-1] for p in self.panes)
+        variant = self.session.variants.get(quant.variant or "")
+        stopped = any(p.hurry for p in self.panes)  # Stop came after both had answered, while drawing
+        if fp.state != "done" or quant.state != "done" or variant is None or self._config is None or stopped:
+            return False
+        model, config, prompt_ids = variant.model, self._config, fp.prompt_ids
+        reference, other = tuple(fp.frames), tuple(quant.frames)
+
+        def done(flips: DecisionFlips) -> None:
+            if self.running:  # not a chat that a model change cleared meanwhile
+                self.flips.show_flips(flips, self._pieces(model, flips, fp, quant))
+                self._end_turn()
+
+        def ended(*_args) -> None:  # stopped, or failed (the session reports why): the page goes on without it
+            if self.running:
+                self._end_turn()
+
+        try:
+            self._job = self.session.start(
+                "Finding decision flips",
+                lambda emit, cancel: decision_flips(model, prompt_ids, config, reference, other, cancel),
+                on_done=done, on_failed=ended, on_cancelled=ended)
+        except RuntimeError:  # another page's job got in first
+            return False
+        return True
+
+    @staticmethod
+    def _pieces(model, flips: DecisionFlips, fp: Turn, quant: Turn) -> dict[int, str]:
+        """Both panes' token texts, and those of tokens the variant would have committed but neither answer has."""
+        pieces = {**quant.pieces, **fp.pieces}
+        missing = sorted({c.token_id for s in flips.steps for c in s.candidate} - pieces.keys())
+        return {**pieces, **dict(zip(missing, model.token_pieces(missing)))} if missing else pieces
 
     def _compare(self) -> None:
         """Mark, position by position on token ids, where the two last answers differ."""
@@ -686,6 +734,7 @@ class ChatPage(QWidget):
         for pane in self.panes:
             pane.load([])
         self.diff_label.clear()
+        self.flips.hide()
         self._update_buttons()
 
     def save_conversation(self, path) -> bool:
@@ -715,6 +764,7 @@ class ChatPage(QWidget):
             self.variant_box.setCurrentText(conversation.variant)
         for pane in self.panes:
             pane.load(conversation.panes[pane.key])
+        self.flips.hide()  # no models answered it here to ask
         self._compare()
         self._update_buttons()
         return True
