@@ -8,6 +8,7 @@ t = (k + u) / N for a shuffled k and u ~ U(0, 1): one ratio per stratum of (0, 1
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -17,8 +18,19 @@ from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant.recipe import QuantRecipe
 
 
+# Per model: rendering thousands of chat turns costs seconds, and a study quantizes one base once per cell.
+_BUILTIN_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def builtin_token_stream(model: DiffusionLM) -> list[int]:
-    """The demo task training items as chat turns, then plain sentences, in the model's own tokenizer."""
+    """The demo task training items as chat turns, then plain sentences, in the model's own tokenizer
+    (tokenized once per model; callers must not change the list)."""
+    if model not in _BUILTIN_STREAMS:
+        _BUILTIN_STREAMS[model] = _tokenize_builtin(model)
+    return _BUILTIN_STREAMS[model]
+
+
+def _tokenize_builtin(model: DiffusionLM) -> list[int]:
     from dllm_studio.eval.suites import load_suite
 
     stop = list(model.stop_token_ids[:1])
