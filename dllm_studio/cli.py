@@ -687,6 +687,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     suites, overrides = _suites_checked(args)
     folder = _report_folder(args)
     specs = [args.base, *args.variants]
+    for spec in specs:  # a mistyped folder is found now, not after the base's evaluation (meta: no weights read)
+        _load(args, device="meta", stages=False, model=spec)
     labels = _labels(specs)
     candidates = [Candidate(label, load=lambda spec=spec: _load(args, model=spec, stages=False))
                   for label, spec in zip(labels, specs)]

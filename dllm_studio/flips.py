@@ -4,7 +4,11 @@ Accuracy says *whether* an answer changed; this says *when* and *how*. The quant
 the full-precision trajectory: before every step it is shown full precision's state (the same committed tokens,
 the same masks) and asked what it would commit (`sampling.choose_commits`, the sampler's own decision). A step
 flips when it would commit a different token, or at a different position. Separately, the two free-running
-trajectories diverge at the first step after which their answers differ; until the first flip they cannot.
+trajectories diverge at the first step after which their states differ; until the first flip they cannot.
+
+The order in which end-of-text padding after the reference's answer is committed changes nothing a user reads, so
+a stop token committed after the reference answer's end counts as neither a flip nor a divergence; ending the
+answer elsewhere, or writing past its end, does.
 
 Teacher-forced steps run without a KV cache (each state is given whole, so there is nothing to reuse): on a
 cached full-precision run the flips include the cache's own approximation.
@@ -27,6 +31,22 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """Stop tokens after position `answer_end` (the reference answer's first stop token): the answer's padding."""
+
+    answer_end: int
+    stop_ids: frozenset[int]
+
+    def holds(self, position: int, token_id: int) -> bool:
+        return position > self.answer_end and token_id in self.stop_ids
+
+    def normalized(self, tokens: tuple[int, ...], mask_id: int) -> tuple[int, ...]:
+        """`tokens` with the padding and the masks after the answer's end made alike: their order is no difference."""
+        return tuple(-1 if i > self.answer_end and (t == mask_id or t in self.stop_ids) else t
+                     for i, t in enumerate(tokens))
+
+
+@dataclass(frozen=True)
 class StepDecision:
     """One step of the reference trajectory: what it committed and what the other model would have."""
 
@@ -34,16 +54,20 @@ class StepDecision:
     block: int
     reference: tuple[Commit, ...]
     candidate: tuple[Commit, ...]
+    padding: Padding | None = None  # what counts as padding after the reference's answer (None: nothing)
+
+    def _counted(self, commits: tuple[Commit, ...]) -> list[Commit]:
+        return [c for c in commits if self.padding is None or not self.padding.holds(c.position, c.token_id)]
 
     @property
     def other_positions(self) -> bool:
-        return {c.position for c in self.reference} != {c.position for c in self.candidate}
+        return {c.position for c in self._counted(self.reference)} != {c.position for c in self._counted(self.candidate)}
 
     @property
     def other_tokens(self) -> bool:
         """A position both chose gets another token."""
-        ours = {c.position: c.token_id for c in self.candidate}
-        return any(ours.get(c.position, c.token_id) != c.token_id for c in self.reference)
+        ours = {c.position: c.token_id for c in self._counted(self.candidate)}
+        return any(ours.get(c.position, c.token_id) != c.token_id for c in self._counted(self.reference))
 
     @property
     def flipped(self) -> bool:
@@ -73,10 +97,15 @@ class DecisionFlips:
                                "candidate": [[c.position, c.token_id] for c in s.candidate]} for s in self.steps]}
 
 
-def first_divergence(reference: Sequence[DenoiseStep], other: Sequence[DenoiseStep]) -> int | None:
-    """The first step after which the two trajectories' answers differ (one ending sooner counts), or None."""
+def first_divergence(reference: Sequence[DenoiseStep], other: Sequence[DenoiseStep], padding: Padding | None = None,
+                     mask_id: int = -1) -> int | None:
+    """The first step after which the two trajectories' states differ (one ending sooner counts), or None; with
+    `padding`, the order of the padding after the reference answer's end is no difference."""
+    def state(step: DenoiseStep) -> tuple[int, ...]:
+        return step.tokens if padding is None else padding.normalized(step.tokens, mask_id)
+
     for a, b in zip(reference, other):
-        if a.tokens != b.tokens:
+        if state(a) != state(b):
             return a.step
     if len(reference) != len(other) and reference and other:
         return min(len(reference), len(other)) + 1
@@ -95,6 +124,7 @@ def decision_flips(model: DiffusionLM, prompt_ids: list[int], config: Generation
     config = dataclasses.replace(config, cache="none", refresh_after=None)
     check_inputs(model, prompt_ids, config)
     P, mask_id = len(prompt_ids), model.mask_token_id
+    padding = Padding(model.answer_length(reference[-1].tokens), frozenset(model.stop_token_ids)) if reference else None
     state = [mask_id] * config.gen_length
     generator = torch.Generator().manual_seed(config.seed)  # drawn from in the reference's order, step by step
     stats, per_block = GenerationStats(), config.steps // config.num_blocks
@@ -111,6 +141,6 @@ def decision_flips(model: DiffusionLM, prompt_ids: list[int], config: Generation
         if share or config.parallel:
             x = torch.tensor([prompt_ids + state], device=model.device)
             candidate = choose_commits(model, x, lo, hi, share, config, generator, stats)
-        decisions.append(StepDecision(ref.step, ref.block, ref.committed, tuple(candidate)))
+        decisions.append(StepDecision(ref.step, ref.block, ref.committed, tuple(candidate), padding))
         state = list(ref.tokens)
-    return DecisionFlips(tuple(decisions), None if other is None else first_divergence(reference, other))
+    return DecisionFlips(tuple(decisions), None if other is None else first_divergence(reference, other, padding, mask_id))

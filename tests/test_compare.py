@@ -255,9 +255,11 @@ def test_flips_are_counted_per_item_and_match_the_free_running_divergence(compar
         row = row_of(report, "rtn4", suite)
         assert (row["flipped_items"], row["first_flip_mean"]) == (len(firsts), math.fsum(firsts) / len(firsts)
                                                                   if firsts else None)
-    # Every item flips: where the answers agree, the variant still commits the padding after them in another order.
-    assert [row_of(report, "rtn4", s)["flipped_items"] for s in ("qa", "math")] == [3, 3]
-    assert [d["flipped"] for d in report["items"]["math"][1]["flips"]["rtn4"]["decisions"]].count(True) == 3
+    # The order of the end-of-text padding after the answer is no flip: on qa the variant makes every decision that
+    # shapes the answer; on math it flips on the item it gets wrong and on one more whose answer ends the same.
+    assert [row_of(report, "rtn4", s)["flipped_items"] for s in ("qa", "math")] == [0, 2]
+    wrong = report["items"]["math"][1]["flips"]["rtn4"]  # "5 + 1 = 5" for "5 + 1 = 6": only its last digit flips
+    assert [d["step"] for d in wrong["decisions"] if d["flipped"]] == [16] and wrong["decisions"][15]["other_token"]
 
 
 # ---- study ---------------------------------------------------------------------------------------------
@@ -431,3 +433,18 @@ def test_read_report_names_what_is_wrong(saved_report, tmp_path):
     assert refused(saved_report) == f"{saved_report} is not a dLLM Studio report (no compare or study kind)."
     rewrite(saved_report, lambda d: (d.update(kind="compare"), d["rows"][1].pop("verdict"), d.pop("models")))
     assert refused(saved_report) == f"{saved_report} is not a complete dLLM Studio report (missing models, verdict)."
+
+
+def test_the_order_of_the_padding_after_the_answer_is_no_flip():
+    from dllm_studio.events import Commit
+    from dllm_studio.flips import Padding, StepDecision
+
+    eos, mask = 9, 0
+    padding = Padding(answer_end=3, stop_ids=frozenset({eos}))  # the reference answer: 3 tokens, then its end
+    step = lambda ours, theirs: StepDecision(1, 0, tuple(Commit(p, t, 1.0) for p, t in theirs),  # noqa: E731
+                                             tuple(Commit(p, t, 1.0) for p, t in ours), padding)
+    assert not step([(5, eos)], [(6, eos)]).flipped  # padding, committed in another order
+    assert step([(5, eos)], [(3, eos)]).other_positions  # the answer ends elsewhere
+    assert step([(5, 4)], [(5, eos)]).flipped  # writing past the answer's end
+    assert padding.normalized((1, 2, 3, eos, mask, eos), mask) == padding.normalized((1, 2, 3, eos, eos, mask), mask)
+    assert padding.normalized((1, 2, 3, mask), mask) != padding.normalized((1, 2, 3, eos), mask)  # the end itself counts

@@ -248,6 +248,7 @@ class ComparePage(QWidget):
     def _clear_results(self) -> None:
         self.rows, self.report = [], None
         self.table.setRowCount(0)
+        self.table.horizontalHeaderItem(0).setText(COLUMNS[0])
         self._draw_plots()
         self._update_controls()
 
@@ -410,6 +411,7 @@ class ComparePage(QWidget):
         self._held = dtype or "full precision"
         bases = {r["suite"]: r for r in self.rows if r["model"] == self._base}
         variants = {r["model"] for r in self.rows} - {self._base}
+        self.table.horizontalHeaderItem(0).setText("Variant\nsuite" if len(variants) > 1 else "Suite")
         for row in self.rows:
             if row["model"] != self._base and row["suite"] in bases:
                 self._show(bases[row["suite"]], row, several=len(variants) > 1)
