@@ -6,6 +6,8 @@
     dllm-studio quantize MODEL --method rtn|gptq|awq|bnb-nf4|... --wbits 8|4|3|2 --out DIR [--format native|gptq] [--verify] ...
     dllm-studio export QUANTIZED_FOLDER --format native|gptq --out DIR [--verify] [--force]
     dllm-studio export MODEL --method ... --wbits ... --format native|gptq --out DIR [--verify]   (quantize's recipe flags)
+    dllm-studio compare BASE QUANT [QUANT ...] --suite qa|math|code|text|all|qa,math|PATH [--limit N] [--report DIR] [--json]
+    dllm-studio study MODEL --methods rtn,gptq,awq --bits w8a16,w4a16,w3a16,w2a16 --suite all --report DIR [--limit N]
 
 MODEL is `demo` (the bundled model), a local folder, or a hub id such as GSAI-ML/LLaDA-8B-Instruct.
 Errors print one line and exit with status 1; set DLLM_DEBUG=1 for the full traceback.
@@ -36,6 +38,8 @@ EXAMPLES = """examples:
   dllm-studio eval demo-gptq-w4 --suite all
   dllm-studio export demo-rtn-w4 --format gptq --out demo-rtn-w4-gptq --verify
   dllm-studio export demo --method rtn --wbits 4 --format gptq --out demo-rtn-w4-gptq --verify
+  dllm-studio compare demo demo-gptq-w4 --suite all --report cmp-gptq-w4
+  dllm-studio study demo --methods rtn,gptq,awq --bits w8a16,w4a16,w3a16,w2a16 --suite all --report study-demo
 """
 
 # The sampler's flags, shared by generate and eval: flag, argparse options, help, generate's default.
