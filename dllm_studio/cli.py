@@ -638,16 +638,14 @@ def _print_verdict(report: dict) -> int:
 
 def _suites_checked(args: argparse.Namespace) -> tuple[list, dict]:
     """The suites and sampler overrides the flags ask for, refused before any model is loaded."""
+    from dllm_studio.compare import checked_suites
     from dllm_studio.errors import InvalidSettingsError
-    from dllm_studio.eval.runner import suite_config
     from dllm_studio.eval.scoring import require_sandbox
-    from dllm_studio.eval.suites import SUITES, load_suite
+    from dllm_studio.eval.suites import SUITES
 
     names = SUITES if args.suite == "all" else (args.suite,) if Path(args.suite).is_file() else args.suite.split(",")
-    suites = [load_suite(name.strip(), args.split) for name in names]
     overrides = _sampler_overrides(args)
-    for suite in suites:
-        suite_config(suite.name, overrides)
+    suites = checked_suites([name.strip() for name in names], args.split, overrides)
     if args.limit is not None and args.limit < 1:
         raise InvalidSettingsError(f"--limit must be at least 1, not {args.limit}.")
     if any(suite.name == "code" for suite in suites):

@@ -87,11 +87,7 @@ def compare(candidates: Sequence[Candidate], suites: Sequence[str | Path | Suite
     labels = [c.label for c in candidates]
     if len(set(labels)) != len(labels):
         raise InvalidSettingsError(f"Two models share a label: {', '.join(labels)}.")
-    loaded = [s if isinstance(s, Suite) else load_suite(s, split) for s in suites]
-    if not loaded:
-        raise InvalidSettingsError("Choose at least one suite.")
-    for suite in loaded:
-        suite_config(suite.name, overrides)  # raises for settings the sampler would refuse
+    loaded = checked_suites(suites, split, overrides)
     if limit is not None and limit < 1:
         raise InvalidSettingsError(f"limit must be at least 1, not {limit}.")
 
@@ -113,28 +109,41 @@ def compare(candidates: Sequence[Candidate], suites: Sequence[str | Path | Suite
                 if suite.name == "text" and model.mask_token_id is None:
                     report["notes"].append(f"{candidate.label}: no text suite ({model.family} models have no mask token).")
                     continue
-                base = base_results.get(suite.name)
+                base = base_results.get(suite.label)
                 if index and base is None:
                     continue  # the base could not score this suite (see notes)
                 elapsed = time.perf_counter() - started
-                yield CompareStage(suite.name, candidate.label, done + 1, total, elapsed,
+                yield CompareStage(suite.label, candidate.label, done + 1, total, elapsed,
                                    elapsed / done * (total - done) if done else None)
                 keep = flips and suite.name != "text"
                 result = yield from evaluate(model, suite, overrides, limit, cancel, unsafe_code_eval, keep_steps=keep)
                 if index == 0:
-                    base_results[suite.name] = result
-                _add_answers(report, suite.name, candidate.label, result)
-                flipped = _add_flips(report, suite.name, candidate.label, model, base, result, cancel) \
+                    base_results[suite.label] = result
+                _add_answers(report, suite.label, candidate.label, result)
+                flipped = _add_flips(report, suite, candidate.label, model, base, result, cancel) \
                     if keep and index else None
-                row = suite_row(suite.name, candidate.label, result, base, entry, memory.peak, flipped)
+                row = suite_row(suite.label, candidate.label, result, base, entry, memory.peak, flipped)
                 report["rows"].append(row)
-                report["settings"].setdefault(suite.name, result.settings)
+                report["settings"].setdefault(suite.label, result.settings)
                 yield SuiteCompared(row)
         del model  # a loaded variant is let go before the next one loads
         gc.collect()
-    report["suites"] = [s.name for s in loaded]
+    report["suites"] = [s.label for s in loaded]
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def checked_suites(suites: Sequence[str | Path | Suite], split: str, overrides: dict | None) -> list[Suite]:
+    """The suites loaded, with the sampler settings each would run and a distinct label each, or the error."""
+    loaded = [s if isinstance(s, Suite) else load_suite(s, split) for s in suites]
+    if not loaded:
+        raise InvalidSettingsError("Choose at least one suite.")
+    labels = [s.label for s in loaded]
+    if len(set(labels)) != len(labels):
+        raise InvalidSettingsError(f"Two suites share a name ({', '.join(labels)}); rename a suite file.")
+    for suite in loaded:
+        suite_config(suite.name, overrides)  # raises for settings the sampler would refuse
+    return loaded
 
 
 def machine(device) -> str:
@@ -216,14 +225,14 @@ def _add_answers(report: dict, suite: str, label: str, result: EvalResult) -> No
                                   "nll_per_token": record.nll_per_token}
 
 
-def _add_flips(report: dict, suite: str, label: str, model: DiffusionLM, base: EvalResult, result: EvalResult,
+def _add_flips(report: dict, suite: Suite, label: str, model: DiffusionLM, base: EvalResult, result: EvalResult,
                cancel: CancelToken | None) -> tuple[int, float | None]:
     """Teacher-force `model` on every item's base trajectory, per item into the report; returns how many items
     flipped somewhere and the mean step of their first flip."""
     from dllm_studio.flips import decision_flips
 
-    config = suite_config(suite, report["overrides"])
-    items = {item["id"]: item for item in report["items"][suite]}
+    config = suite_config(suite.name, report["overrides"])
+    items = {item["id"]: item for item in report["items"][suite.label]}
     firsts = []
     for ours, theirs in zip(result.records, base.records):
         flips = decision_flips(model, theirs.prompt_ids, config, theirs.trajectory, ours.trajectory, cancel)

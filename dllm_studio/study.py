@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dllm_studio.compare import REPORT_VERSION, Candidate, SuiteCompared, machine, model_entry, suite_row
+from dllm_studio.compare import (REPORT_VERSION, Candidate, SuiteCompared, checked_suites, machine, model_entry,
+                                 suite_row)
 from dllm_studio.errors import DllmError, InvalidSettingsError, WriteError
 from dllm_studio.eval.runner import EvalResult, evaluate, suite_config
-from dllm_studio.eval.suites import Suite, load_suite
+from dllm_studio.eval.suites import Suite
 from dllm_studio.events import CancelToken, Event
 from dllm_studio.files import atomic_write_text, describe
 from dllm_studio.memory import MemorySampler
@@ -101,9 +102,7 @@ def study(base: Candidate, methods: Sequence[str], settings: Sequence[tuple[int,
     if not any(c["status"] == "pending" for c in cells):
         raise InvalidSettingsError("No method can produce any of these settings: " +
                                    "; ".join(f"{c['label']}: {c['reason']}" for c in cells))
-    loaded = [s if isinstance(s, Suite) else load_suite(s, split) for s in suites]
-    for suite in loaded:
-        suite_config(suite.name, overrides)
+    loaded = checked_suites(suites, split, overrides)
     folder = Path(folder)
     try:
         (folder / CACHE).mkdir(parents=True, exist_ok=True)
@@ -115,14 +114,14 @@ def study(base: Candidate, methods: Sequence[str], settings: Sequence[tuple[int,
     fingerprint, base_parameters = _fingerprint(model), model.num_parameters()
     started = time.perf_counter()
     report = {"version": REPORT_VERSION, "kind": "study", "base": base.label, "split": split, "limit": limit,
-              "overrides": dict(overrides or {}), "suites": [s.name for s in loaded], "settings": {}, "models": [],
+              "overrides": dict(overrides or {}), "suites": [s.label for s in loaded], "settings": {}, "models": [],
               "rows": [], "items": {}, "notes": [], "cells": cells, "machine": machine(model.device)}
     base_results: dict[str, EvalResult] = {}
 
     def run_cell(label: str, recipe_dict: dict | None) -> Generator[Event, None, bool]:
         """Every suite's row for one model (the base, or the base quantized by `recipe_dict`), from the cache
         or computed now (then cached); True when anything was computed."""
-        paths = {s.name: folder / CACHE / _cache_name(label, s, fingerprint, recipe_dict, split, limit, overrides)
+        paths = {s.label: folder / CACHE / _cache_name(label, s, fingerprint, recipe_dict, split, limit, overrides)
                  for s in loaded}
         cached = {name: _read_cache(path) for name, path in paths.items()}
         subject, profile = model, None
@@ -133,18 +132,18 @@ def study(base: Candidate, methods: Sequence[str], settings: Sequence[tuple[int,
         entry = model_entry(Candidate(label, profile=profile), subject, base_parameters)
         with MemorySampler() as memory:
             for suite in loaded:
-                saved = cached[suite.name]
+                saved = cached[suite.label]
                 if saved is None:
                     result = yield from evaluate(subject, suite, overrides, limit, cancel, unsafe_code_eval)
                     saved = {"result": result.to_dict(), "entry": entry, "peak_rss_bytes": memory.peak}
-                    atomic_write_text(paths[suite.name], json.dumps(saved) + "\n")
+                    atomic_write_text(paths[suite.label], json.dumps(saved) + "\n")
                 result = EvalResult.from_dict(saved["result"])
                 if recipe_dict is None:
-                    base_results[suite.name] = result
-                row = suite_row(suite.name, label, result, base_results.get(suite.name) if recipe_dict else None,
+                    base_results[suite.label] = result
+                row = suite_row(suite.label, label, result, base_results.get(suite.label) if recipe_dict else None,
                                 saved["entry"], saved["peak_rss_bytes"])
                 report["rows"].append(row)
-                report["settings"].setdefault(suite.name, result.settings)
+                report["settings"].setdefault(suite.label, result.settings)
                 if not any(m["label"] == label for m in report["models"]):
                     report["models"].append(saved["entry"])
                 write_report(_finished(report, started), folder)  # an interruption keeps every finished row
@@ -187,7 +186,7 @@ def _cache_name(label: str, suite: Suite, fingerprint: str, recipe: dict | None,
     key = json.dumps({"model": fingerprint, "recipe": recipe, "suite": str(suite.path), "items": suite.items[:limit],
                       "split": split, "limit": limit, "sampler": config}, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}-{suite.name}-{digest}.json"
+    return f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}-{suite.label}-{digest}.json"
 
 
 def _read_cache(path: Path) -> dict | None:

@@ -448,3 +448,20 @@ def test_the_order_of_the_padding_after_the_answer_is_no_flip():
     assert step([(5, 4)], [(5, eos)]).flipped  # writing past the answer's end
     assert padding.normalized((1, 2, 3, eos, mask, eos), mask) == padding.normalized((1, 2, 3, eos, eos, mask), mask)
     assert padding.normalized((1, 2, 3, mask), mask) != padding.normalized((1, 2, 3, eos), mask)  # the end itself counts
+
+
+def test_a_suite_file_is_a_row_of_its_own_and_two_of_one_name_are_refused(demo_model, tmp_path):
+    from dllm_studio.eval.suites import load_suite
+
+    items = load_suite("qa").items[:2]
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(item) + "\n" for item in items))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.jsonl").write_text(mine.read_text())
+    report = jobs.run(compare([Candidate("a", demo_model), Candidate("b", demo_model)], ["qa", mine], limit=2,
+                              flips=False))
+    assert report["suites"] == ["qa", "mine"] and [r["suite"] for r in report["rows"]] == ["qa", "mine"] * 2
+    assert list(report["items"]) == ["qa", "mine"]  # each file's answers apart, though both hold qa items
+    with pytest.raises(InvalidSettingsError, match=r"Two suites share a name \(mine, mine\)"):
+        jobs.run(compare([Candidate("a", load=never_load), Candidate("b", load=never_load)],
+                         [mine, tmp_path / "other" / "mine.jsonl"]))

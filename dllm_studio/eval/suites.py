@@ -39,6 +39,12 @@ class Suite:
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def label(self) -> str:
+        """How tables name it: a shipped suite by its name, a file by its stem (two files of qa items stay apart)."""
+        shipped = any(self.path == suite_path(self.name, split) for split in SPLITS)
+        return self.name if shipped else self.path.stem
+
 
 def suite_path(name: str, split: str = "test") -> Path:
     """Where the shipped suite `name` keeps its `split`."""
