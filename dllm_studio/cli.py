@@ -735,9 +735,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         if cell["status"] == "skipped":
             print(f"skipping {cell['label']}: {cell['reason']}", file=sys.stderr)
     base = Candidate(_labels([args.model])[0], load=lambda: _load(args, stages=False))
-    report = jobs.run(study(base, methods, settings, suites, args.report, limit=args.limit, overrides=overrides,
-                            split=args.split, recipe=recipe, unsafe_code_eval=args.unsafe_code_eval),
-                      _print_job_progress)
+    try:
+        report = jobs.run(study(base, methods, settings, suites, args.report, limit=args.limit, overrides=overrides,
+                                split=args.split, recipe=recipe, unsafe_code_eval=args.unsafe_code_eval),
+                          _print_job_progress)
+    except KeyboardInterrupt:
+        print(f"the finished cells are kept in {args.report} (its report.html shows them); the same command "
+              "resumes after them", file=sys.stderr)
+        raise
     header, grid = study_grid(report)
     print(text_table(grid, header))
     print(f"report: {Path(args.report) / 'report.html'} (and report.json, report.csv)", file=sys.stderr)

@@ -186,7 +186,8 @@ def suite_row(suite: str, label: str, result: EvalResult, base: EvalResult | Non
     text = result.accuracy is None
     row = {"suite": suite, "model": label, "metric": "nll_per_token" if text else "accuracy", "items": result.items,
            "score": result.nll_per_token if text else result.accuracy, "score_low": None, "score_high": None,
-           "relative_drop": None, "drop_low": None, "drop_high": None, "p_value": None, "test": "", "band": "",
+           "relative_drop": None, "drop_low": None, "drop_high": None, "absolute_drop": None,
+           "absolute_drop_low": None, "absolute_drop_high": None, "p_value": None, "test": "", "band": "",
            "verdict": "baseline" if base is None else "", "agreement": None,
            "ms_per_step": result.ms_per_step, "forward_passes_per_answer": result.forward_passes_per_item,
            "forward_equivalents_per_answer": result.forward_equivalents_per_item,
@@ -208,6 +209,13 @@ def suite_row(suite: str, label: str, result: EvalResult, base: EvalResult | Non
                verdict=stats.verdict)
     if stats.drop_interval is not None:
         row["drop_low"], row["drop_high"] = stats.drop_interval
+    # The drop in the metric's own units (accuracy: a fraction, shown as points; NLL: nats per token, worse > 0);
+    # its interval is Newcombe's on the difference itself, before `accuracy_drop` scaled it by the base's accuracy.
+    base_score = base.nll_per_token if text else base.accuracy
+    if base_score is not None and row["score"] is not None:
+        row["absolute_drop"] = row["score"] - base_score if text else base_score - row["score"]
+        if stats.drop_interval is not None:
+            row["absolute_drop_low"], row["absolute_drop_high"] = (x * base_score for x in stats.drop_interval)
     if not text:
         same = sum(a.generated == b.generated for a, b in zip(base.records, result.records))
         row["agreement"] = same / len(result.records)

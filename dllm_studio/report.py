@@ -22,10 +22,11 @@ from dllm_studio.memory import human
 FILES = ("report.json", "report.csv", "report.html")
 MINUS = "\u2212"  # a real minus sign: "-2.1" reads as a hyphenated fragment in proportional fonts
 ROW_FIELDS = ("model", "suite", "metric", "items", "score", "score_low", "score_high", "relative_drop", "drop_low",
-              "drop_high", "p_value", "test", "band", "verdict", "agreement", "flipped_items", "first_flip_mean",
+              "drop_high", "absolute_drop", "absolute_drop_low", "absolute_drop_high", "p_value", "test", "band", "verdict", "agreement", "flipped_items", "first_flip_mean",
               "ms_per_step", "forward_passes_per_answer", "forward_equivalents_per_answer", "wall_s_per_answer",
               "tokens_per_step", "peak_rss_bytes", "weight_bytes", "bits_per_weight", "bits_per_parameter", "kernels")
-TABLE_HEADER = ("model", "suite", "items", "score [95 % CI]", "change [95 % CI]", "verdict", "agree", "flipped",
+TABLE_HEADER = ("model", "suite", "items", "score [95 % CI]", "change [95 % CI]", "points", "verdict", "agree",
+                "flipped",
                 "ms/step", "passes/answer", "s/answer", "tokens/step", "peak RSS", "weights", "bits/w", "kernels")
 
 
@@ -53,6 +54,17 @@ def change_text(row: dict) -> str:
     return text.replace("-", MINUS)
 
 
+def points_text(row: dict) -> str:
+    """The absolute change: accuracy points ("−2.4 pts [−5.1, +0.3]"), or nats per token for the text suite."""
+    if row["absolute_drop"] is None:
+        return "—"
+    scale, unit = (1, " nats") if row["metric"] == "nll_per_token" else (100, " pts")
+    text = f"{0.0 - scale * row['absolute_drop']:+.{3 if scale == 1 else 1}f}{unit}"
+    if row["absolute_drop_low"] is not None:
+        text += f" [{0.0 - scale * row['absolute_drop_high']:+.1f}, {0.0 - scale * row['absolute_drop_low']:+.1f}]"
+    return text.replace("-", MINUS)
+
+
 def _number(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
@@ -60,7 +72,8 @@ def _number(value, spec: str, suffix: str = "") -> str:
 def row_cells(row: dict) -> tuple[str, ...]:
     """One row in words, column by column as TABLE_HEADER names them."""
     flipped = "—" if row["flipped_items"] is None else f"{row['flipped_items']}/{row['items']}"
-    return (row["model"], row["suite"], str(row["items"]), score_text(row), change_text(row), row["verdict"],
+    return (row["model"], row["suite"], str(row["items"]), score_text(row), change_text(row), points_text(row),
+            row["verdict"],
             _number(row["agreement"] and 100 * row["agreement"], ".0f", " %"), flipped,
             _number(row["ms_per_step"], ".1f"), _number(row["forward_passes_per_answer"], ".1f"),
             _number(row["wall_s_per_answer"], ".2f"), _number(row["tokens_per_step"], ".2f"),

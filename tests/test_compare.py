@@ -232,6 +232,11 @@ def test_rows_hold_the_paired_statistics_of_the_same_evaluations(compared, demo_
     assert (row["score"], row["relative_drop"], row["p_value"], row["test"], row["verdict"], row["band"]) == \
            (quant.accuracy, stats.drop, stats.p_value, stats.test, stats.verdict, stats.band or "")
     assert (row["drop_low"], row["drop_high"]) == stats.drop_interval
+    # in points too: 1 of 3 lost is 33.3 points, with Newcombe's interval on the difference itself (b = 1, c = 0)
+    from dllm_studio.eval.stats import paired_difference_interval
+
+    assert row["absolute_drop"] == pytest.approx(1 / 3)
+    assert (row["absolute_drop_low"], row["absolute_drop_high"]) == pytest.approx(paired_difference_interval(2, 1, 0, 0))
     assert (row["score_low"], row["score_high"]) == wilson(2, 3)
     base_row = row_of(report, "demo", "math")
     assert (base_row["score"], base_row["score_low"], base_row["score_high"]) == (1.0, *wilson(3, 3))

@@ -46,7 +46,7 @@ def choose(page, *suites, limit):
 # The row fields that depend neither on timing, nor on the process's memory, nor on what else the model ran before
 # (kernels: every token-count bucket it has run): the CLI and the GUI must agree on them.
 MEASURED = ("suite", "model", "metric", "items", "score", "score_low", "score_high", "relative_drop", "drop_low",
-            "drop_high", "p_value", "test", "band", "verdict", "agreement", "flipped_items", "first_flip_mean",
+            "drop_high", "absolute_drop", "absolute_drop_low", "absolute_drop_high", "p_value", "test", "band", "verdict", "agreement", "flipped_items", "first_flip_mean",
             "forward_passes_per_answer", "tokens_per_step", "weight_bytes", "bits_per_weight", "bits_per_parameter")
 
 
@@ -114,6 +114,7 @@ def _row(model, score, drop):
     low, high = wilson(round(score * 5), 5)
     return {"suite": "qa", "model": model, "metric": "accuracy", "items": 5, "score": score, "score_low": low,
             "score_high": high, "relative_drop": drop, "drop_low": None, "drop_high": None,
+            "absolute_drop": None if drop is None else drop * 1.0, "absolute_drop_low": None, "absolute_drop_high": None,
             "p_value": None if drop is None else 0.5, "test": "exact McNemar", "band": "",
             "verdict": "baseline" if drop is None else "not significant at n = 5", "agreement": None,
             "flipped_items": None, "first_flip_mean": None, "ms_per_step": 5.0, "forward_passes_per_answer": 16.0,

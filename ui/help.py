@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QDialog, QDialogButtonBox, QTextBrowser, QVBoxLayo
 from dllm_studio.eval.drop import BANDS
 from dllm_studio.memory import HEADROOM
 from dllm_studio.profile import OUTLIER_ALARM
-from ui.theme import BAD, BAND_COLORS, FIT_COLORS, FP_COLOR, QUANT_COLOR
+from ui.theme import BAD, BAND_COLORS, FIT_COLORS, FLIP_POSITION, FLIP_TOKEN, FP_COLOR, QUANT_COLOR
 
 
 def _swatch(color: str, text: str) -> str:
@@ -55,10 +55,17 @@ masks ({MASK}); each step commits some tokens, coloured by the model's confidenc
 <span style="{DIFFER_STYLE}">underlined</span> tokens differ between the panes. The slider replays any step.
 Cache and Threshold (the sampler panel) are Fast-dLLM's speed-ups: a KV cache reused within a block, and
 committing every token confident enough at once, so one step may reveal many; both are approximations, and
-the stats say what they saved (full-sequence passes, tokens per step).</li>
+the stats say what they saved (full-sequence passes, tokens per step). Under the panes, the decision-flip strip
+has a cell per full-precision step: the quantized model is shown full precision's state before that step and
+asked what it would commit; {_swatch(FLIP_POSITION, "another position")}{_swatch(FLIP_TOKEN, "another token")}
+mark where it would decide otherwise, the marker where the two answers part.</li>
 <li><b>Compare</b>: scores both on the task suites. The relative drop in accuracy is named with the seed
 study's bands: {_bands()}; a drop is only given a band when it is statistically distinguishable from no
-difference on these items, otherwise it reads "not significant".</li>
+difference on these items, otherwise it reads "not significant". Agreement is the share of items answered
+exactly alike, and "flipped" the items with a decision flip somewhere (as in Chat's strip). The plots (accuracy
+per category, accuracy vs size with its Pareto front, latency vs size, per-layer outliers and error) and the
+saved report are the CLI's <code>dllm-studio compare</code> ones; Open report shows any of them, a
+<code>dllm-studio study</code> too.</li>
 <li><b>Export</b>: writes the variant to a folder (dLLM Studio's layout, or GPTQ for other tools), then reloads
 it and checks it gives the same logits.</li>
 </ol>

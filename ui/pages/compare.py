@@ -27,7 +27,7 @@ from dllm_studio.eval.runner import unisolated_code
 from dllm_studio.eval.suites import SUITES, load_suite
 from dllm_studio.events import EvalProgress
 from dllm_studio.memory import size_change
-from dllm_studio.report import change_text, charts, read_report, score_text, write_report
+from dllm_studio.report import change_text, charts, points_text, read_report, score_text, write_report
 from dllm_studio.speed import simulated, speed_note
 from ui.dialogs import ask, show_error
 from ui.session import Session
@@ -340,7 +340,7 @@ class ComparePage(QWidget):
             if column:
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.table.setItem(r, column, item)
-        evidence = f"{row['test']}: p = {row['p_value']:.3g}"
+        evidence = f"{points_text(row)} against full precision; {row['test']}: p = {row['p_value']:.3g}"
         if row["metric"] == "nll_per_token":
             evidence += "; no interval for a likelihood"
         for column in (DROP_COLUMN, VERDICT_COLUMN):
