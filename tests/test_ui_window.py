@@ -89,6 +89,7 @@ def test_journey_quantize_chat_compare_export_reload(qtbot, window, tmp_path):
     qtbot.waitUntil(lambda: len(finished) == 2, timeout=60_000)
     assert frames["fp"] >= 16 and frames["quant"] >= 16
     assert finished["fp"] and finished["quant"]
+    qtbot.waitUntil(lambda: not w.session.busy, timeout=60_000)  # the turn ends with its decision flips
 
     # compare on a few items per suite
     w.show_page("compare")
