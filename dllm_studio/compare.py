@@ -45,7 +45,7 @@ class Candidate:
     label: str
     model: DiffusionLM | None = None
     load: Callable[[], DiffusionLM] | None = None
-    profile: dict | None = None  # the quantizer's {"summary", "layers"}; read from the model's folder when None
+    profile: dict | None = None  # the quantizer's {"summary", "layers"}; read from the model's folder when it has none
 
     def open(self) -> DiffusionLM:
         if self.model is not None:
@@ -160,7 +160,9 @@ def model_entry(candidate: Candidate, model: DiffusionLM, base_parameters: int |
     from dllm_studio.quant.export import read_profile
 
     recipe = getattr(model, "quantization", None)
-    profile = candidate.profile if candidate.profile is not None else (read_profile(model.path) if recipe else {})
+    profile = candidate.profile or {}
+    if recipe is not None and not profile.get("summary"):  # a folder keeps its profile beside the weights
+        profile = read_profile(model.path)
     weight_bytes = model.weight_bytes()
     dtype_bits = model.dtype.itemsize * 8
     summary = profile.get("summary", {})
