@@ -148,11 +148,9 @@ def checked_suites(suites: Sequence[str | Path | Suite], split: str, overrides: 
 
 def machine(device) -> str:
     """Where the numbers were measured: timings mean nothing without it."""
-    import torch
-
     from dllm_studio.hardware import cpu_units
 
-    return f"Measured on {cpu_units().line()}, {torch.get_num_threads()} threads, device {device}."
+    return f"Measured on {cpu_units().line()}, device {device}."
 
 
 def model_entry(candidate: Candidate, model: DiffusionLM, base_parameters: int | None) -> dict:
