@@ -163,26 +163,3 @@ class MemoryChart(_Chart):
                 self.addItem(self.cuda)
                 self.legend.addItem(self.cuda, "CUDA")
             self.cuda.setData(t, cuda)
-
-
-class GroupedBars(_Chart):
-    """Full precision and quantized side by side per category (accuracy per suite)."""
-
-    def __init__(self, title: str, y_label: str, description: str, parent=None) -> None:
-        super().__init__(title, "", y_label, description, parent)
-        self.fp = pg.BarGraphItem(x=[], height=[], width=0.38, brush=pg.mkBrush(FP_COLOR), name="full precision")
-        self.q = pg.BarGraphItem(x=[], height=[], width=0.38, brush=pg.mkBrush(QUANT_COLOR), name="quantized")
-        self.addItem(self.fp)
-        self.addItem(self.q)
-        # The legend has a row of its own under the plot: inside it, it covers any bar that reaches its corner.
-        self.legend = pg.LegendItem(colCount=2)
-        self.plotItem.layout.addItem(self.legend, 4, 1, alignment=pg.QtCore.Qt.AlignmentFlag.AlignHCenter)
-        self.legend.addItem(self.fp, "full precision")
-        self.legend.addItem(self.q, "quantized")
-
-    def set_values(self, categories: list[str], fp: list[float | None], q: list[float | None]) -> None:
-        x = np.arange(len(categories), dtype=float)
-        self.fp.setOpts(x=x - 0.2, height=[v or 0 for v in fp])
-        self.q.setOpts(x=x + 0.2, height=[v or 0 for v in q])
-        self.getAxis("bottom").setTicks([list(zip(x, categories))])
-        self.setXRange(-0.7, max(len(categories), 1) - 0.3, padding=0)
