@@ -169,9 +169,10 @@ def _fit(text: str, pixels: float) -> str:
 
 def bars(title: str, categories: Sequence[str], series: Mapping[str, Sequence[float | None]], *, y_label: str,
          y_max: float | None = None, errors: Mapping[str, Sequence[tuple[float, float] | None]] | None = None,
-         width: int = 640, height: int = 320, empty: str = "No data") -> str:
+         width: int = 640, height: int = 320, empty: str = "No data", missing: str = "n/a") -> str:
     """Grouped bars: a group per category, a bar per series (in legend order), optional (low, high) error
-    bars such as 95 % intervals; a None value shows as "n/a" where its bar would stand."""
+    bars such as 95 % intervals; a None value shows as `missing` where its bar would stand ("": a gap, where
+    many are missing by design and the title says why)."""
     errors = errors or {}
     for name, values in series.items():
         _same_length(name, values, len(categories), "categories")
@@ -199,8 +200,9 @@ def bars(title: str, categories: Sequence[str], series: Mapping[str, Sequence[fl
         for i, value in enumerate(vals):
             cx = left + i * group + group * 0.1 + (j + 0.5) * slot
             if value is None:
-                out.append(f'<text class="na" x="{cx:.1f}" y="{clamp(y(0)) - 3:.1f}" text-anchor="middle" '
-                           f'font-size="9" fill="{_MUTED}">n/a</text>')
+                if missing:
+                    out.append(f'<text class="na" x="{cx:.1f}" y="{clamp(y(0)) - 3:.1f}" text-anchor="middle" '
+                               f'font-size="9" fill="{_MUTED}">{_esc(missing)}</text>')
                 continue
             y0, y1 = sorted((clamp(y(value)), clamp(y(0))))
             out.append(f'<rect class="bar" x="{cx - slot / 2:.1f}" y="{y0:.1f}" width="{slot:.1f}" '
@@ -216,9 +218,10 @@ def bars(title: str, categories: Sequence[str], series: Mapping[str, Sequence[fl
 
 def scatter(title: str, points: Sequence[tuple[str, float, float]], *, x_label: str, y_label: str,
             log_x: bool = False, front: bool = False, x_format: Callable[[float], str] = _number,
-            width: int = 640, height: int = 320, empty: str = "No data") -> str:
+            front_labels_only: bool = False, width: int = 640, height: int = 320, empty: str = "No data") -> str:
     """Labelled points; `front` joins the Pareto front (smaller x, larger y is better) with a staircase and
-    emphasises its points. `x_format` writes the x ticks, e.g. bytes as "1.5 MB"."""
+    emphasises its points. `x_format` writes the x ticks, e.g. bytes as "1.5 MB". `front_labels_only`: name only
+    the front's points (a crowd of labels is unreadable; every point keeps its name as a tooltip)."""
     for label, x, y in points:
         _finite(label, (x, y))
         if log_x:
@@ -240,12 +243,15 @@ def scatter(title: str, points: Sequence[tuple[str, float, float]], *, x_label: 
         px, py, on_front = xa(x), ya(y), i in best
         anchor, tx = ("end", px - 7) if px > (left + right) / 2 else ("start", px + 7)  # stay inside the plot
         weight = ' font-weight="bold"' if on_front else ""
-        out += [f'<circle class="{"point front" if on_front else "point"}" cx="{px:.1f}" cy="{py:.1f}" '
-                f'r="{5 if on_front else 3.5}" fill="{PALETTE[3] if on_front else PALETTE[0]}" stroke="{_INK}" '
-                f'stroke-width="{1 if on_front else 0}"><title>{_esc(label)}: {_esc(x_format(x))}, '
-                f'{_number(y)}</title></circle>',
-                f'<text x="{tx:.1f}" y="{py - 6:.1f}" text-anchor="{anchor}" fill="{_INK}"{weight}>'
-                f'{_esc(label)}</text>']
+        out.append(f'<circle class="{"point front" if on_front else "point"}" cx="{px:.1f}" cy="{py:.1f}" '
+                   f'r="{5 if on_front else 3.5}" fill="{PALETTE[3] if on_front else PALETTE[0]}" stroke="{_INK}" '
+                   f'stroke-width="{1 if on_front else 0}"><title>{_esc(label)}: {_esc(x_format(x))}, '
+                   f'{_number(y)}</title></circle>')
+        if on_front or not front_labels_only:
+            # Neighbours on the front sit close together: their labels go above and below by turns.
+            ty = py + 14 if on_front and best.index(i) % 2 else py - 6
+            out.append(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" fill="{_INK}"{weight}>'
+                       f'{_esc(label)}</text>')
     return _svg(title, width, height, out)
 
 

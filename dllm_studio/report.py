@@ -139,17 +139,25 @@ def charts(report: dict) -> dict[str, str]:
         row = by.get((label, suite))
         return None if row is None else (100 * row["score_low"], 100 * row["score_high"])
 
+    cells = [c for c in report.get("cells", []) if c["status"] != "skipped"]
+    if answer_suites and labels and cells:  # a study: per category, a group per setting, a bar per method
+        settings = list(dict.fromkeys(c["setting"] for c in cells))
+        methods = list(dict.fromkeys(c["method"] for c in cells))
+        for suite in answer_suites:
+            label = {(c["setting"], c["method"]): c["label"] for c in cells}
+            series = {m: [accuracy(label.get((st, m)), suite) for st in settings] for m in methods}
+            errors = {m: [interval(label.get((st, m)), suite) for st in settings] for m in methods}
+            base = accuracy(report["base"], suite)
+            reference = "" if base is None else f"; full precision {base:.1f} %"
+            out[f"{suite} by setting"] = plots.bars(
+                f"{suite} accuracy by setting and method (95 % intervals{reference}; a gap: a setting it does not make)",
+                settings, series, y_label="accuracy (%)", y_max=100, errors=errors, width=960, missing="")
+    elif answer_suites and labels:  # a group per category, a bar per model
+        series = {m: [accuracy(m, s) for s in answer_suites] for m in labels}
+        errors = {m: [interval(m, s) for s in answer_suites] for m in labels}
+        out["Accuracy per category"] = plots.bars("Accuracy per category (95 % intervals)", answer_suites, series,
+                                                  y_label="accuracy (%)", y_max=100, errors=errors)
     if answer_suites and labels:
-        if len(labels) <= 4:  # a group per category, a bar per model
-            series = {m: [accuracy(m, s) for s in answer_suites] for m in labels}
-            errors = {m: [interval(m, s) for s in answer_suites] for m in labels}
-            out["Accuracy per category"] = plots.bars("Accuracy per category (95 % intervals)", answer_suites, series,
-                                                      y_label="accuracy (%)", y_max=100, errors=errors)
-        else:  # a study's many models: a group per model, a bar per category
-            series = {s: [accuracy(m, s) for m in labels] for s in answer_suites}
-            errors = {s: [interval(m, s) for m in labels] for s in answer_suites}
-            out["Accuracy per category"] = plots.bars("Accuracy per category (95 % intervals)", labels, series,
-                                                      y_label="accuracy (%)", y_max=100, errors=errors, width=960)
         mean_acc, mean_ms = [], []
         for m in labels:
             scores = [accuracy(m, s) for s in answer_suites]
@@ -161,11 +169,15 @@ def charts(report: dict) -> dict[str, str]:
         over = ", ".join(answer_suites)
         out["Accuracy vs size"] = plots.scatter(f"Mean accuracy over {over} vs weight bytes (Pareto front)", mean_acc,
                                                 x_label="weights held (bytes)", y_label="mean accuracy (%)",
-                                                log_x=True, front=True, x_format=human)
+                                                log_x=True, front=True, x_format=human,
+                                                front_labels_only=len(mean_acc) > 6)
         out["Latency vs size"] = plots.scatter(f"Time per denoising step vs weight bytes ({over})", mean_ms,
                                                x_label="weights held (bytes)", y_label="ms per step", log_x=True,
                                                x_format=human)
     profiled = [m for m in models if m["layers"]]
+    if cells:  # a study's many models: the layers of its last setting (the sweep's hardest, as it is ordered)
+        last = {c["label"] for c in cells if c["setting"] == cells[-1]["setting"]}
+        profiled = [m for m in profiled if m["label"] in last]
     if profiled:
         names = [layer["name"] for layer in profiled[0]["layers"]]
         short = [_short(n) for n in names]

@@ -224,3 +224,17 @@ def test_qt_renders_every_chart(qapp):
     painter.end()
     x, y = (float(bar.get(k)) + float(bar.get(d)) / 2 for k, d in (("x", "width"), ("y", "height")))
     assert image.pixelColor(int(x), int(y)) == QColor(PALETTE[0])
+
+
+def test_a_gap_instead_of_na_where_many_values_are_missing_by_design():
+    series = {"RTN": [80.0, 70.0], "GPTQ": [82.0, None]}
+    assert len(marks(parse(bars("t", ["W4", "W8A8"], series, y_label="%")), "text", "na")) == 1
+    gapped = parse(bars("t", ["W4", "W8A8"], series, y_label="%", missing=""))
+    assert not marks(gapped, "text", "na") and len(marks(gapped, "rect", "bar")) == 3
+
+
+def test_only_the_front_is_named_when_asked():
+    points = [("small", 1.0, 50.0), ("best", 2.0, 90.0), ("dominated", 3.0, 60.0)]
+    named = texts(parse(scatter("t", points, x_label="x", y_label="y", front=True, front_labels_only=True)))
+    assert "small" in named and "best" in named and "dominated" not in named
+    assert "dominated" in texts(parse(scatter("t", points, x_label="x", y_label="y", front=True)))
