@@ -210,6 +210,7 @@ def test_compare_says_a_simulated_variants_step_time_is_accuracy_only():
     from dllm_studio.quant.kernels import SIMULATED_NOTE
     from ui.pages.compare import _ms_q
 
-    row = {"ms_per_step_fp": 10.0, "ms_per_step_q": 25.0, "kernels_q": {f"dequant ({SIMULATED_NOTE})": 28}}
-    assert _ms_q(row) == "25.0\naccuracy-only"
-    assert _ms_q({**row, "kernels_q": {"w8a8": 28}}) == "25.0\n2.50× FP"
+    base = {"ms_per_step": 10.0}
+    row = {"ms_per_step": 25.0, "kernels": {f"dequant ({SIMULATED_NOTE})": 28}}
+    assert _ms_q(base, row) == "25.0\naccuracy-only"
+    assert _ms_q(base, {**row, "kernels": {"w8a8": 28}}) == "25.0\n2.50× FP"
