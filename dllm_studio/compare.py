@@ -92,9 +92,7 @@ def compare(candidates: Sequence[Candidate], suites: Sequence[str | Path | Suite
         raise InvalidSettingsError(f"limit must be at least 1, not {limit}.")
 
     started, total = time.perf_counter(), len(candidates) * len(loaded)
-    report = {"version": REPORT_VERSION, "kind": "compare", "base": labels[0], "split": split, "limit": limit,
-              "overrides": dict(overrides or {}), "suites": [], "settings": {}, "models": [], "rows": [],
-              "items": {}, "notes": []}
+    report = new_report("compare", labels[0], split=split, limit=limit, overrides=overrides)
     base_results: dict[str, EvalResult] = {}
     base_parameters = 0
     for index, candidate in enumerate(candidates):
@@ -131,6 +129,15 @@ def compare(candidates: Sequence[Candidate], suites: Sequence[str | Path | Suite
     report["suites"] = [s.label for s in loaded]
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def new_report(kind: str, base: str, *, split: str = "test", limit: int | None = None, overrides: dict | None = None,
+               suites: Sequence[str] = (), rows: Sequence[dict] = (), notes: Sequence[str] = ()) -> dict:
+    """A report's skeleton ("compare" or "study"): what `report.write_report` lays out and `read_report` expects.
+    A face that stopped a run early makes its report of the rows it has with it."""
+    return {"version": REPORT_VERSION, "kind": kind, "base": base, "split": split, "limit": limit,
+            "overrides": dict(overrides or {}), "suites": list(suites), "settings": {}, "models": [],
+            "rows": list(rows), "items": {}, "notes": list(notes)}
 
 
 def checked_suites(suites: Sequence[str | Path | Suite], split: str, overrides: dict | None) -> list[Suite]:

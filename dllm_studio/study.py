@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dllm_studio.compare import (REPORT_VERSION, Candidate, SuiteCompared, checked_suites, machine, model_entry,
+from dllm_studio.compare import (Candidate, SuiteCompared, checked_suites, machine, model_entry, new_report,
                                  suite_row)
 from dllm_studio.errors import DllmError, InvalidSettingsError, WriteError
 from dllm_studio.eval.runner import EvalResult, evaluate, suite_config
@@ -113,9 +113,8 @@ def study(base: Candidate, methods: Sequence[str], settings: Sequence[tuple[int,
         loaded = [s for s in loaded if s.name != "text"]
     fingerprint, base_parameters = _fingerprint(model), model.num_parameters()
     started = time.perf_counter()
-    report = {"version": REPORT_VERSION, "kind": "study", "base": base.label, "split": split, "limit": limit,
-              "overrides": dict(overrides or {}), "suites": [s.label for s in loaded], "settings": {}, "models": [],
-              "rows": [], "items": {}, "notes": [], "cells": cells, "machine": machine(model.device)}
+    report = {**new_report("study", base.label, split=split, limit=limit, overrides=overrides,
+                           suites=[s.label for s in loaded]), "cells": cells, "machine": machine(model.device)}
     base_results: dict[str, EvalResult] = {}
 
     def run_cell(label: str, recipe_dict: dict | None) -> Generator[Event, None, bool]:

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, Q
                                QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem,
                                QTabWidget, QVBoxLayout, QWidget)
 
-from dllm_studio.compare import Candidate, CompareStage, SuiteCompared, compare
+from dllm_studio.compare import Candidate, CompareStage, SuiteCompared, compare, new_report
 from dllm_studio.errors import DllmError, SuiteError
 from dllm_studio.eval.scoring import code_runner_missing
 from dllm_studio.eval.runner import unisolated_code
@@ -357,8 +357,7 @@ class ComparePage(QWidget):
 
     def _draw_plots(self) -> None:
         """The report's plots, drawn from the same SVG the HTML report holds."""
-        report = self.report or {"suites": list(dict.fromkeys(r["suite"] for r in self.rows)), "rows": self.rows,
-                                 "models": []}
+        report = self.report or self._partial_report()
         current = self.plots.currentIndex()
         self.plots.clear()
         for title, svg in charts(report).items():
@@ -375,9 +374,9 @@ class ComparePage(QWidget):
         """What was finished, as a report: the whole one after a run, the rows so far after a cancel."""
         if self.report is not None:
             return self.report
-        return {"version": 1, "kind": "compare", "base": self._base, "split": "test", "limit": self.limit.value() or None,
-                "suites": list(dict.fromkeys(r["suite"] for r in self.rows)), "models": [], "rows": self.rows,
-                "items": {}, "settings": {}, "notes": ["Incomplete: the run stopped; only the suites it finished are here."]}
+        return new_report("compare", self._base, limit=self.limit.value() or None, rows=self.rows,
+                          suites=list(dict.fromkeys(r["suite"] for r in self.rows)),
+                          notes=["Incomplete: the run stopped; only the suites it finished are here."])
 
     def _browse_save(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Save the report into")
