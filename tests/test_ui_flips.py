@@ -1,7 +1,7 @@
 """The Chat page's decision-flip strip: after a turn, the engine's `decision_flips`, one cell per step."""
 
 import pytest
-from PySide6.QtCore import QEvent, QPoint
+from PySide6.QtCore import QEvent
 from PySide6.QtGui import QColor, QHelpEvent
 from PySide6.QtWidgets import QApplication, QToolTip
 from test_ui_chat import PROMPT, SHORT, TIMEOUT, ask, engine_result, make_page
