@@ -94,13 +94,20 @@ def compare(candidates: Sequence[Candidate], suites: Sequence[str | Path | Suite
     started, total = time.perf_counter(), len(candidates) * len(loaded)
     report = new_report("compare", labels[0], split=split, limit=limit, overrides=overrides)
     base_results: dict[str, EvalResult] = {}
-    base_parameters = 0
+    base_parameters, base_masked = 0, True
     for index, candidate in enumerate(candidates):
         model = candidate.open()
         base_parameters = base_parameters or model.num_parameters()  # what bits per parameter divide by
         entry = model_entry(candidate, model, base_parameters)
         report["models"].append(entry)
         report.setdefault("machine", machine(model.device))
+        # Teacher forcing hands a model masked states: a family with its own sampler (no mask token) has none.
+        masked = model.mask_token_id is not None and base_masked
+        if index == 0:
+            base_masked = masked
+        if flips and not masked:
+            report["notes"].append(f"{candidate.label}: no decision flips ({model.family} models, or the base, "
+                                   "denoise without mask tokens).")
         with MemorySampler() as memory:
             for n, suite in enumerate(loaded):
                 done = index * len(loaded) + n
@@ -113,7 +120,7 @@ def compare(candidates: Sequence[Candidate], suites: Sequence[str | Path | Suite
                 elapsed = time.perf_counter() - started
                 yield CompareStage(suite.label, candidate.label, done + 1, total, elapsed,
                                    elapsed / done * (total - done) if done else None)
-                keep = flips and suite.name != "text"
+                keep = flips and masked and suite.name != "text"
                 result = yield from evaluate(model, suite, overrides, limit, cancel, unsafe_code_eval, keep_steps=keep)
                 if index == 0:
                     base_results[suite.label] = result

@@ -97,16 +97,40 @@ class DecisionFlips:
                                "candidate": [[c.position, c.token_id] for c in s.candidate]} for s in self.steps]}
 
 
-def first_divergence(reference: Sequence[DenoiseStep], other: Sequence[DenoiseStep], padding: Padding | None = None,
-                     mask_id: int = -1) -> int | None:
-    """The first step after which the two trajectories' states differ (one ending sooner counts), or None; with
-    `padding`, the order of the padding after the reference answer's end is no difference."""
-    def state(step: DenoiseStep) -> tuple[int, ...]:
-        return step.tokens if padding is None else padding.normalized(step.tokens, mask_id)
+@dataclass(frozen=True)
+class Step:
+    """What a kept trajectory holds of a `DenoiseStep`: its commits. The state after it is every commit so far
+    over the masks (`states`), so a suite's trajectories cost their commits, not steps × answer length."""
 
-    for a, b in zip(reference, other):
+    step: int
+    block: int
+    committed: tuple[Commit, ...]
+
+
+def compact(steps: Sequence[DenoiseStep]) -> tuple[Step, ...]:
+    return tuple(Step(s.step, s.block, s.committed) for s in steps)
+
+
+def states(steps: Sequence[DenoiseStep | Step], gen_length: int, mask_id: int) -> list[tuple[int, ...]]:
+    """The answer after each step: the masks with every commit so far (what `DenoiseStep.tokens` holds)."""
+    state, out = [mask_id] * gen_length, []
+    for step in steps:
+        for c in step.committed:
+            state[c.position] = c.token_id
+        out.append(tuple(state))
+    return out
+
+
+def first_divergence(reference: Sequence[tuple[int, ...]], other: Sequence[tuple[int, ...]],
+                     padding: Padding | None = None, mask_id: int = -1) -> int | None:
+    """The first step (1-based) after which two trajectories' states differ (one ending sooner counts), or None;
+    with `padding`, the order of the padding after the reference answer's end is no difference."""
+    def state(tokens: tuple[int, ...]) -> tuple[int, ...]:
+        return tokens if padding is None else padding.normalized(tokens, mask_id)
+
+    for n, (a, b) in enumerate(zip(reference, other), 1):
         if state(a) != state(b):
-            return a.step
+            return n
     if len(reference) != len(other) and reference and other:
         return min(len(reference), len(other)) + 1
     return None
@@ -114,17 +138,18 @@ def first_divergence(reference: Sequence[DenoiseStep], other: Sequence[DenoiseSt
 
 @torch.inference_mode()
 def decision_flips(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig,
-                   reference: Sequence[DenoiseStep], other: Sequence[DenoiseStep] | None = None,
+                   reference: Sequence[DenoiseStep | Step], other: Sequence[DenoiseStep | Step] | None = None,
                    cancel: CancelToken | None = None) -> DecisionFlips:
     """Teacher-force `model` on `reference` (the `DenoiseStep`s another model's `denoise` yielded for the same
-    prompt and `config`) and compare its decision with the reference's at every step.
+    prompt and `config`, or their `compact` form) and compare its decision with the reference's at every step.
 
     `other`, the model's own free-running steps, gives the first divergence. Costs one forward per step.
     """
     config = dataclasses.replace(config, cache="none", refresh_after=None)
     check_inputs(model, prompt_ids, config)
     P, mask_id = len(prompt_ids), model.mask_token_id
-    padding = Padding(model.answer_length(reference[-1].tokens), frozenset(model.stop_token_ids)) if reference else None
+    after = states(reference, config.gen_length, mask_id)  # after[i]: the state step i + 1 left
+    padding = Padding(model.answer_length(after[-1]), frozenset(model.stop_token_ids)) if reference else None
     state = [mask_id] * config.gen_length
     generator = torch.Generator().manual_seed(config.seed)  # drawn from in the reference's order, step by step
     stats, per_block = GenerationStats(), config.steps // config.num_blocks
@@ -142,5 +167,8 @@ def decision_flips(model: DiffusionLM, prompt_ids: list[int], config: Generation
             x = torch.tensor([prompt_ids + state], device=model.device)
             candidate = choose_commits(model, x, lo, hi, share, config, generator, stats)
         decisions.append(StepDecision(ref.step, ref.block, ref.committed, tuple(candidate), padding))
-        state = list(ref.tokens)
-    return DecisionFlips(tuple(decisions), None if other is None else first_divergence(reference, other, padding, mask_id))
+        state = list(after[len(decisions) - 1])
+    if other is None:
+        return DecisionFlips(tuple(decisions))
+    return DecisionFlips(tuple(decisions), first_divergence(after, states(other, config.gen_length, mask_id),
+                                                            padding, mask_id))

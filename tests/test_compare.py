@@ -15,7 +15,7 @@ from dllm_studio.errors import Cancelled, InvalidSettingsError, QuantizationErro
 from dllm_studio.eval.drop import compare_results
 from dllm_studio.eval.runner import evaluate
 from dllm_studio.eval.stats import wilson
-from dllm_studio.events import CancelToken, DenoiseStep, EvalProgress
+from dllm_studio.events import CancelToken, EvalProgress
 from dllm_studio.flips import decision_flips, first_divergence
 from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant import pipeline
@@ -134,8 +134,7 @@ def test_a_model_surer_of_a_later_position_flips_where_it_would_commit_elsewhere
 
 
 def steps_of(*states):
-    return [DenoiseStep(step=n, total_steps=len(states), block=0, tokens=tuple(s), committed=(), masked=())
-            for n, s in enumerate(states, 1)]
+    return [tuple(s) for s in states]
 
 
 def test_first_divergence_of_hand_made_trajectories():

@@ -223,3 +223,20 @@ def test_meta_load_describes_without_reading_weights(model, folder, tmp_path):
     meta = load_model(garbled, dtype="float32", device="meta")
     assert all(p.is_meta for p in meta.module.parameters())
     assert dataclasses.replace(meta.info(), path="", source="") == dataclasses.replace(model.info(), path="", source="")
+
+
+def test_compare_runs_without_decision_flips_for_a_family_without_masks(model, tmp_path):
+    """Teacher forcing hands a model masked states; DiffusionGemma denoises drafts, so compare leaves flips out."""
+    import json
+
+    from dllm_studio.compare import Candidate, compare
+    from dllm_studio.eval.suites import load_suite
+
+    suite = tmp_path / "few.jsonl"
+    suite.write_text("".join(json.dumps(item) + "\n" for item in load_suite("qa").items[:2]))
+    report = run(compare([Candidate("a", model), Candidate("b", model)], [suite], flips=True,
+                         overrides={"gen_length": 16, "steps": 4}))
+    assert [r["flipped_items"] for r in report["rows"]] == [None, None]
+    assert report["notes"] == ["a: no decision flips (diffusion_gemma models, or the base, denoise without mask tokens).",
+                               "b: no decision flips (diffusion_gemma models, or the base, denoise without mask tokens)."]
+    assert report["items"]["few"][0]["flips"] == {}

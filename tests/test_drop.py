@@ -2,7 +2,7 @@
 
 import pytest
 
-from dllm_studio.eval.drop import band, relative_drop
+from dllm_studio.eval.drop import accuracy_drop, band, relative_drop
 
 
 def test_relative_drop_for_accuracy_and_for_a_loss():
@@ -78,3 +78,8 @@ def test_nll_drop_uses_a_sign_test_and_gives_no_interval():
     assert stats.drop == pytest.approx(0.3 / 6) and stats.drop_interval is None and stats.fp_interval is None
     six = nll_drop([1.0] * 6, [1.5] * 6)  # six of six worse: p = 2 / 64
     assert six.p_value == pytest.approx(0.03125) and six.band == "significant"
+
+
+def test_both_models_scoring_nothing_is_no_drop_without_an_interval():
+    stats = accuracy_drop([False] * 3, [False] * 3)  # a tiny random model: no answer right on either side
+    assert (stats.drop, stats.drop_interval, stats.p_value, stats.verdict) == (0.0, None, 1.0, "not significant at n = 3")

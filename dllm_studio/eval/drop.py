@@ -87,7 +87,7 @@ def accuracy_drop(fp_correct: Sequence[bool], q_correct: Sequence[bool]) -> Drop
     fp_right, q_right = both + fp_only, both + q_only
     drop = relative_drop(fp_right / n, q_right / n) if n else None
     interval = None
-    if drop is not None:
+    if drop is not None and fp_right:  # both at 0 % is "no drop", but no interval scales by a zero accuracy
         low, high = paired_difference_interval(both, fp_only, q_only, neither)
         interval = (low / (fp_right / n), high / (fp_right / n))
     p = mcnemar_exact(fp_only, q_only)

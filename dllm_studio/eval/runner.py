@@ -22,7 +22,8 @@ from dllm_studio import jobs
 from dllm_studio.errors import InvalidSettingsError
 from dllm_studio.eval.scoring import final_number, normalize, require_sandbox, score_code, score_math, score_qa
 from dllm_studio.eval.suites import Suite, load_suite
-from dllm_studio.events import CancelToken, DenoiseStep, EvalProgress
+from dllm_studio.events import CancelToken, EvalProgress
+from dllm_studio.flips import compact
 from dllm_studio.memory import peak_rss_bytes
 from dllm_studio.quant import kernels
 from dllm_studio.sampling import GenerationConfig, shift_right
@@ -55,7 +56,7 @@ class ItemRecord:
     committed_tokens: int = 0
     wall_time_s: float = 0.0  # generating (or scoring) this item, code tests excluded
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # kept with the steps (`evaluate(keep_steps)`)
-    trajectory: list[DenoiseStep] = field(default_factory=list, repr=False)  # its denoising steps, when kept
+    trajectory: list = field(default_factory=list, repr=False)  # its denoising steps' commits (`flips.Step`), when kept
 
 
 @dataclass
@@ -195,7 +196,7 @@ def _answer_item(model: DiffusionLM, suite: str, item: dict, prompt_ids: list[in
                         steps=result.stats.steps, forward_passes=result.stats.forward_passes, forward_equivalents=result.stats.forward_equivalents,
                         committed_tokens=result.stats.committed_tokens, wall_time_s=result.stats.wall_time_s)
     if keep_steps:
-        record.prompt_ids, record.trajectory = list(prompt_ids), result.steps
+        record.prompt_ids, record.trajectory = list(prompt_ids), list(compact(result.steps))
     return record
 
 
