@@ -82,3 +82,7 @@ class WriteError(DllmError):
 
 class ConversationError(DllmError):
     """A saved chat conversation cannot be read (missing, malformed, or from a newer dLLM Studio)."""
+
+
+class ReportError(DllmError):
+    """A file that is not a dLLM Studio comparison or study report, or one written by a newer version."""

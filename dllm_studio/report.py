@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from dllm_studio import plots
-from dllm_studio.errors import DllmError
+from dllm_studio.errors import ReportError
 from dllm_studio.files import atomic_write_text
 from dllm_studio.memory import human
 
@@ -28,10 +28,6 @@ ROW_FIELDS = ("model", "suite", "metric", "items", "score", "score_low", "score_
 TABLE_HEADER = ("model", "suite", "items", "score [95 % CI]", "change [95 % CI]", "points", "verdict", "agree",
                 "flipped",
                 "ms/step", "passes/answer", "s/answer", "tokens/step", "peak RSS", "weights", "bits/w", "kernels")
-
-
-class ReportError(DllmError):
-    """A file that is not a dLLM Studio report, or one written by a newer version."""
 
 
 # ---- words ----------------------------------------------------------------------------------------------
