@@ -183,6 +183,12 @@ def _entry_span(entry) -> tuple[int, int, int] | None:
     return offsets[0], offsets[1], numel * _DTYPES[entry["dtype"]].itemsize
 
 
+def folder_fingerprint(folder: Path) -> list[tuple[str, int, int]]:
+    """What identifies a folder's files cheaply: names, sizes and modification times (hashing gigabytes of
+    weights would cost more than the work a changed file invalidates)."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
+
+
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor name in the folder's weights with its shape, from the headers alone."""
     return {name: tuple(entry["shape"]) for name, (_, entry) in _entries(folder).items()}

@@ -183,6 +183,16 @@ class LayerQuantized(Event):
 
 
 @dataclass(frozen=True)
+class StreamingStarted(Event):
+    """A streaming quantization (`quant.streaming`) begins: blocks are read from `shards` files one at a time."""
+
+    shards: int  # source weight files
+    blocks: int
+    first_block: int  # 1-based: where this run starts (after the blocks an earlier run finished)
+    note: str = ""  # what became of an earlier run's temporary folder: resumed, or started over and why
+
+
+@dataclass(frozen=True)
 class BlockQuantized(Event):
     """Progress: block `block` (1-based) of `blocks` done."""
 

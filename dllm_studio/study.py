@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dllm_studio.checkpoint import folder_fingerprint
 from dllm_studio.compare import (Candidate, SuiteCompared, checked_suites, machine, model_entry, new_report,
                                  suite_row)
 from dllm_studio.errors import DllmError, InvalidSettingsError, WriteError
@@ -174,9 +175,7 @@ def _finished(report: dict, started: float) -> dict:
 def _fingerprint(model: DiffusionLM) -> str:
     """What identifies the base model's files: names, sizes and modification times (a retrained or replaced
     model gets new cache entries; reading gigabytes of weights to hash them would cost more than a cell)."""
-    path = Path(model.path)
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
-    return json.dumps([str(model.source), str(model.dtype), files])
+    return json.dumps([str(model.source), str(model.dtype), folder_fingerprint(Path(model.path))])
 
 
 def _cache_name(label: str, suite: Suite, fingerprint: str, recipe: dict | None, split: str, limit: int | None,

@@ -74,6 +74,8 @@ class DiffusionLM:
     chat_template: ClassVar[str | None] = None  # used when the folder's tokenizer has none
     quantization = None  # the QuantRecipe that made this model, when it is a quantized one
     dtype_reason = ""  # why it runs at its dtype, set by the loader (`models.choose_dtype`)
+    # Where its blocks run while their weights stream from disk (`quant.streaming`): the module itself is on meta.
+    compute_device: torch.device | None = None
     not_quantizable: ClassVar[str | None] = None  # why the block-by-block quantizer cannot take this family
     override_chat_template: ClassVar[bool] = False  # True where the released template is known to be wrong
     # Why `forward` takes no KV cache (the sampler's --cache prefix|dual); None where it does (our LLaDA, Dream).
@@ -137,7 +139,7 @@ class DiffusionLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        return self.compute_device or next(self.module.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -280,3 +280,44 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
         lines += ["| suite | score |", "|---|---|"] + [f"| {k} | {v} |" for k, v in scores.items()] + [""]
     lines += ["Load it like any model: `dllm-studio generate DIR --prompt ...`, `dllm-studio eval DIR --suite all`.", ""]
     return "\n".join(lines)
+
+
+def format_tensors(module: torch.nn.Module, fmt: str, recipe, keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of `module` holds in `fmt`, each once, for the names `keep` accepts: natively the
+    module's own (packed layers as held); in the GPTQ format each QuantLinear's converted to GPTQ's layout."""
+    tensors = {name: t for name, t in _unique(module.state_dict(keep_vars=True)).items() if keep(name)}
+    if fmt != "gptq":
+        return tensors
+    layout = gptq_checkpoint_format(recipe.symmetric)
+    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantLinear) and keep(name + ".")}
+    if any(m.act_bits != 16 or m.transform is not None for m in quantized.values()):
+        raise QuantizationError(GPTQ_WEIGHT_ONLY)
+    state = {name: t for name, t in tensors.items() if name.rpartition(".")[0] not in quantized}
+    for name, layer in quantized.items():
+        try:
+            state.update({f"{name}.{k}": v for k, v in to_gptq(layer, layout).items()})
+        except ValueError as exc:
+            raise ExportError(f"{name} cannot be written in the GPTQ format: {exc}.") from None
+    return state
+
+
+def write_metadata(folder: Path, model: DiffusionLM, fmt: str, config: dict, profile: dict, scores: dict | None = None,
+                   cancel: CancelToken | None = None) -> Generator[Event, None, None]:
+    """Write a quantized model folder's files besides the weights: config.json (`config`), recipe.json, profile.json,
+    the model card, and the source folder's tokenizer and generation files; an ExportProgress per file."""
+    copied = [source for source in sorted(Path(model.path).iterdir())
+              if source.is_file() and source.name not in NOT_COPIED and not source.name.endswith(WEIGHT_SUFFIXES)]
+    written = {"config.json": json.dumps(config, indent=2) + "\n",
+               "recipe.json": json.dumps(model.quantization.to_dict(), indent=2) + "\n",
+               "profile.json": json.dumps(profile or {}, indent=1) + "\n",
+               "README.md": model_card(model, fmt, profile or {}, scores)}
+    for done, item in enumerate([*written.items(), *copied], 1):
+        _check(cancel)
+        if isinstance(item, Path):
+            shutil.copy2(item, folder / item.name)
+        else:
+            (folder / item[0]).write_text(item[1], encoding="utf-8")
+        yield ExportProgress("files", done, len(written) + len(copied))
+
+
+replace_folder = _replace

@@ -20,6 +20,7 @@ blocks. Cancelling discards the copies and leaves it as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import time
@@ -52,14 +53,19 @@ class QuantizationResult:
     layers: list[dict] = field(default_factory=list)  # LayerStats and LayerQuantized, as dicts, per layer
 
 
-def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None
-             ) -> Generator[Event, None, QuantizationResult]:
+def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None, *,
+             store: BlockStore | None = None) -> Generator[Event, None, QuantizationResult]:
     """The quantization job. Yields LayerStats, LayerTransformed (methods that change the linears' inputs),
-    LayerQuantized, BlockQuantized and MemorySample events."""
+    LayerQuantized, BlockQuantized and MemorySample events.
+
+    `store` says where each full-precision block comes from and where its quantized form goes: by default
+    (`InMemory`) a copy of the loaded model's block, kept for the quantized model; `quant.streaming` reads each
+    block from the checkpoint's shards and writes it to the output folder instead, so neither model is ever
+    resident whole."""
     recipe.validate()
     check_supported(model)
     cancel = cancel or CancelToken()
-    method = recipe.spec.implementation()(model, recipe)
+    store = store or InMemory()
     blocks = model.blocks()
     by_block: dict[int, list[LinearLayer]] = {}
     for layer in model.linear_layers():
@@ -73,17 +79,22 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
     ids, masked = calibration_batch(model, recipe)
     ids, masked = ids.to(model.device), masked.to(model.device)
     started = time.perf_counter()
-    progress = _Progress(started, len(targets))
-    qblocks: list[nn.Module] = []
-    records: dict[str, dict] = {}
     with MemorySampler() as memory, torch.no_grad():
-        states = [((method.hidden_states(args[0]), *args[1:]), kwargs)
-                  for args, kwargs in capture.block_inputs(model.module, blocks[0], ids)]
+        method = recipe.spec.implementation()(model, recipe)
+        with store.outside_blocks(model):  # what runs before the first block (the embedding), only while needed
+            states = [((method.hidden_states(args[0]), *args[1:]), kwargs)
+                      for args, kwargs in capture.block_inputs(model.module, blocks[0], ids)]
+        first, resumed, records = store.resume(model, recipe, len(blocks))
+        if resumed is not None:  # the calibration stream as the finished blocks left it
+            states = [((hidden, *args[1:]), kwargs) for hidden, (args, kwargs) in zip(resumed, states)]
+        progress = _Progress(started, sum(len(by_block.get(i, [])) for i in range(first, len(blocks))),
+                             skipped=sum(1 for l in targets if l.block < first))
         masks = list(masked.split(BATCH))
-        for index, block in enumerate(blocks):
+        for index in range(first, len(blocks)):
             cancel.check()
+            block = blocks[index]
             prefix = _prefix(model, block)
-            work = copy.deepcopy(block)
+            work = store.open(model, prefix, block)
             in_block = {l.name[len(prefix):]: l for l in by_block.get(index, [])}  # local name -> layer
             layers = {n: l for n, l in in_block.items() if not recipe.skips(l.name, l.role)}
             collect = functools.partial(capture.collect, work, states=states, masks=masks)
@@ -95,24 +106,89 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
                 records.setdefault(event.name, {}).update(_record(event))
                 yield event
             states = [((capture.run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]  # next block's inputs
-            qblocks.append(work)
+            cancel.check()  # a cancel during the last layer leaves nothing of this block behind
+            store.keep(index, prefix, work, [args[0] for args, _ in states],
+                       {l.name: records[l.name] for l in in_block.values() if l.name in records})
             yield from memory.drain()
             done = index + 1
             elapsed = time.perf_counter() - started
             block_records = [records[l.name] for l in layers.values()]
             yield BlockQuantized(
                 block=done, blocks=len(blocks), elapsed_s=round(elapsed, 2),
-                eta_s=round(elapsed / done * (len(blocks) - done), 1),
+                eta_s=round(elapsed / (done - first) * (len(blocks) - done), 1),
                 max_outlier_ratio=max((r.get("outlier_ratio", 0.0) for r in block_records), default=0.0),
                 mean_relative_error=sum(r["relative_error"] for r in block_records) / max(len(block_records), 1),
                 rss_bytes=memory.latest.rss_bytes, peak_rss_bytes=memory.peak)
-        outside = method.outside()
-        head = _quantize_head(model, method, outside)
-        quantized = _assemble(model, blocks, qblocks, {**outside, **head}, recipe)
-        kernels.prepare(quantized.module, model.dtype)  # as a loaded folder does, so Chat's first step is not slower
+        with store.outside_blocks(model, needed=_changes_outside(method)):
+            outside = method.outside()
+            head = _quantize_head(model, method, outside)
+            quantized = _assemble(model, blocks, store.quantized_blocks(blocks), {**outside, **head}, recipe)
+            result = QuantizationResult(quantized, recipe, {}, list(records.values()))
+            result.summary = summarize(model, quantized, recipe, seconds=time.perf_counter() - started,
+                                       peak_rss=memory.peak)
+            yield from store.finish(model, result, cancel)
         yield from memory.drain()
-    summary = summarize(model, quantized, recipe, seconds=time.perf_counter() - started, peak_rss=memory.peak)
-    return QuantizationResult(quantized, recipe, summary, list(records.values()))
+    result.summary.update(seconds=round(time.perf_counter() - started, 2), peak_rss_bytes=memory.peak)
+    return result
+
+
+class BlockStore:
+    """Where the block loop gets each full-precision block, and where each quantized one goes."""
+
+    @contextlib.contextmanager
+    def outside_blocks(self, model: DiffusionLM, needed: bool = True):
+        """The tensors outside the blocks (embedding, final norm, head) are in memory inside this context."""
+        yield
+
+    def resume(self, model: DiffusionLM, recipe: QuantRecipe, blocks: int
+               ) -> tuple[int, list[torch.Tensor] | None, dict[str, dict]]:
+        """(the first block still to quantize, the calibration hidden states entering it, the finished blocks'
+        records); (0, None, {}) for a fresh run."""
+        return 0, None, {}
+
+    def open(self, model: DiffusionLM, prefix: str, block: nn.Module) -> nn.Module:
+        """A full-precision block the method may change in place."""
+        raise NotImplementedError
+
+    def keep(self, index: int, prefix: str, work: nn.Module, states: list[torch.Tensor], records: dict) -> None:
+        """Take block `index` once quantized (with the calibration states it produced, and its layers' records)."""
+        raise NotImplementedError
+
+    def quantized_blocks(self, blocks: nn.ModuleList) -> list[nn.Module]:
+        """The quantized blocks, in order, for the quantized model (held in memory, or described on meta)."""
+        return list(blocks)
+
+    def finish(self, original: DiffusionLM, result: QuantizationResult, cancel: CancelToken
+               ) -> Generator[Event, None, None]:
+        """Called once every block is kept, with the assembled model and its summary; may yield events."""
+        yield from ()
+
+
+class InMemory(BlockStore):
+    """Quantize a loaded model: each block is a copy (the original is only read), kept in memory."""
+
+    def __init__(self) -> None:
+        self.blocks: list[nn.Module] = []
+
+    def open(self, model, prefix, block):
+        return copy.deepcopy(block)  # the only full-precision copy ever made: one block, never the model
+
+    def keep(self, index, prefix, work, states, records):
+        self.blocks.append(work)
+
+    def quantized_blocks(self, blocks):
+        return self.blocks
+
+    def finish(self, original, result, cancel):
+        kernels.prepare(result.model.module, original.dtype)  # as a loaded folder does: Chat's first step is not slower
+        yield from ()
+
+
+def _changes_outside(method: Method) -> bool:
+    """Whether the quantized model needs the tensors outside the blocks: a method replacing them (QuaRot
+    rotates the embedding and the head) or an LM head the recipe quantizes."""
+    return (type(method).outside is not Method.outside
+            or any(l.role == "head" and not method.recipe.skips(l.name, l.role) for l in method.model.linear_layers()))
 
 
 def check_supported(model: DiffusionLM) -> None:
@@ -129,14 +205,16 @@ def check_supported(model: DiffusionLM) -> None:
 @dataclass
 class _Progress:
     started: float
-    total: int
+    total: int  # layers this run quantizes
+    skipped: int = 0  # layers a resumed run found done: counted in the layer numbers, not in the ETA
     done: int = 0
 
-    def advance(self) -> tuple[int, float, float]:
-        """Count one layer done; (layers done, elapsed s, ETA s)."""
+    def advance(self) -> tuple[int, int, float, float]:
+        """Count one layer done; (layer number, of how many, elapsed s, ETA s)."""
         self.done += 1
         elapsed = time.perf_counter() - self.started
-        return self.done, round(elapsed, 2), round(elapsed / self.done * (self.total - self.done), 1)
+        eta = round(elapsed / self.done * (self.total - self.done), 1)
+        return self.skipped + self.done, self.skipped + self.total, round(elapsed, 2), eta
 
 
 def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken, progress: _Progress
@@ -175,9 +253,9 @@ def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken
                 qlinear.transform = transform  # the layer applies it online, before rounding its inputs
             error = _relative_error(linear, qlinear, tap.inputs())
             capture.set_submodule(block.module, name, qlinear)
-            done, elapsed, eta = progress.advance()
+            done, total, elapsed, eta = progress.advance()
             yield LayerQuantized(layer.name, layer.role, layer.block, method.recipe.wbits, round(error, 6),
-                                 round(time.perf_counter() - t0, 3), done, progress.total, elapsed, eta)
+                                 round(time.perf_counter() - t0, 3), done, total, elapsed, eta)
 
 
 def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, transform: str, detail: str
