@@ -160,7 +160,7 @@ def _recipe_args(parser: argparse.ArgumentParser, method_required: bool) -> None
     """The recipe's flags, for quantize and export. An absent flag leaves no attribute (QuantRecipe's default
     applies), so export can tell a recipe given from none."""
     from dllm_studio.quant.methods import METHODS
-    from dllm_studio.quant.recipe import QuantRecipe
+    from dllm_studio.quant.recipe import CALIB_MASKINGS, QuantRecipe
 
     d = QuantRecipe()
     dests = []
@@ -186,6 +186,11 @@ def _recipe_args(parser: argparse.ArgumentParser, method_required: bool) -> None
     add("--seq-len", type=int, metavar="N", help=f"tokens per sample (default {d.seq_len})")
     add("--no-masked-calib", action="store_true",
         help="calibrate on clean text (the seed study's setting) instead of masked inputs")
+    add("--calib-masking", choices=list(CALIB_MASKINGS),
+        help="how calibration inputs are masked: " + "; ".join(f"{k}: {v}" for k, v in CALIB_MASKINGS.items())
+             + f" (default {d.calib_masking})")
+    add("--calib-steps", type=int, metavar="N",
+        help="timesteps masking: the step count of the sampler schedule it follows (default: the sampler's default)")
     add("--skip", nargs="*", metavar="ROLE|GLOB",
         help="layers left in full precision: roles (q k v o gate up down head) or name globs, 'none' for none "
              f"(default: {' '.join(d.skip)})")

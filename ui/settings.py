@@ -29,6 +29,7 @@ DEFAULTS: dict[str, object] = {
     "quantize/group_size": 128,
     "quantize/calib_samples": 32,
     "quantize/masked_calib": True,
+    "quantize/calib_masking": "stratified",  # one of quant.recipe.CALIB_MASKINGS; masked_calib False: clean text
     "export/format": "native",
     "recent/models": "[]",  # JSON list, most recent first (an INI file would turn a one-item list into a string)
 }

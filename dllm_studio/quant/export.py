@@ -31,7 +31,8 @@ from dllm_studio.models.base import DiffusionLM
 from dllm_studio.quant import runtimes
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.methods import METHODS as SPECS
-from dllm_studio.quant.recipe import FORMATS
+from dllm_studio.quant.calibration import sampler_config
+from dllm_studio.quant.recipe import CALIB_MASKINGS, FORMATS
 from dllm_studio.quant.storage import gptq_checkpoint_format, quant_format, to_gptq
 
 NOT_COPIED = {"config.json", "README.md", "recipe.json", "profile.json", "training.json", "eval.json",
@@ -273,7 +274,10 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
     if summary:
         lines += [f"- {line}" for line in quantized_sizes(summary, model.dtype)]
         lines += [f"- bits per quantized weight: {summary['bits_per_weight']} (bf16: 16)", ""]
-    calib = "clean text" if not recipe.masked_calib else "masked text (ratios spread over (0, 1))"
+    calib = "clean text" if not recipe.masked_calib else f"masked text ({CALIB_MASKINGS[recipe.calib_masking]})"
+    if recipe.masked_calib and recipe.calib_masking == "timesteps":
+        config = sampler_config(recipe)
+        calib = calib[:-1] + f": {config.steps} steps, {config.gen_length} tokens in blocks of {config.block_length})"
     lines += [f"Calibration: {recipe.calib}, {recipe.calib_samples} x {recipe.seq_len} tokens, {calib}; "
               f"layers kept in full precision: {', '.join(recipe.skip) or 'none'} (and the embeddings).", ""]
     if scores:

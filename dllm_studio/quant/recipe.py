@@ -12,6 +12,9 @@ from dllm_studio.quant.methods import METHODS as SPECS
 
 # Importable without torch, so the CLI's --help stays fast.
 FORMATS = ("native", "gptq")
+# How masked calibration spreads its masks (`quant.calibration`): today's ratios over (0, 1), or the sampler's steps.
+CALIB_MASKINGS = {"stratified": "mask ratios stratified over (0, 1)",
+                  "timesteps": "masked as the sampler's input before its steps, stratified over the steps"}
 # Read from the one method table (`quant.methods`): ours first, then the library runtimes (optional extras;
 # `runtimes.unavailable` says when one cannot run).
 METHODS = {name: spec.description for name, spec in SPECS.items()}
@@ -32,7 +35,10 @@ class QuantRecipe:
     calib: str = "builtin"  # "builtin" (the demo task and text data) or a path to a UTF-8 text file
     calib_samples: int = 32
     seq_len: int = 256
-    masked_calib: bool = True  # mask calibration tokens at ratios spread over (0, 1), as denoising sees them
+    masked_calib: bool = True  # mask calibration tokens as denoising sees them (False: clean text)
+    calib_masking: str = "stratified"  # one of CALIB_MASKINGS: how the masks are spread
+    # "timesteps": the sampler's step count whose schedule the masks follow; None: GenerationConfig's default.
+    calib_steps: int | None = None
     skip: tuple[str, ...] = ("head",)  # roles or glob patterns of linear names left in full precision
     seed: int = 0
     alpha: float | None = None  # SmoothQuant/DuQuant migration strength; None: the method's default
@@ -68,9 +74,20 @@ class QuantRecipe:
             raise QuantizationError(f"Quantizing needs at least one calibration sample (got {self.calib_samples}).")
         if self.seq_len < 8:
             raise QuantizationError(f"Calibration sequences of {self.seq_len} tokens are too short (at least 8).")
+        self._validate_masking()
         if not 0 < self.damp < 1:
             raise QuantizationError(f"GPTQ dampening must lie in (0, 1), got {self.damp}.")
         return self
+
+    def _validate_masking(self) -> None:
+        if self.calib_masking not in CALIB_MASKINGS:
+            raise QuantizationError(f"Unknown calibration masking {self.calib_masking!r}; choose one of "
+                                    f"{', '.join(CALIB_MASKINGS)}.")
+        if self.calib_steps is not None and self.calib_masking != "timesteps":
+            raise QuantizationError("--calib-steps sets the sampler schedule of timestep masking; "
+                                    f"{self.calib_masking} masking has none (use --calib-masking timesteps).")
+        if self.calib_steps is not None and self.calib_steps < 1:
+            raise QuantizationError(f"Timestep masking needs at least one sampler step (got {self.calib_steps}).")
 
     def _validate_options(self, spec) -> None:
         """The options a method reads beyond the bits, and the grid settings its layout leaves no room for."""

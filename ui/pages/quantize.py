@@ -100,10 +100,15 @@ class QuantizePage(QWidget):
         self.calib.addItem("A text file…", "file")
         self.samples = QSpinBox(minimum=1, maximum=1024, objectName="samplesSpin")
         self.seq_len = QSpinBox(minimum=8, maximum=8192, singleStep=64, value=256)
-        self.masked = QCheckBox("Masked calibration (as while denoising)")
-        self.masked.setToolTip("A dLLM never sees clean text while it answers: every step's input is partly masked. "
-                               "On: calibration sequences are masked at ratios spread over (0, 1). Off: clean text, "
-                               "as the seed study calibrated.")
+        self.masking = QComboBox(objectName="calibMaskingCombo")
+        for label, data in (("Stratified ratios over (0, 1)", "stratified"), ("The sampler's timesteps", "timesteps"),
+                            ("None (clean text)", "none")):
+            self.masking.addItem(label, data)
+        self.masking.setToolTip(
+            "A dLLM never sees clean text while it answers: every step's input is partly masked, so calibration "
+            "masks its inputs too. Stratified ratios: each sequence masked at its own ratio, spread evenly from "
+            "0 to 1. The sampler's timesteps: each sequence looks like the answer before one of the sampler's "
+            "steps, earlier blocks done, later blocks all masks. None: clean text, as the seed study calibrated.")
         self.keep_head = QCheckBox("Keep the LM head in full precision")
         self.keep_head.setChecked(True)
         self.preflight = QLabel(wordWrap=True, objectName="preflightLabel")
@@ -116,7 +121,8 @@ class QuantizePage(QWidget):
         for label, widget in (("&Method:", self.method), ("&Bits:", self.bits),
                               ("Alp&ha (migration):", self.alpha), ("Activation cl&ip:", self.clip),
                               ("&Group size:", self.group), ("&Calibration:", self.calib), ("Sa&mples:", self.samples),
-                              ("Sequence &length:", self.seq_len)):
+                              ("Sequence &length:", self.seq_len),
+                              ("Calibration mas&king:", self.masking)):
             caption = QLabel(label)
             caption.setBuddy(widget)
             form.addRow(caption, widget)
@@ -124,7 +130,7 @@ class QuantizePage(QWidget):
         box = QVBoxLayout(recipe_box)
         box.addLayout(form)
         # Below the form, not in a row of it: a wrapped label spanning a form row is clipped to two lines.
-        for widget in (self.kernel_note, self.symmetric, self.act_order, self.masked, self.keep_head, self.preflight):
+        for widget in (self.kernel_note, self.symmetric, self.act_order, self.keep_head, self.preflight):
             box.addWidget(widget)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
@@ -200,11 +206,11 @@ class QuantizePage(QWidget):
         self._load_settings()
         self.method.currentIndexChanged.connect(self._method_changed)
         self.bits.currentIndexChanged.connect(self._setting_changed)
-        for widget in (self.group, self.calib):
+        for widget in (self.group, self.calib, self.masking):
             widget.currentIndexChanged.connect(self._recipe_changed)
         for widget in (self.samples, self.seq_len, self.alpha, self.clip):
             widget.valueChanged.connect(self._recipe_changed)
-        for widget in (self.symmetric, self.act_order, self.masked, self.keep_head):
+        for widget in (self.symmetric, self.act_order, self.keep_head):
             widget.toggled.connect(self._recipe_changed)
         self.calib.activated.connect(self._calib_chosen)
         self.start_button.clicked.connect(self.start)
@@ -225,7 +231,8 @@ class QuantizePage(QWidget):
                 box.setValue(float(stored))
         self.group.setCurrentIndex(max(self.group.findData(s.get("quantize/group_size")), 0))
         self.samples.setValue(s.get("quantize/calib_samples"))
-        self.masked.setChecked(s.get("quantize/masked_calib"))
+        masking = s.get("quantize/calib_masking") if s.get("quantize/masked_calib") else "none"
+        self.masking.setCurrentIndex(max(self.masking.findData(masking), 0))
 
     @property
     def spec(self):
@@ -324,6 +331,7 @@ class QuantizePage(QWidget):
 
     def recipe(self) -> QuantRecipe:
         calib = self._calib_file if self.calib.currentData() == "file" and self._calib_file else "builtin"
+        masking = self.masking.currentData()
         spec, fixed = self.spec, self._grid_fixed() is not None
         alpha, clip = round(self.alpha.value(), 2), round(self.clip.value(), 2)
         return QuantRecipe(method=spec.name, wbits=self.bits.currentData(),
@@ -335,7 +343,8 @@ class QuantizePage(QWidget):
                            alpha=alpha if "alpha" in spec.options and alpha != spec.alpha else None,
                            clip=clip if self._clip_applies() and clip != self._default_clip() else None,
                            calib=calib, calib_samples=self.samples.value(),
-                           seq_len=self.seq_len.value(), masked_calib=self.masked.isChecked(),
+                           seq_len=self.seq_len.value(), masked_calib=masking != "none",
+                           calib_masking=QuantRecipe.calib_masking if masking == "none" else masking,
                            skip=("head",) if self.keep_head.isChecked() else ())
 
     def _recipe_changed(self) -> None:
@@ -347,7 +356,8 @@ class QuantizePage(QWidget):
         s.set("quantize/clip", "" if recipe.clip is None else str(recipe.clip))
         s.set("quantize/group_size", self.group.currentData())
         s.set("quantize/calib_samples", self.samples.value())
-        s.set("quantize/masked_calib", self.masked.isChecked())
+        s.set("quantize/masked_calib", recipe.masked_calib)
+        s.set("quantize/calib_masking", recipe.calib_masking)
         self._show_kernel_note(recipe)
         self._check()
 
@@ -401,7 +411,7 @@ class QuantizePage(QWidget):
         self.progress.setFormat(f"starting {recipe.label}…")
         self._log(f"{recipe.label} on {model.source}: {model.num_layers} blocks, "
                   f"{recipe.calib_samples} x {recipe.seq_len} calibration tokens"
-                  f"{' (masked)' if recipe.masked_calib else ''}")
+                  f"{f' (masked: {recipe.calib_masking})' if recipe.masked_calib else ''}")
         self._started = time.perf_counter()
         self.sample_memory()
         self.timer.start()
@@ -544,7 +554,7 @@ class QuantizePage(QWidget):
 
     def _busy_changed(self, busy: bool, _title: str) -> None:
         self.cancel_button.setEnabled(busy and self.timer.isActive())  # only this page's own job
-        for widget in (self.method, self.bits, self.calib, self.samples, self.seq_len, self.masked, self.keep_head):
+        for widget in (self.method, self.bits, self.calib, self.samples, self.seq_len, self.masking, self.keep_head):
             widget.setEnabled(not busy)
         self._sync_options()
         self._check()
