@@ -122,7 +122,7 @@ def plan_shards(entries: Sequence[TensorEntry], max_shard_size: int) -> list[lis
             current, size = [], 0
         current.append(entry)
         size += entry.nbytes
-    return [*shards, current] if current or not shards else shards
+    return [*shards, current]  # the last shard always holds an entry (or is the one empty file of no entries)
 
 
 def shard_names(count: int) -> list[str]:
@@ -147,8 +147,9 @@ def write_sharded(folder: str | Path, entries: Sequence[TensorEntry], max_shard_
     """Write `entries` into `folder` (which exists) as shards, and the index when there are several.
 
     Yields (tensors written, total) after each tensor: a job reports progress and checks for a cancel
-    there. Returns [(file name, bytes)], shards first. Every shard carries `metadata` (the loader reads it
-    from each file); the index carries `total_size`, the bytes of tensor data, as huggingface_hub writes it.
+    there. Returns [(file name, bytes)], shards first. Every shard carries `metadata`, since the loader reads
+    it from each file (huggingface_hub moves it into the index instead); the index carries `total_size`, the
+    bytes of tensor data, as huggingface_hub writes it.
     """
     folder = Path(folder)
     shards = plan_shards(entries, parse_size(max_shard_size))
