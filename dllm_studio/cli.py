@@ -230,6 +230,21 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="reload the written folder and compare its logits with the model in memory (exit "
                              "status 1 if it predicts another token anywhere); the folder is kept either way")
+    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB", metavar="SIZE",
+                        help="largest weights file, as huggingface_hub's max_shard_size: 5GB, 500MB, 2GiB or bytes "
+                             "(KB/MB/GB count 1000s, KiB/MiB/GiB 1024s; default 5GB); a larger model is written as "
+                             "model-00001-of-0000N.safetensors... with model.safetensors.index.json")
+
+
+def _shard_size(text: str) -> int:
+    """--max-shard-size in bytes; a bad size is argparse's error, shown before any model loads."""
+    from dllm_studio.errors import ExportError
+    from dllm_studio.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except ExportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sampler_args(parser: argparse.ArgumentParser, per_suite: bool) -> None:
@@ -624,8 +639,8 @@ def _export(args: argparse.Namespace, model, profile: dict) -> dict:
     from dllm_studio import jobs
     from dllm_studio.quant.export import export
 
-    return jobs.run(export(model, args.out, fmt=args.format, force=args.force, profile=profile, check=args.verify),
-                    _print_progress)
+    return jobs.run(export(model, args.out, fmt=args.format, force=args.force, profile=profile, check=args.verify,
+                           max_shard_size=args.max_shard_size), _print_progress)
 
 
 def _print_verdict(report: dict) -> int:

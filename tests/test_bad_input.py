@@ -4,6 +4,7 @@ Covers templates the Jinja sandbox rejects, broken recipe.json and quantization_
 folder, full or read-only disks under every write path, and task suites that cannot be run as written.
 """
 
+import errno
 import json
 import shutil
 import subprocess
@@ -128,9 +129,9 @@ def test_os_error_finds_the_system_cause_safetensors_reports_in_words():
 
 def test_export_on_a_full_disk_says_so_and_leaves_no_partial_folder(capsys, tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
-        raise SafetensorError(FULL_DISK)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    monkeypatch.setattr("dllm_studio.shards._raw_bytes", full_disk)  # a tensor that no longer fits
     line = one_line_error(capsys, "quantize", "demo", "--method", "rtn", "--wbits", 4, "--out", tmp_path / "q")
     assert line == f"error: Could not write {tmp_path / 'q'}: the disk is full; nothing was written there."
     assert list(tmp_path.iterdir()) == []

@@ -122,3 +122,24 @@ def test_verdict_wording():
     close = {"max_abs_logit_diff": 0.00123, "argmax_disagreements": 0, "positions": 41}
     assert verdict_text({**close, "max_abs_logit_diff": 0.0}) == (IDENTICAL, True)
     assert verdict_text(close) == ("Verified: same predicted token everywhere; logits differ by at most 0.00123", True)
+
+
+def test_max_shard_size_writes_shards_that_reload_identically(capsys, tmp_path, native):
+    out = tmp_path / "sharded"
+    code, stdout, _ = run_cli(capsys, "export", native, "--out", out, "--max-shard-size", "500KB", "--verify")
+    assert code == 0 and stdout.splitlines()[-1] == IDENTICAL
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    assert torch.equal(logits(out), logits(native))
+
+
+def test_a_bad_max_shard_size_is_argparses_error_before_loading(capsys, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model for a shard size that cannot work")
+
+    monkeypatch.setattr("dllm_studio.models.load_model", no_load)
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", "demo", *RECIPE, "--out", str(tmp_path / "x"), "--max-shard-size", "5 gigs"])
+    assert exit_.value.code == 2
+    assert "argument --max-shard-size: '5 gigs' is not a size" in capsys.readouterr().err

@@ -126,7 +126,7 @@ def test_export_refuses_an_existing_folder_and_survives_a_full_disk(llada, gptq_
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    monkeypatch.setattr("dllm_studio.shards._raw_bytes", full_disk)  # a tensor that no longer fits
     with pytest.raises(ExportError, match="disk is full"):
         save_quantized(result.model, out, force=True)
     assert (out / "keep.txt").read_text() == "mine"  # the old folder is untouched

@@ -1,7 +1,9 @@
 """Write a quantized model as a self-contained folder that `load_model` (and other tools) read back.
 
     DIR/config.json          the source config plus `quantization_config`
-    DIR/model.safetensors    packed quantized layers (native or GPTQ layout) and every other tensor
+    DIR/model.safetensors    packed quantized layers (native or GPTQ layout) and every other tensor; past
+                             max_shard_size, shards model-00001-of-0000N.safetensors... and
+                             model.safetensors.index.json, as huggingface_hub writes them
     DIR/tokenizer files      copied from the source folder, with generation_config.json
     DIR/recipe.json          the recipe that made it
     DIR/profile.json         per-layer activation statistics and errors, and the summary
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Generator
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -34,6 +37,7 @@ from dllm_studio.quant.methods import METHODS as SPECS
 from dllm_studio.quant.calibration import sampler_config
 from dllm_studio.quant.recipe import CALIB_MASKINGS, FORMATS
 from dllm_studio.quant.storage import gptq_checkpoint_format, quant_format, to_gptq
+from dllm_studio.shards import DEFAULT_MAX_SHARD_SIZE, TensorEntry, parse_size, write_sharded
 
 NOT_COPIED = {"config.json", "README.md", "recipe.json", "profile.json", "training.json", "eval.json",
               "recipe_search.json"}
@@ -47,20 +51,23 @@ GPTQ_WEIGHT_ONLY = ("The GPTQ format stores weight-only layers: activation quant
 
 def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
            profile: dict | None = None, scores: dict | None = None, check: bool = False,
-           cancel: CancelToken | None = None) -> Generator[Event, None, dict]:
+           cancel: CancelToken | None = None,
+           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Generator[Event, None, dict]:
     """The job that writes `model` (a quantization result) to `out`; yields ExportProgress per tensor and file.
+
+    The weights are written one tensor at a time (each copied off an accelerator only as it is written), in
+    shards of at most `max_shard_size` bytes ("5GB", "500MB", an int) named as huggingface_hub names them.
 
     With `check`, the written folder is reloaded and compared with `model` (see `verify`) before it is moved
     into place. Once `cancel` is set it stops at the next tensor, file or reloaded tensor with `Cancelled`,
     and nothing is left: no `out`, no temporary folder, an existing `out` untouched. Returns the folder's
     path, format, files [(name, bytes)] and total bytes, and with `check` the comparison's report.
     """
-    from safetensors.torch import save_file
-
     recipe = getattr(model, "quantization", None)
     if recipe is None:
         raise ExportError(f"{model.source} is not quantized; quantize it first.")
     check_format(recipe, fmt, model.module)
+    max_shard_size = parse_size(max_shard_size)
     out = Path(out)
     if out.exists() and not force:
         raise FolderExistsError(out)
@@ -77,20 +84,17 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with writing(out, ExportError, after="; nothing was written there"):
-            state = {}
             metadata = {"format": "pt"}
             if recipe.method in runtimes.METHODS:  # the library's own layout (and torchao's tensor descriptions)
                 tensors, described = runtimes.checkpoint_state(model.module)
-                tensors, metadata = _unique(tensors), {**metadata, **described}
+                entries, metadata = _entries(tensors), {**metadata, **described}
             else:
-                tensors = gptq_state(model) if fmt == "gptq" else _unique(model.module.state_dict())
-            for done, (name, tensor) in enumerate(tensors.items(), 1):
-                _check(cancel)
-                state[name] = tensor.detach().contiguous().cpu()  # the copy off an accelerator happens here
-                yield ExportProgress("tensors", done, len(tensors))
+                entries = gptq_entries(model) if fmt == "gptq" else _entries(model.module.state_dict())
             tmp.mkdir(parents=True)
-            save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
-            del state
+            _check(cancel)
+            for done, total in write_sharded(tmp, entries, max_shard_size, metadata):
+                yield ExportProgress("tensors", done, total)
+                _check(cancel)
             written = {"config.json": json.dumps(config, indent=2) + "\n",
                        "recipe.json": json.dumps(recipe.to_dict(), indent=2) + "\n",
                        "profile.json": json.dumps(profile or {}, indent=1) + "\n",
@@ -133,9 +137,11 @@ def check_format(recipe, fmt: str, module: torch.nn.Module | None = None) -> Non
 
 
 def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
-                   profile: dict | None = None, scores: dict | None = None) -> Path:
+                   profile: dict | None = None, scores: dict | None = None,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """`export` run to the end, without the check; returns the folder."""
-    return Path(jobs.run(export(model, out, fmt=fmt, force=force, profile=profile, scores=scores))["path"])
+    return Path(jobs.run(export(model, out, fmt=fmt, force=force, profile=profile, scores=scores,
+                                max_shard_size=max_shard_size))["path"])
 
 
 def _check(cancel: CancelToken | None) -> None:
@@ -208,7 +214,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each tensor once (safetensors refuses shared storage); `export` makes them contiguous on the CPU."""
+    """Each tensor once (safetensors refuses shared storage)."""
     seen, unique = set(), {}
     for name, tensor in state.items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
@@ -218,20 +224,40 @@ def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return unique
 
 
-def gptq_state(model: DiffusionLM) -> dict[str, torch.Tensor]:
-    state, layout = {}, gptq_checkpoint_format(model.quantization.symmetric)
+def _entries(state: dict[str, torch.Tensor]) -> list[TensorEntry]:
+    """Each tensor once, by reference: the writer copies it to the CPU, contiguous, as it writes it."""
+    return [TensorEntry.of(name, tensor.detach()) for name, tensor in _unique(state).items()]
+
+
+def gptq_entries(model: DiffusionLM) -> list[TensorEntry]:
+    """The model's tensors in the GPTQ layout, each quantized layer converted again when its tensors are written.
+
+    Every layer is converted once here, one at a time, for its tensors' dtypes and shapes (and so that a layer
+    the format cannot hold is refused before anything is written); writing converts it again rather than
+    keeping a converted copy of the whole model. The writer takes a file's tensors by dtype and then name, so a
+    layer's int32 tensors come in a row: the last conversion is kept for them.
+    """
+    layout = gptq_checkpoint_format(model.quantization.symmetric)
     quantized = {name: m for name, m in model.module.named_modules() if isinstance(m, QuantLinear)}
     if any(m.act_bits != 16 or m.transform is not None for m in quantized.values()):
         raise QuantizationError(GPTQ_WEIGHT_ONLY)
-    for name, tensor in _unique(model.module.state_dict()).items():
-        if name.rpartition(".")[0] not in quantized:
-            state[name] = tensor
-    for name, layer in quantized.items():
+
+    @lru_cache(maxsize=1)
+    def converted(name: str) -> dict[str, torch.Tensor]:
         try:
-            state.update({f"{name}.{k}": v.contiguous().cpu() for k, v in to_gptq(layer, layout).items()})
+            return to_gptq(quantized[name], layout)
         except ValueError as exc:
             raise ExportError(f"{name} cannot be written in the GPTQ format: {exc}.") from None
-    return state
+
+    def pick(name: str, key: str) -> torch.Tensor:
+        return converted(name)[key]
+
+    entries = [entry for entry in _entries(model.module.state_dict()) if entry.name.rpartition(".")[0] not in quantized]
+    for name in quantized:
+        entries += [TensorEntry(f"{name}.{key}", tensor.dtype, tuple(tensor.shape), partial(pick, name, key))
+                    for key, tensor in converted(name).items()]
+    converted.cache_clear()
+    return entries
 
 
 def native_config(model: DiffusionLM) -> dict:
