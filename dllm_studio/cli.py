@@ -234,6 +234,13 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
                         help="largest weights file, as huggingface_hub's max_shard_size: 5GB, 500MB, 2GiB or bytes "
                              "(KB/MB/GB count 1000s, KiB/MiB/GiB 1024s; default 5GB); a larger model is written as "
                              "model-00001-of-0000N.safetensors... with model.safetensors.index.json")
+    parser.add_argument("--streaming", choices=("auto", "on", "off"), default="auto",
+                        help="quantizing: read one block at a time from the checkpoint's shards and write it to --out "
+                             "at once, so neither model is ever held whole (auto: when the model and its working "
+                             "set would not fit in memory)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="streaming: start over instead of continuing a run that was interrupted (a rerun of "
+                             "the same command continues at the first unfinished block)")
 
 
 def _shard_size(text: str) -> int:
@@ -605,9 +612,77 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[d
 
         print(f"note: {QUANTIZED_TENSORS}.", file=sys.stderr)
     check_supported(described)
+    if _streams(args, described, recipe):
+        return _quantize_streaming(args, recipe, described)
     preflight(f"Quantizing {args.model}", working_set(described, recipe), args.device, force=args.no_memory_check)
     model = _load(args)
     events = []
+    on_event = _quantize_printer(events)
+    result = jobs.run(quantize(model, recipe), on_event)
+    _print_summary(recipe, result)
+    profile = {"summary": result.summary, "layers": result.layers}
+    return profile, events, _export(args, result.model, profile)
+
+
+def _streams(args: argparse.Namespace, described, recipe) -> bool:
+    """Whether to quantize streaming from the shards: as asked, or (auto) when the model and its working set
+    would not fit in the free memory and its weights can stream."""
+    from dllm_studio.errors import QuantizationError
+    from dllm_studio.memory import HEADROOM, available_bytes, human
+    from dllm_studio.quant.pipeline import working_set
+    from dllm_studio.quant.streaming import streaming_problem
+
+    if args.streaming == "off":
+        return False
+    problem = streaming_problem(described)
+    if args.streaming == "on":
+        if problem:
+            raise QuantizationError(f"{args.model} cannot be quantized streaming from its shards: {problem}.")
+    else:
+        needed, free = sum(working_set(described, recipe).values()), available_bytes(args.device)
+        if problem or needed <= free * HEADROOM:
+            return False
+        print(f"note: quantizing in memory would need about {human(needed)} and {human(free)} is free: streaming "
+              "blocks from the shards instead (--streaming off to refuse).", file=sys.stderr)
+    if args.verify:
+        raise QuantizationError("--verify compares the written folder with the quantized model in memory, and a "
+                                "streaming run never holds one: drop --verify (run `dllm-studio eval OUT` or `compare` "
+                                "on the folder instead), or quantize in memory with --streaming off.")
+    return True
+
+
+def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[dict, list[dict], dict]:
+    """`_quantize_and_export` for a streaming run: the blocks go straight from the shards to --out."""
+    from dllm_studio import jobs
+    from dllm_studio.memory import preflight
+    from dllm_studio.quant.pipeline import working_set
+    from dllm_studio.quant.streaming import quantize_to_folder
+
+    preflight(f"Quantizing {args.model} streaming from its shards", working_set(described, recipe, streaming=True),
+              args.device, force=args.no_memory_check)
+    events = []
+    printer = _quantize_printer(events)
+
+    def on_event(event: Event) -> None:
+        if type(event).__name__ == "StreamingStarted":
+            events.append(event.to_dict())
+            print(f"streaming from {event.shards} shard{'s' * (event.shards != 1)}: blocks {event.first_block}-"
+                  f"{event.blocks} of {event.blocks}" + (f" ({event.note})" if event.note else ""), flush=True)
+        elif isinstance(event, ExportProgress):
+            _print_progress(event)
+        else:
+            printer(event)
+
+    result, report = jobs.run(quantize_to_folder(described, recipe, args.out, fmt=args.format,
+                                                 max_shard_size=args.max_shard_size, force=args.force,
+                                                 resume=not args.no_resume, device=args.device), on_event)
+    _print_summary(recipe, result)
+    return {"summary": result.summary, "layers": result.layers}, events, report
+
+
+def _quantize_printer(events: list[dict]):
+    """A quantization's event handler for the terminal: a line per block (and per transformed layer); every event
+    is kept, as a dict, in `events`."""
 
     def on_event(event: Event) -> None:
         events.append(event.to_dict())
@@ -620,18 +695,20 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[d
                   f"error {event.mean_relative_error:.4f}  RSS {human(event.rss_bytes)}  "
                   f"{event.elapsed_s:6.1f} s  ETA {event.eta_s:5.1f} s", flush=True)
 
-    result = jobs.run(quantize(model, recipe), on_event)
+    return on_event
+
+
+def _print_summary(recipe, result) -> None:
     s = result.summary
     print(f"{recipe.label}: {s['quantized_layers']} layers in {s['seconds']:.1f} s, peak RSS {human(s['peak_rss_bytes'])}")
-    linears, whole = quantized_sizes(s, model.dtype)
+    linears, whole = quantized_sizes(s, result.model.dtype)
     print(f"{linears} ({s['bits_per_weight']:.3f} bits per weight; storage theory {s['theory_bits_per_weight']:.3f})")
     print(whole)
-    if recipe.abits < 16:
+    in_memory = any(not t.is_meta for t in result.model.module.parameters())  # a streamed model is on disk only
+    if recipe.abits < 16 and in_memory:
         from dllm_studio.quant import kernels
 
         print(f"kernels here: {kernels.describe(kernels.choices(result.model.module))}")
-    profile = {"summary": result.summary, "layers": result.layers}
-    return profile, events, _export(args, result.model, profile)
 
 
 def _export(args: argparse.Namespace, model, profile: dict) -> dict:

@@ -78,8 +78,6 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "torch_dtype":
             config[key] = str(model.dtype).removeprefix("torch.")
-    copied = [source for source in sorted(Path(model.path).iterdir())
-              if source.is_file() and source.name not in NOT_COPIED and not source.name.endswith(WEIGHT_SUFFIXES)]
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -89,26 +87,16 @@ def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: b
                 tensors, described = runtimes.checkpoint_state(model.module)
                 entries, metadata = _entries(tensors), {**metadata, **described}
             else:
-                entries = gptq_entries(model) if fmt == "gptq" else _entries(model.module.state_dict())
+                entries = format_entries(model.module, fmt, recipe)
             tmp.mkdir(parents=True)
             _check(cancel)
             for done, total in write_sharded(tmp, entries, max_shard_size, metadata):
                 yield ExportProgress("tensors", done, total)
                 _check(cancel)
-            written = {"config.json": json.dumps(config, indent=2) + "\n",
-                       "recipe.json": json.dumps(recipe.to_dict(), indent=2) + "\n",
-                       "profile.json": json.dumps(profile or {}, indent=1) + "\n",
-                       "README.md": model_card(model, fmt, profile or {}, scores)}
-            for done, item in enumerate([*written.items(), *copied], 1):
-                _check(cancel)
-                if isinstance(item, Path):
-                    shutil.copy2(item, tmp / item.name)
-                else:
-                    (tmp / item[0]).write_text(item[1], encoding="utf-8")
-                yield ExportProgress("files", done, len(written) + len(copied))
+            yield from write_metadata(tmp, model, fmt, config, profile, scores, cancel)
             report = (yield from verification(model, tmp, cancel)) if check else {}
             _check(cancel)
-            _replace(tmp, out)
+            replace_folder(tmp, out)
     except BaseException:  # a full disk, a cancel, an interruption, a bug, an early close: keep nothing
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -199,7 +187,8 @@ def verdict_text(report: dict) -> tuple[str, bool]:
     return f"Reloaded model differs: another token at {wrong} of {report['positions']} positions", False
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`, replacing an existing `out` only once `tmp` is in place."""
     if not out.exists():
         os.replace(tmp, out)
         return
@@ -214,10 +203,11 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each tensor once (safetensors refuses shared storage)."""
+    """Each tensor once (safetensors refuses shared storage). Meta tensors (a streamed model's description) have no
+    storage to compare: the same tensor object is the same tensor there."""
     seen, unique = set(), {}
     for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        key = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if key not in seen:
             seen.add(key)
             unique[name] = tensor
@@ -229,16 +219,21 @@ def _entries(state: dict[str, torch.Tensor]) -> list[TensorEntry]:
     return [TensorEntry.of(name, tensor.detach()) for name, tensor in _unique(state).items()]
 
 
-def gptq_entries(model: DiffusionLM) -> list[TensorEntry]:
-    """The model's tensors in the GPTQ layout, each quantized layer converted again when its tensors are written.
+def format_entries(module: torch.nn.Module, fmt: str, recipe, keep=lambda name: True) -> list[TensorEntry]:
+    """The tensors a checkpoint of `module` holds in `fmt`, each once, for the (module or tensor) names `keep`
+    accepts: natively the module's own, by reference; in the GPTQ layout each quantized layer converted again when
+    its tensors are written.
 
-    Every layer is converted once here, one at a time, for its tensors' dtypes and shapes (and so that a layer
+    In the GPTQ layout every layer is converted once here, one at a time, for its tensors' dtypes and shapes (and so that a layer
     the format cannot hold is refused before anything is written); writing converts it again rather than
     keeping a converted copy of the whole model. The writer takes a file's tensors by dtype and then name, so a
     layer's int32 tensors come in a row: the last conversion is kept for them.
     """
-    layout = gptq_checkpoint_format(model.quantization.symmetric)
-    quantized = {name: m for name, m in model.module.named_modules() if isinstance(m, QuantLinear)}
+    state = {name: t for name, t in module.state_dict(keep_vars=True).items() if keep(name)}
+    if fmt != "gptq":
+        return _entries(state)
+    layout = gptq_checkpoint_format(recipe.symmetric)
+    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantLinear) and keep(name)}
     if any(m.act_bits != 16 or m.transform is not None for m in quantized.values()):
         raise QuantizationError(GPTQ_WEIGHT_ONLY)
 
@@ -252,7 +247,7 @@ def gptq_entries(model: DiffusionLM) -> list[TensorEntry]:
     def pick(name: str, key: str) -> torch.Tensor:
         return converted(name)[key]
 
-    entries = [entry for entry in _entries(model.module.state_dict()) if entry.name.rpartition(".")[0] not in quantized]
+    entries = [entry for entry in _entries(state) if entry.name.rpartition(".")[0] not in quantized]
     for name in quantized:
         entries += [TensorEntry(f"{name}.{key}", tensor.dtype, tuple(tensor.shape), partial(pick, name, key))
                     for key, tensor in converted(name).items()]
@@ -312,25 +307,6 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
     return "\n".join(lines)
 
 
-def format_tensors(module: torch.nn.Module, fmt: str, recipe, keep=lambda name: True) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint of `module` holds in `fmt`, each once, for the names `keep` accepts: natively the
-    module's own (packed layers as held); in the GPTQ format each QuantLinear's converted to GPTQ's layout."""
-    tensors = {name: t for name, t in _unique(module.state_dict(keep_vars=True)).items() if keep(name)}
-    if fmt != "gptq":
-        return tensors
-    layout = gptq_checkpoint_format(recipe.symmetric)
-    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantLinear) and keep(name + ".")}
-    if any(m.act_bits != 16 or m.transform is not None for m in quantized.values()):
-        raise QuantizationError(GPTQ_WEIGHT_ONLY)
-    state = {name: t for name, t in tensors.items() if name.rpartition(".")[0] not in quantized}
-    for name, layer in quantized.items():
-        try:
-            state.update({f"{name}.{k}": v for k, v in to_gptq(layer, layout).items()})
-        except ValueError as exc:
-            raise ExportError(f"{name} cannot be written in the GPTQ format: {exc}.") from None
-    return state
-
-
 def write_metadata(folder: Path, model: DiffusionLM, fmt: str, config: dict, profile: dict, scores: dict | None = None,
                    cancel: CancelToken | None = None) -> Generator[Event, None, None]:
     """Write a quantized model folder's files besides the weights: config.json (`config`), recipe.json, profile.json,
@@ -349,5 +325,3 @@ def write_metadata(folder: Path, model: DiffusionLM, fmt: str, config: dict, pro
             (folder / item[0]).write_text(item[1], encoding="utf-8")
         yield ExportProgress("files", done, len(written) + len(copied))
 
-
-replace_folder = _replace

@@ -352,8 +352,13 @@ def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe
     }
 
 
-def working_set(model: DiffusionLM, recipe: QuantRecipe) -> dict[str, int]:
-    """Bytes a quantization run needs, by part (for the memory preflight); `model` may live on meta."""
+def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = False) -> dict[str, int]:
+    """Bytes a quantization run needs at its peak, by part (for the memory preflight); `model` may live on meta.
+
+    In memory: the loaded model, the quantized copy growing beside it and one block's working set. Streaming
+    (`quant.streaming`): whichever phase holds more, the tensors outside the blocks while the calibration batch is
+    embedded (and again at the end, for a method that replaces them or a quantized head), or one block read from
+    the shards with its working set; the quantized blocks are on disk."""
     linears = [l for l in model.linear_layers() if l.block is not None]
     per_block = max(sum(l.in_features * l.out_features for l in linears if l.block == b)
                     for b in {l.block for l in linears}) if linears else 0
@@ -363,13 +368,24 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe) -> dict[str, int]:
     taps = min(tokens, SAMPLE_TOKENS) * widest * 4 * len({l.role for l in linears})
     method = recipe.spec.implementation()
     hessians = 3 * widest * widest * 4 if method.hessian else 0
-    return {
-        "model": model.num_parameters() * model.dtype.itemsize,
-        "quantized copy": int(quantized * theory_bits(recipe, widest, model.dtype.itemsize * 8) / 8),
-        "one block at fp32": per_block * 4 * 2,  # the copy and GPTQ's working weights
+    itemsize = model.dtype.itemsize
+    block = {
         "calibration activations": tokens * model.hidden_size * 4 * 3 + taps + hessians,
         **method.working_bytes(model, [l for l in linears if not recipe.skips(l.name, l.role)]),
     }
+    if not streaming:
+        return {"model": model.num_parameters() * itemsize,
+                "quantized copy": int(quantized * theory_bits(recipe, widest, itemsize * 8) / 8),
+                "one block at fp32": per_block * 4 * 2,  # the copy and GPTQ's working weights
+                **block}
+    in_blocks = sum(p.numel() for p in {id(p): p for p in model.blocks().parameters()}.values())
+    outside = (model.num_parameters() - in_blocks) * itemsize
+    block = {"one block, read from the shards": per_block * itemsize + widest * max(
+        (l.out_features for l in linears), default=0) * 4, **block}  # and one layer's fp32 working weights
+    if outside > sum(block.values()):
+        return {"embedding and head (read while the calibration batch is embedded)": outside,
+                "calibration activations": tokens * model.hidden_size * 4 * 2}
+    return block
 
 
 def theory_bits(recipe: QuantRecipe, in_features: int | None = None, dtype_bits: int = 16) -> float:
