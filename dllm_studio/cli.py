@@ -165,8 +165,8 @@ def _recipe_args(parser: argparse.ArgumentParser, method_required: bool) -> None
     d = QuantRecipe()
     dests = []
 
-    def add(*flags, **options) -> None:
-        dests.append(parser.add_argument(*flags, default=argparse.SUPPRESS, **options).dest)
+    def add(*flags, to=parser, **options) -> None:
+        dests.append(to.add_argument(*flags, default=argparse.SUPPRESS, **options).dest)
 
     add("--method", required=method_required, choices=list(METHODS),
         help="; ".join(f"{k}: {v.description}" for k, v in METHODS.items()))
@@ -195,6 +195,15 @@ def _recipe_args(parser: argparse.ArgumentParser, method_required: bool) -> None
         help="layers left in full precision: roles (q k v o gate up down head) or name globs, 'none' for none "
              f"(default: {' '.join(d.skip)})")
     add("--seed", type=int, help=f"random seed: calibration samples, QuaRot's rotation, AWQ's search (default {d.seed})")
+    budget = parser.add_mutually_exclusive_group()  # what a mixed-precision plan (`quant.budget`) aims at
+    add("--memory-budget", metavar="SIZE", to=budget, help=(
+        "mixed precision (rtn, gptq, awq): the bytes the whole model's weights may take as stored, e.g. 5GB "
+        "(decimal units): the tensors left unquantized at the model's dtype plus the quantized linears' codes, "
+        "scales and zero points. Each block linear gets 2 bits up to --wbits (the most), chosen by a knapsack on "
+        "an error proxy measured on the calibration data; the plan is printed before quantizing"))
+    add("--target-bpw", type=float, metavar="BITS", to=budget, help=(
+        "mixed precision like --memory-budget, to stored bits per quantized weight (scales and zero points "
+        "included), e.g. 3.5"))
     parser.set_defaults(recipe_dests=tuple(dests))
 
 
@@ -216,6 +225,10 @@ def _recipe(flags: dict):
         fields["masked_calib"] = not fields.pop("no_masked_calib")
     if "skip" in fields:
         fields["skip"] = tuple(s for s in fields["skip"] if s != "none")
+    if "memory_budget" in fields:
+        from dllm_studio.shards import parse_size
+
+        fields["memory_budget"] = parse_size(fields["memory_budget"])
     return QuantRecipe(**fields).validate()
 
 
@@ -545,7 +558,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = _recipe(_recipe_flags(args))
     _refuse_before_loading(args, recipe)
     profile_out = Path(args.profile_json) if args.profile_json else None
-    profile, events, report = _quantize_and_export(args, recipe, _load(args, device="meta", stages=False))
+    recipe, profile, events, report = _quantize_and_export(args, recipe, _load(args, device="meta", stages=False))
     if profile_out is not None:
         _write_json(profile_out, {**profile, "recipe": recipe.to_dict(), "threads": args.threads, "events": events})
     print(f"saved {report['path']} ({report['format']} format)")
@@ -575,7 +588,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif recipe is None:
         raise QuantizationError(f"{args.model} is not quantized: give a recipe (--method, --wbits) or a quantized folder.")
     else:
-        _, _, report = _quantize_and_export(args, recipe, described)
+        *_, report = _quantize_and_export(args, recipe, described)
     print(f"exported {report['path']} ({report['format']} format)")
     width = max(len(name) for name, _ in report["files"])
     for name, size in report["files"]:
@@ -596,9 +609,11 @@ def _refuse_before_loading(args: argparse.Namespace, recipe) -> None:
         raise FolderExistsError(out)
 
 
-def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[dict, list[dict], dict]:
+def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[object, dict, list[dict], dict]:
     """Quantize MODEL (`described`: its meta copy) with `recipe` in memory, a line per block and the summary on
-    stdout, then write --out (`_export`). Returns the profile, every event, and the export's report."""
+    stdout, then write --out (`_export`). A recipe with a memory budget or target bits per weight is planned first
+    (`quant.budget`: a line per block measured, then the bit map). Returns the recipe quantized with (its plan
+    recorded), the profile, every event, and the export's report."""
     from dllm_studio import jobs
     from dllm_studio.memory import preflight
     from dllm_studio.quant import runtimes
@@ -618,10 +633,16 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[d
     model = _load(args)
     events = []
     on_event = _quantize_printer(events)
+    if recipe.memory_budget is not None or recipe.target_bpw is not None:
+        from dllm_studio.quant.budget import budget_plan
+
+        plan = jobs.run(budget_plan(model, recipe), on_event)
+        print(plan.text(), flush=True)
+        recipe = plan.apply(recipe)
     result = jobs.run(quantize(model, recipe), on_event)
     _print_summary(recipe, result)
     profile = {"summary": result.summary, "layers": result.layers}
-    return profile, events, _export(args, result.model, profile)
+    return recipe, profile, events, _export(args, result.model, profile)
 
 
 def _streams(args: argparse.Namespace, described, recipe) -> bool:
@@ -651,13 +672,17 @@ def _streams(args: argparse.Namespace, described, recipe) -> bool:
     return True
 
 
-def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[dict, list[dict], dict]:
+def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[object, dict, list[dict], dict]:
     """`_quantize_and_export` for a streaming run: the blocks go straight from the shards to --out."""
     from dllm_studio import jobs
+    from dllm_studio.errors import QuantizationError
     from dllm_studio.memory import preflight
     from dllm_studio.quant.pipeline import working_set
     from dllm_studio.quant.streaming import quantize_to_folder
 
+    if recipe.memory_budget is not None or recipe.target_bpw is not None:
+        raise QuantizationError("A memory budget's sensitivity pass runs on the model in memory; streaming runs take "
+                                "uniform bits so far: drop --memory-budget/--target-bpw, or use --streaming off.")
     preflight(f"Quantizing {args.model} streaming from its shards", working_set(described, recipe, streaming=True),
               args.device, force=args.no_memory_check)
     events = []
@@ -677,7 +702,7 @@ def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[di
                                                  max_shard_size=args.max_shard_size, force=args.force,
                                                  resume=not args.no_resume, device=args.device), on_event)
     _print_summary(recipe, result)
-    return {"summary": result.summary, "layers": result.layers}, events, report
+    return recipe, {"summary": result.summary, "layers": result.layers}, events, report
 
 
 def _quantize_printer(events: list[dict]):
@@ -686,7 +711,10 @@ def _quantize_printer(events: list[dict]):
 
     def on_event(event: Event) -> None:
         events.append(event.to_dict())
-        if type(event).__name__ == "LayerTransformed":
+        if type(event).__name__ == "SensitivityProgress":
+            print(f"sensitivity block {event.block:>3}/{event.blocks}  {event.elapsed_s:6.1f} s  ETA {event.eta_s:5.1f} s",
+                  flush=True)
+        elif type(event).__name__ == "LayerTransformed":
             print(f"  {event.name}  {event.transform}: kurtosis {event.kurtosis_before:.2f} -> {event.kurtosis_after:.2f}, "
                   f"max/median {event.outlier_ratio_before:.1f} -> {event.outlier_ratio_after:.1f}"
                   + (f"  ({event.detail})" if event.detail else ""), flush=True)

@@ -204,3 +204,14 @@ class BlockQuantized(Event):
     mean_relative_error: float
     rss_bytes: int
     peak_rss_bytes: int
+
+
+@dataclass(frozen=True)
+class SensitivityProgress(Event):
+    """Progress of measuring how much error each bit-width would cause (`quant.budget.sensitivity`): block `block`
+    (1-based) of `blocks` measured."""
+
+    block: int
+    blocks: int
+    elapsed_s: float
+    eta_s: float

@@ -52,7 +52,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in a shard size: an int, or a number with a unit ("5GB", "500MB", "1.5GB", "2GiB", "1000")."""
+    """Bytes in a size (a shard limit, a memory budget): an int, or a number with a unit ("5GB", "500MB", "1.5GB", "2GiB", "1000")."""
     if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
@@ -62,7 +62,7 @@ def parse_size(text: str | int) -> int:
                               "5GB, 500MB or 2GiB (KB, MB, GB, TB count 1000s; KiB, MiB, GiB, TiB 1024s).")
         size = int(float(match[1]) * _UNITS[match[2].upper()])  # truncated, as huggingface_hub does
     if size <= 0:
-        raise ExportError(f"A shard size must be positive; {text!r} is {size} bytes.")
+        raise ExportError(f"A size must be positive; {text!r} is {size} bytes.")
     return size
 
 

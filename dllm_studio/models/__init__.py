@@ -176,7 +176,8 @@ def read_recipe(folder: Path):
 _RECIPE_TYPES = {"method": (str,), "wbits": (int,), "abits": (int,), "group_size": (int, type(None)),
                  "symmetric": (bool,), "act_order": (bool,), "damp": (int, float), "calib": (str,),
                  "calib_samples": (int,), "seq_len": (int,), "masked_calib": (bool,),
-                 "calib_masking": (str,), "calib_steps": (int, type(None)), "skip": (list,), "seed": (int,)}
+                 "calib_masking": (str,), "calib_steps": (int, type(None)), "skip": (list,), "seed": (int,),
+                 "layer_bits": (dict,), "memory_budget": (int, type(None)), "target_bpw": (int, float, type(None))}
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -48,6 +48,11 @@ GPTQ_UNIFORM_ONLY = ("Twin-log (TLQ) codes are not uniform: the GPTQ format has 
 GPTQ_WEIGHT_ONLY = ("The GPTQ format stores weight-only layers: activation quantization (W8A8, W4A4…) and online "
                     "rotations cannot be written there; export in the native format.")
 
+GPTQ_ONE_BITS = ("A mixed-precision model (a --memory-budget or --target-bpw plan) gives its layers different bits, "
+                 "and the GPTQ format's quantization_config holds one `bits` for every layer (GPTQModel's `dynamic` "
+                 "per-module overrides could describe it, but dLLM Studio does not write them); export in the native "
+                 "format, which records each layer's bits.")
+
 
 def export(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
            profile: dict | None = None, scores: dict | None = None, check: bool = False,
@@ -122,6 +127,11 @@ def check_format(recipe, fmt: str, module: torch.nn.Module | None = None) -> Non
                           "checkpoint.")
     if fmt == "gptq" and recipe.abits != 16:
         raise QuantizationError(GPTQ_WEIGHT_ONLY)
+    # Known from the budget before quantizing (its plan will mix bits); from the layers after.
+    mixed = recipe.mixed or recipe.memory_budget is not None or recipe.target_bpw is not None or module is not None \
+        and len({m.bits for m in module.modules() if isinstance(m, QuantLinear)}) > 1
+    if mixed and fmt == "gptq":
+        raise QuantizationError(GPTQ_ONE_BITS)
 
 
 def save_quantized(model: DiffusionLM, out: str | Path, *, fmt: str = "native", force: bool = False,
@@ -273,6 +283,13 @@ def gptq_config(recipe) -> dict:
             "quantizer": f"dllm-studio ({recipe.method})"}
 
 
+def _weight_bits(recipe) -> str:
+    if not recipe.mixed:
+        return f"{recipe.wbits}-bit"
+    bits = sorted({recipe.wbits, *(b for _, b in recipe.layer_bits)})
+    return f"mixed {bits[0]}- to {bits[-1]}-bit (each layer's in recipe.json's layer_bits)"
+
+
 def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None) -> str:
     recipe = model.quantization
     summary = profile.get("summary", {})
@@ -281,7 +298,7 @@ def model_card(model: DiffusionLM, fmt: str, profile: dict, scores: dict | None)
         layout = runtimes.BY_METHOD[recipe.method].library
     lines = [f"# {Path(str(model.source)).name} — {recipe.label}", "",
              f"Quantized by dLLM Studio from `{model.source}` ({model.family}) with {recipe.method.upper()}, "
-             f"{recipe.wbits}-bit weights, {'per-channel' if not recipe.group_size else f'group size {recipe.group_size}'}, "
+             f"{_weight_bits(recipe)} weights, {'per-channel' if not recipe.group_size else f'group size {recipe.group_size}'}, "
              f"{'symmetric' if recipe.symmetric else 'asymmetric'}; stored in the "
              f"{layout} format.", ""]
     if recipe.method in runtimes.METHODS or recipe.per_channel or recipe.spec.layout == "codebook":

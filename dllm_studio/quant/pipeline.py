@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Generator
@@ -248,13 +249,14 @@ def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken
                 yield tap.stats.event(layer.name, layer.role, layer.block)
             t0 = time.perf_counter()
             linear, transform = capture.unwrap(block.module.get_submodule(name))
-            qlinear = method.round(linear, layer, tap)
+            rounder = method.at_bits(method.recipe.bits_of(layer.name))  # the recipe's bits, or its plan's
+            qlinear = rounder.round(linear, layer, tap)
             if transform is not None:
                 qlinear.transform = transform  # the layer applies it online, before rounding its inputs
             error = _relative_error(linear, qlinear, tap.inputs())
             capture.set_submodule(block.module, name, qlinear)
             done, total, elapsed, eta = progress.advance()
-            yield LayerQuantized(layer.name, layer.role, layer.block, method.recipe.wbits, round(error, 6),
+            yield LayerQuantized(layer.name, layer.role, layer.block, rounder.recipe.wbits, round(error, 6),
                                  round(time.perf_counter() - t0, 3), done, total, elapsed, eta)
 
 
@@ -314,6 +316,8 @@ def quantization_config(recipe: QuantRecipe, module: nn.Module | None = None) ->
               "group_size": -1 if per_row else recipe.group_size or -1, "sym": recipe.symmetric or recipe.per_channel,
               "desc_act": recipe.act_order,
               "skip": list(recipe.skip), "format": "packed-uint8"}
+    if recipe.mixed:  # a budget plan (`quant.budget`): the layers whose bits differ from `bits`
+        config["layer_bits"] = {name: bits for name, bits in recipe.layer_bits if bits != recipe.wbits}
     # The activation grid is the layers' own (every layer shares it); a weight-only model's config is unchanged.
     layer = next((m for m in module.modules() if isinstance(m, QuantLinear)), None) if module is not None else None
     if layer is not None and layer.act_bits != 16:
@@ -345,11 +349,24 @@ def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe
         "recipe": recipe.label, "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss,
         "quantized_layers": len(qlayers), "quantized_weights": weights,
         "bits_per_weight": round(packed * 8 / max(weights, 1), 4),
-        "theory_bits_per_weight": round(theory_bits(recipe, widest if per_row else None, original.dtype.itemsize * 8), 4),
+        "theory_bits_per_weight": round(_theory_bits(qlayers, recipe, widest if per_row else None,
+                                                     original.dtype.itemsize * 8), 4),
         "linear_bytes_before": source_bytes, "linear_bytes_after": packed, "linear_bytes_bf16": weights * 2,
         "model_bytes_before": original.weight_bytes(), "model_bytes_after": quantized.weight_bytes(),
         "model_bytes_before_bf16": original.num_parameters() * 2,
     }
+
+
+def _theory_bits(qlayers: list[nn.Module], recipe: QuantRecipe, in_features: int | None, dtype_bits: int) -> float:
+    """`theory_bits` over the quantized layers, weighted by their weights: each QuantLinear at its own bits (a
+    mixed-precision plan's differ), a library's layer at the recipe's."""
+    weights = sum(m.in_features * m.out_features for m in qlayers)
+    if not recipe.mixed or not weights:
+        return theory_bits(recipe, in_features, dtype_bits)
+    def bits(m: nn.Module) -> float:
+        return theory_bits(dataclasses.replace(recipe, wbits=getattr(m, "bits", recipe.wbits)), in_features, dtype_bits)
+
+    return sum(m.in_features * m.out_features * bits(m) for m in qlayers) / weights
 
 
 def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = False) -> dict[str, int]:

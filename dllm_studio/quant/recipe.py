@@ -21,6 +21,10 @@ METHODS = {name: spec.description for name, spec in SPECS.items()}
 WEIGHT_BITS = {name: spec.weight_bits for name, spec in SPECS.items()}
 ACTIVATION_BITS = {name: spec.activation_bits for name, spec in SPECS.items()}
 WEIGHT_ACTIVATION = tuple(name for name, spec in SPECS.items() if spec.layout != "library" and spec.activation_bits != (16,))
+# Methods whose layers may each take their own bits (a memory-budget plan, `quant.budget`): weight-only rounding
+# onto the integer grid, one layer at a time. Rotations and smoothing tie a layer's grid to its neighbours',
+# codebooks are sized per bit-width, and the libraries choose their own layouts.
+MIXED_BITS_METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ class QuantRecipe:
     seed: int = 0
     alpha: float | None = None  # SmoothQuant/DuQuant migration strength; None: the method's default
     clip: float | None = None  # activation clip ratio (scale = clip * max|x| per token); None: the method's default
+    # Mixed precision (`quant.budget`): (layer name, bits) per planned layer; layers not listed take `wbits`, which
+    # is also the most a plan gives. The budget the plan was made for is kept too, for the record only.
+    layer_bits: tuple[tuple[str, int], ...] = ()
+    memory_budget: int | None = None  # bytes of the whole model's weights as stored
+    target_bpw: float | None = None  # stored bits per quantized weight (scales and zero points included)
 
     def validate(self) -> QuantRecipe:
         """Refuse combinations that cannot work, before any model is touched."""
@@ -64,6 +73,7 @@ class QuantRecipe:
             raise QuantizationError(f"{name} produces {settings}; W{self.wbits}A{self.abits} is not one of them "
                                     "(--wbits, --abits).")
         self._validate_options(spec)
+        self._validate_mixed(spec)
         if self.group_size is not None and (self.group_size < 8 or self.group_size % 8):
             raise QuantizationError(f"Group size {self.group_size} must be a multiple of 8 (or 0 for per-channel).")
         if self.act_order and "act_order" not in self.spec.options:
@@ -111,6 +121,38 @@ class QuantRecipe:
                                     f"--group-size {self.group_size or 0} does not apply (leave the default).")
         if fixed and self.symmetric and spec.layout == "codebook":
             raise QuantizationError(f"{name} rounds weights onto twin log grids, not a symmetric one; --sym does not apply.")
+
+    def _validate_mixed(self, spec) -> None:
+        if not (self.layer_bits or self.memory_budget is not None or self.target_bpw is not None):
+            return
+        self.check_mixed_bits()
+        if self.memory_budget is not None and self.target_bpw is not None:
+            raise QuantizationError("Give a memory budget or a target bits per weight, not both.")
+        if self.memory_budget is not None and (type(self.memory_budget) is not int or self.memory_budget <= 0):
+            raise QuantizationError(f"The memory budget must be a positive number of bytes, not {self.memory_budget!r}.")
+        if self.target_bpw is not None and not self.target_bpw > 0:
+            raise QuantizationError(f"The target bits per weight must be positive, not {self.target_bpw!r}.")
+        for layer, bits in self.layer_bits:
+            if type(bits) is not int or bits not in spec.weight_bits:
+                raise QuantizationError(f"The bit plan gives {layer} {bits!r} bits; {self.method.upper()} quantizes "
+                                        f"weights to {', '.join(map(str, spec.weight_bits))} bits.")
+
+    def check_mixed_bits(self) -> None:
+        """Refuse a method and setting whose layers cannot each take their own bits."""
+        if self.method not in MIXED_BITS_METHODS or self.abits != 16:
+            raise QuantizationError(
+                f"Mixed precision (--memory-budget, --target-bpw) gives each layer its own weight bits, which only the "
+                f"weight-only grid methods ({', '.join(MIXED_BITS_METHODS)}, at A16) can take; {self.method.upper()} "
+                f"W{self.wbits}A{self.abits} ties every layer to one grid.")
+
+    def bits_of(self, name: str) -> int:
+        """The weight bits of the linear `name`: its plan's, or the recipe's."""
+        return dict(self.layer_bits).get(name, self.wbits)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some layer is planned at bits other than `wbits` (one `bits` no longer describes the model)."""
+        return any(bits != self.wbits for _, bits in self.layer_bits)
 
     @property
     def spec(self):
@@ -160,10 +202,14 @@ class QuantRecipe:
         if self.per_channel:
             return f"{self.method.upper()} W{self.wbits}A{self.abits} per-channel sym"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"{self.method.upper()} W{self.wbits}A{self.abits} {group}{' sym' if self.symmetric else ''}"
+        bits = sorted({self.wbits, *(b for _, b in self.layer_bits)})
+        weights = f"W{bits[0]}-{bits[-1]}A{self.abits} mixed" if self.mixed else f"W{self.wbits}A{self.abits}"
+        return f"{self.method.upper()} {weights} {group}{' sym' if self.symmetric else ''}"
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "skip": list(self.skip)}
+        raw = {**dataclasses.asdict(self), "skip": list(self.skip), "layer_bits": dict(self.layer_bits)}
+        # A uniform recipe reads as it did before plans existed (older readers, the study's cached results' keys).
+        return {k: v for k, v in raw.items() if k not in ("layer_bits", "memory_budget", "target_bpw") or v}
 
     @classmethod
     def from_dict(cls, raw: dict) -> QuantRecipe:
@@ -171,4 +217,7 @@ class QuantRecipe:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise QuantizationError(f"Unknown recipe setting(s): {', '.join(unknown)}.")
-        return cls(**{**raw, **({"skip": tuple(raw["skip"])} if "skip" in raw else {})})
+        fields = {**raw, **({"skip": tuple(raw["skip"])} if "skip" in raw else {})}
+        if "layer_bits" in raw:  # a JSON object {layer: bits}, held as sorted pairs so the recipe stays hashable
+            fields["layer_bits"] = tuple(sorted(dict(raw["layer_bits"]).items()))
+        return cls(**fields)

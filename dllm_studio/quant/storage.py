@@ -41,6 +41,11 @@ def check_qconfig(qconfig: object) -> None:
     if type(bits) is not int or bits not in STORED_BITS:
         raise ModelLoadError(f"{where}.bits is {bits!r}; quantized weights have "
                              f"{', '.join(map(str, STORED_BITS))} bits.")
+    layer_bits = qconfig.get("layer_bits", {})  # a mixed-precision model: layers whose bits differ from `bits`
+    if not isinstance(layer_bits, dict) or not all(isinstance(k, str) and type(v) is int and v in STORED_BITS
+                                                   for k, v in layer_bits.items()):
+        raise ModelLoadError(f"{where}.layer_bits must map layer names to bits "
+                             f"({', '.join(map(str, STORED_BITS))}), not {layer_bits!r}.")
     if type(group) is not int or not (group == -1 or group > 0):
         raise ModelLoadError(f"{where}.group_size is {group!r}; it must be a positive number of columns, "
                              "or -1 for one group per output channel.")
@@ -79,7 +84,7 @@ def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int
     (with the config's activation bits and clip, and the `InputTransform` parts the checkpoint holds for it)."""
     check_qconfig(qconfig)
     fmt = quant_format(qconfig)
-    bits = int(qconfig["bits"])
+    bits, layer_bits = int(qconfig["bits"]), qconfig.get("layer_bits", {})
     group = int(qconfig.get("group_size", -1))
     desc_act = bool(qconfig.get("desc_act", False))
     act_bits, act_clip = qconfig.get("act_bits", 16), float(qconfig.get("act_clip", 1.0))
@@ -96,7 +101,7 @@ def install_shells(module: nn.Module, qconfig: dict, shapes: dict[str, tuple[int
         codebook = f"{name}.codebook" in shapes  # a non-uniform grid (twin-log): one group per row by construction
         if codebook and fmt != "native":
             raise ModelLoadError(f"{name}.codebook: codebook layers are stored only in dLLM Studio's native format.")
-        shell = QuantLinear(linear.in_features, linear.out_features, bits, None if codebook or group <= 0 else group,
+        shell = QuantLinear(linear.in_features, linear.out_features, layer_bits.get(name, bits), None if codebook or group <= 0 else group,
                             bias=linear.bias is not None, act_order=act_order and not codebook, act_bits=act_bits,
                             act_clip=act_clip, transform=transform, codebook=codebook, device="meta")
         parent, _, child = name.rpartition(".")

@@ -15,6 +15,7 @@ assembles the model; a method never sees the loop.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -89,6 +90,17 @@ class Method:
         LM head, whose inputs lie outside the blocks."""
         q, scales, zeros = rtn(linear.weight.detach().float(), self.grid, self.group_size)
         return self.quant_linear(linear, q, scales, zeros)
+
+    def at_bits(self, bits: int) -> Method:
+        """This method rounding onto a `bits`-bit grid (a mixed-precision plan's layer, `quant.budget`): a sibling
+        on the same model whose recipe differs only in `wbits`, made once per bit-width. Only `round` is asked of
+        it; what `prepare_block` searched (AWQ's scales) was searched at the recipe's own bits."""
+        if bits == self.recipe.wbits:
+            return self
+        siblings = self.__dict__.setdefault("_siblings", {})
+        if bits not in siblings:
+            siblings[bits] = type(self)(self.model, dataclasses.replace(self.recipe, wbits=bits, layer_bits=()))
+        return siblings[bits]
 
     def outside(self) -> dict[str, nn.Module]:
         """Replacements for modules outside the blocks (qualified name -> module), before the head is rounded."""
