@@ -40,6 +40,7 @@ def test_knapsack_is_optimal_against_brute_force():
         assert sum(e[k] for e, k in zip(errors, picks)) == _brute_force(errors, costs, capacity)
 
 
+@pytest.fixture(scope="module")
 def planned(demo_model):
     sizes = budget.stored_sizes(demo_model, BASE)
     uniform3 = sizes.fixed + sum(b[3] for b in sizes.bytes.values())

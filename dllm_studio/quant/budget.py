@@ -41,6 +41,9 @@ from dllm_studio.quant.grid import Grid, dequantize, rtn
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
 
+BINS = 1 << 15  # the knapsack's byte axis: the room above the smallest plan, in at most this many steps
+
+
 def candidate_bits(recipe: QuantRecipe) -> tuple[int, ...]:
     """The bit-widths a plan may give a layer: those the method produces, up to the recipe's `wbits`."""
     return tuple(sorted(b for b in recipe.spec.weight_bits if b <= recipe.wbits))
