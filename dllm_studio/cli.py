@@ -633,12 +633,7 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[o
     model = _load(args)
     events = []
     on_event = _quantize_printer(events)
-    if recipe.memory_budget is not None or recipe.target_bpw is not None:
-        from dllm_studio.quant.budget import budget_plan
-
-        plan = jobs.run(budget_plan(model, recipe), on_event)
-        print(plan.text(), flush=True)
-        recipe = plan.apply(recipe)
+    recipe = _planned(recipe, model, on_event)
     result = jobs.run(quantize(model, recipe), on_event)
     _print_summary(recipe, result)
     profile = {"summary": result.summary, "layers": result.layers}
@@ -675,14 +670,10 @@ def _streams(args: argparse.Namespace, described, recipe) -> bool:
 def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[object, dict, list[dict], dict]:
     """`_quantize_and_export` for a streaming run: the blocks go straight from the shards to --out."""
     from dllm_studio import jobs
-    from dllm_studio.errors import QuantizationError
     from dllm_studio.memory import preflight
     from dllm_studio.quant.pipeline import working_set
-    from dllm_studio.quant.streaming import quantize_to_folder
+    from dllm_studio.quant.streaming import FromShards, quantize_to_folder
 
-    if recipe.memory_budget is not None or recipe.target_bpw is not None:
-        raise QuantizationError("A memory budget's sensitivity pass runs on the model in memory; streaming runs take "
-                                "uniform bits so far: drop --memory-budget/--target-bpw, or use --streaming off.")
     preflight(f"Quantizing {args.model} streaming from its shards", working_set(described, recipe, streaming=True),
               args.device, force=args.no_memory_check)
     events = []
@@ -698,11 +689,25 @@ def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[ob
         else:
             printer(event)
 
+    recipe = _planned(recipe, described, on_event, FromShards(described, args.device))
     result, report = jobs.run(quantize_to_folder(described, recipe, args.out, fmt=args.format,
                                                  max_shard_size=args.max_shard_size, force=args.force,
                                                  resume=not args.no_resume, device=args.device), on_event)
     _print_summary(recipe, result)
     return recipe, {"summary": result.summary, "layers": result.layers}, events, report
+
+
+def _planned(recipe, model, on_event, store=None):
+    """`recipe` with its memory budget (or target bits per weight) planned into bits per layer, the bit map
+    printed; the recipe itself when it sets none. `store`: where the sensitivity pass reads the blocks."""
+    if recipe.memory_budget is None and recipe.target_bpw is None:
+        return recipe
+    from dllm_studio import jobs
+    from dllm_studio.quant.budget import budget_plan
+
+    plan = jobs.run(budget_plan(model, recipe, store=store), on_event)
+    print(plan.text(), flush=True)
+    return plan.apply(recipe)
 
 
 def _quantize_printer(events: list[dict]):

@@ -140,3 +140,29 @@ def test_refusals(source, tmp_path, demo_rtn4):
     folder = save_quantized(demo_rtn4.model, tmp_path / "quantized")
     with pytest.raises(QuantizationError, match="quantized already"):
         stream(folder, QuantRecipe(method="rtn", **CALIB), tmp_path / "b")
+
+
+def test_a_memory_budget_is_planned_from_the_shards_as_from_memory(source):
+    from dllm_studio.quant.budget import budget_plan
+    from dllm_studio.quant.streaming import FromShards
+
+    recipe = QuantRecipe(method="gptq", wbits=4, target_bpw=3.5, **CALIB)
+    model = described(source)
+    streamed = jobs.run(budget_plan(model, recipe, store=FromShards(model)))
+    in_memory = jobs.run(budget_plan(load_model(source, dtype="float32"), recipe))
+    assert streamed.bits == in_memory.bits and len(set(streamed.bits.values())) > 1
+    assert all(t.is_meta for t in model.module.parameters())
+
+
+def test_cli_streams_and_refuses_verify(source, tmp_path, capsys):
+    from dllm_studio.cli import main
+
+    out = tmp_path / "out"
+    flags = ["quantize", str(source), "--method", "rtn", "--wbits", "4", "--calib-samples", "4", "--seq-len", "32",
+             "--out", str(out), "--streaming", "on", "--dtype", "float32"]
+    assert main([*flags, "--verify"]) == 1
+    assert "--verify compares the written folder" in capsys.readouterr().err and not out.exists()
+    assert main(flags) == 0
+    printed = capsys.readouterr().out
+    assert "streaming from 3 shards: blocks 1-4 of 4" in printed and "block   4/4" in printed
+    assert load_model(out, dtype="float32").config["quantization_config"]["bits"] == 4

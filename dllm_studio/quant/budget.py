@@ -73,12 +73,15 @@ def block_sensitivity(block: nn.Module, layers: dict[str, LinearLayer], states: 
     return table
 
 
-def sensitivity(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None
+def sensitivity(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None, store=None
                 ) -> Generator[Event, None, dict[str, dict[int, float]]]:
     """The job measuring `block_sensitivity` block by block through the full-precision model (the calibration
     states of block i+1 are block i's outputs); yields SensitivityProgress per block, stops between blocks once
-    `cancel` is set. Returns {layer name: {bits: proxy error}}."""
-    from dllm_studio.quant.pipeline import _prefix, check_supported  # the pipeline imports much the plan needs not
+    `cancel` is set. Returns {layer name: {bits: proxy error}}. `store` (a `pipeline.BlockStore`) says where the
+    blocks come from: the loaded model's own by default, or `streaming.FromShards` for a model on meta."""
+    from dllm_studio.quant.pipeline import BlockStore, _prefix, check_supported  # the pipeline imports much the plan needs not
+
+    store = store or BlockStore()
 
     recipe.check_mixed_bits()
     check_supported(model)
@@ -88,15 +91,17 @@ def sensitivity(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | N
     ids, masked = calibration_batch(model, recipe)
     started, table = time.perf_counter(), {}
     with torch.no_grad():
-        states = capture.block_inputs(model.module, blocks[0], ids.to(model.device))
+        with store.outside_blocks(model):
+            states = capture.block_inputs(model.module, blocks[0], ids.to(model.device))
         masks = list(masked.to(model.device).split(BATCH))
         for index, block in enumerate(blocks):
             cancel.check()
             prefix = _prefix(model, block)
             layers = {l.name[len(prefix):]: l for l in planned if l.block == index}
-            table.update(block_sensitivity(block, layers, states, masks, recipe))
-            if index + 1 < len(blocks):
-                states = [((capture.run(block, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]
+            with store.reading(model, prefix, block):
+                table.update(block_sensitivity(block, layers, states, masks, recipe))
+                if index + 1 < len(blocks):
+                    states = [((capture.run(block, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]
             elapsed = time.perf_counter() - started
             yield SensitivityProgress(index + 1, len(blocks), round(elapsed, 2),
                                       round(elapsed / (index + 1) * (len(blocks) - index - 1), 1))
@@ -278,15 +283,16 @@ def knapsack(errors: list[list[float]], costs: list[list[int]], capacity: int, b
         chosen[item] = k
 
 
-def budget_plan(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None
+def budget_plan(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None, store=None
                 ) -> Generator[Event, None, BitPlan]:
     """The job planning `recipe` to its own `memory_budget` or `target_bpw`: the sensitivity (SensitivityProgress
-    per block), then the knapsack. `plan.apply(recipe)` is the recipe to quantize with."""
+    per block; its blocks from `store`, see `sensitivity`), then the knapsack. `plan.apply(recipe)` is the recipe
+    to quantize with."""
     recipe.validate()
     if recipe.memory_budget is None and recipe.target_bpw is None:
         raise QuantizationError("The recipe sets no memory budget or target bits per weight to plan for.")
     sizes = stored_sizes(model, recipe)
     blank = {name: dict.fromkeys(costs, 0.0) for name, costs in sizes.bytes.items()}
     plan_bits(blank, sizes, recipe, memory_budget=recipe.memory_budget, target_bpw=recipe.target_bpw)  # fits at all?
-    table = yield from sensitivity(model, recipe, cancel)
+    table = yield from sensitivity(model, recipe, cancel, store)
     return plan_bits(table, sizes, recipe, memory_budget=recipe.memory_budget, target_bpw=recipe.target_bpw)

@@ -79,6 +79,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
 
     ids, masked = calibration_batch(model, recipe)
     ids, masked = ids.to(model.device), masked.to(model.device)
+    before = (model.weight_bytes(), model.num_parameters())  # a streamed model's blocks change in place
     started = time.perf_counter()
     with MemorySampler() as memory, torch.no_grad():
         method = recipe.spec.implementation()(model, recipe)
@@ -126,7 +127,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
             quantized = _assemble(model, blocks, store.quantized_blocks(blocks), {**outside, **head}, recipe)
             result = QuantizationResult(quantized, recipe, {}, list(records.values()))
             result.summary = summarize(model, quantized, recipe, seconds=time.perf_counter() - started,
-                                       peak_rss=memory.peak)
+                                       peak_rss=memory.peak, before=before)
             yield from store.finish(model, result, cancel)
         yield from memory.drain()
     result.summary.update(seconds=round(time.perf_counter() - started, 2), peak_rss_bytes=memory.peak)
@@ -150,6 +151,11 @@ class BlockStore:
     def open(self, model: DiffusionLM, prefix: str, block: nn.Module) -> nn.Module:
         """A full-precision block the method may change in place."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def reading(self, model: DiffusionLM, prefix: str, block: nn.Module):
+        """The full-precision block, to read (not change) inside this context: a pass that only measures."""
+        yield block
 
     def keep(self, index: int, prefix: str, work: nn.Module, states: list[torch.Tensor], records: dict) -> None:
         """Take block `index` once quantized (with the calibration states it produced, and its layers' records)."""
@@ -335,7 +341,10 @@ def quantization_config(recipe: QuantRecipe, module: nn.Module | None = None) ->
 
 
 def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe, *, seconds: float,
-              peak_rss: int) -> dict:
+              peak_rss: int, before: tuple[int, int] | None = None) -> dict:
+    """The quantization's numbers; `before` is the original's (weight bytes, parameters), taken before a streaming
+    run quantized its blocks in place (by default read off `original`)."""
+    before = before or (original.weight_bytes(), original.num_parameters())
     qlayers = [m for m in quantized.module.modules() if isinstance(m, QuantLinear) or runtimes.method_of(m)]
     weights = sum(m.in_features * m.out_features for m in qlayers)
     held = {id(t): t for m in qlayers if isinstance(m, QuantLinear)  # a shared transform counts once
@@ -352,8 +361,8 @@ def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe
         "theory_bits_per_weight": round(_theory_bits(qlayers, recipe, widest if per_row else None,
                                                      original.dtype.itemsize * 8), 4),
         "linear_bytes_before": source_bytes, "linear_bytes_after": packed, "linear_bytes_bf16": weights * 2,
-        "model_bytes_before": original.weight_bytes(), "model_bytes_after": quantized.weight_bytes(),
-        "model_bytes_before_bf16": original.num_parameters() * 2,
+        "model_bytes_before": before[0], "model_bytes_after": quantized.weight_bytes(),
+        "model_bytes_before_bf16": before[1] * 2,
     }
 
 

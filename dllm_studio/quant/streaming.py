@@ -93,11 +93,7 @@ def quantize_to_folder(model: DiffusionLM, recipe: QuantRecipe, out: str | Path,
     store = Streamed(model, recipe, out, fmt=fmt, max_shard_size=shards.parse_size(max_shard_size), device=device)
     first, note = store.prepare(resume)
     yield StreamingStarted(shards=len(store.source.files), blocks=len(model.blocks()), first_block=first + 1, note=note)
-    model.compute_device = torch.device(device)
-    try:
-        result = yield from quantize(model, recipe, cancel, store=store)
-    finally:
-        model.compute_device = None
+    result = yield from quantize(model, recipe, cancel, store=store)
     return result, store.report
 
 
@@ -128,15 +124,66 @@ class _Shards:
                 raise ModelLoadError(f"{path.name} could not be read ({exc}).") from None
 
 
-class Streamed(BlockStore):
+class FromShards(BlockStore):
+    """Blocks read from a checkpoint's shards when the loop needs them (the model lives on meta; its blocks run
+    on `device`), each released to meta again once done: what a streaming run and its sensitivity pass share."""
+
+    def __init__(self, model: DiffusionLM, device: str | torch.device = "cpu") -> None:
+        self.model, self.device = model, torch.device(device)
+        self.source = _Shards(Path(model.path))
+        model.compute_device = self.device  # where its blocks run while the module stays a description
+
+    @contextlib.contextmanager
+    def outside_blocks(self, model, needed=True):
+        in_blocks = {id(t) for t in model.blocks().state_dict(keep_vars=True).values()}
+        groups = [g for g in _tensor_groups(model.module) if id(g[0]) not in in_blocks]
+        if needed:
+            self._materialize(model.module, "", groups)
+        try:
+            yield
+        finally:
+            if needed:
+                _release(model.module, groups)
+
+    def open(self, model, prefix, block):
+        self._materialize(block, prefix, _tensor_groups(block))
+        bad = nonfinite_tensors(block.named_parameters())
+        if bad:  # they would poison the calibration activations and GPTQ's Hessians
+            raise QuantizationError(f"{model.source} cannot be quantized: tensor {prefix}{bad[0]} holds NaN or infinite "
+                                    "values. Repair or replace the checkpoint first.")
+        return block  # quantized in place: nothing else holds it
+
+    def _materialize(self, module: nn.Module, prefix: str, groups) -> None:
+        """Read each tensor group (names sharing one tensor: tied weights stay tied) from the shards, at the
+        dtype the model computes in."""
+        stored = {next(prefix + n for n in names if prefix + n in self.source.entries): (old, names)
+                  for old, names in groups}
+        for full, tensor in self.source.read(list(stored)):
+            old, names = stored[full]
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.model.dtype)
+            _put(module, names, tensor.to(self.device), isinstance(old, nn.Parameter))
+
+    @contextlib.contextmanager
+    def reading(self, model, prefix, block):
+        self.open(model, prefix, block)
+        try:
+            yield block
+        finally:
+            block.to("meta")
+
+    def quantized_blocks(self, blocks):
+        return list(blocks)  # each one described on meta once kept
+
+
+class Streamed(FromShards):
     """The block store of a streaming run: blocks read from the source shards, written to `out`'s temporary
     folder as they are done (see the module docstring)."""
 
     def __init__(self, model: DiffusionLM, recipe: QuantRecipe, out: Path, *, fmt: str, max_shard_size: int,
                  device: str) -> None:
-        self.model, self.recipe, self.out, self.fmt = model, recipe, out, fmt
-        self.max_shard_size, self.device = max_shard_size, torch.device(device)
-        self.source = _Shards(Path(model.path))
+        super().__init__(model, device)
+        self.recipe, self.out, self.fmt, self.max_shard_size = recipe, out, fmt, max_shard_size
         self.tmp = out.parent / f".{out.name}.partial"
         # What must be the same for a rerun to continue an earlier run (as JSON reads it back: lists, not tuples).
         self.key = json.loads(json.dumps({"version": VERSION, "source": folder_fingerprint(Path(model.path)),
@@ -179,38 +226,6 @@ class Streamed(BlockStore):
             states = [f.get_tensor(str(i)).to(model.device) for i in range(len(f.keys()))]
         return first, states, dict(self.done["records"])
 
-    # --- blocks -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def outside_blocks(self, model, needed=True):
-        in_blocks = {id(t) for t in model.blocks().state_dict(keep_vars=True).values()}
-        groups = [g for g in _tensor_groups(model.module) if id(g[0]) not in in_blocks]
-        if needed:
-            self._materialize(model.module, "", groups)
-        try:
-            yield
-        finally:
-            if needed:
-                _release(model.module, groups)
-
-    def open(self, model, prefix, block):
-        self._materialize(block, prefix, _tensor_groups(block))
-        bad = nonfinite_tensors(block.named_parameters())
-        if bad:  # they would poison the calibration activations and GPTQ's Hessians
-            raise QuantizationError(f"{model.source} cannot be quantized: tensor {prefix}{bad[0]} holds NaN or infinite "
-                                    "values. Repair or replace the checkpoint first.")
-        return block  # quantized in place: nothing else holds it
-
-    def _materialize(self, module: nn.Module, prefix: str, groups) -> None:
-        """Read each tensor group (names sharing one tensor: tied weights stay tied) from the shards, at the
-        dtype the model computes in."""
-        stored = {next(prefix + n for n in names if prefix + n in self.source.entries): (old, names)
-                  for old, names in groups}
-        for full, tensor in self.source.read(list(stored)):
-            old, names = stored[full]
-            if tensor.is_floating_point():
-                tensor = tensor.to(self.model.dtype)
-            _put(module, names, tensor.to(self.device), isinstance(old, nn.Parameter))
-
     def keep(self, index, prefix, work, states, records):
         from dllm_studio.quant.pipeline import quantization_config
 
@@ -242,9 +257,6 @@ class Streamed(BlockStore):
                 tensor = tensor.to(self.source.dtype(full))
             stored[full] = tensor.detach().contiguous().cpu()
         return stored
-
-    def quantized_blocks(self, blocks):
-        return list(blocks)  # each one described on meta once kept
 
     # --- the output folder ------------------------------------------------------------------
     def finish(self, original, result, cancel):
