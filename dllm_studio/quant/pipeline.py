@@ -4,7 +4,8 @@
 
 The loop knows no method by name: the recipe's method (`quant.methods`) decides what calibration gathers,
 how a block is changed before rounding and how each linear is rounded. For each transformer block, in order:
-1. copy the block (the only full-precision copy ever made: one block, never the model);
+1. take the block from the store (`BlockStore`): by default a copy (the only full-precision copy ever made: one
+   block, never the model); streaming (`quant.streaming`), the block itself, read from the shards;
 2. feed it the calibration hidden states that the already-quantized blocks before it produced;
 3. if the method prepares blocks (AWQ/SmoothQuant scales, QuaRot/DuQuant rotations): record the untouched
    block's linear inputs (a `LayerStats` event each) and let it change the copy;
@@ -12,8 +13,9 @@ how a block is changed before rounding and how each linear is rounded. For each 
    each stage seeing the inputs the quantized stages before it produce), each from what its hooks gathered
    (statistics, Hessians, a sample of inputs), replacing it by a `QuantLinear` (a `LayerQuantized` event;
    `LayerTransformed` first where the method changed its inputs, statistics before and after);
-5. run the quantized block to produce the next block's inputs (a `BlockQuantized` event).
-The original model is only read: the result shares its untouched tensors (embeddings, norms outside the
+5. run the quantized block to produce the next block's inputs, and hand it to the store (kept in memory, or
+   written to disk and released) (a `BlockQuantized` event).
+In memory, the original model is only read: the result shares its untouched tensors (embeddings, norms outside the
 blocks, unless the method replaces them: QuaRot rotates the embedding and the head) and owns the quantized
 blocks. Cancelling discards the copies and leaves it as it was.
 """
