@@ -47,7 +47,13 @@ red points are its outlier channels, more than 4x the median channel (the dashed
 calibration inputs, relative to the output's size.</li>
 <li><i>Memory</i>: this process's resident memory over time; the dashed line is its peak.</li>
 </ul>
-Esc or Cancel stops after the current layer and keeps nothing.</li>
+Esc or Cancel stops after the current layer and keeps nothing.
+<i>Mixed precision</i> (RTN, GPTQ, AWQ weight-only): give a memory budget or a target bits per weight; Start
+first measures each layer's sensitivity, then shows the <i>bit map</i> (a row per block, a cell per layer,
+coloured by its bits) and quantizes with it. <i>Stream from the checkpoint's shards</i> quantizes a model larger
+than memory one block at a time straight into a folder (checked for you when the in-memory run would not fit);
+a cancelled streaming run keeps its finished blocks, and Start again with the same recipe and folder resumes.
+Open it for Chat loads the folder as the quantized variant.</li>
 <li><b>Chat</b>: one prompt goes to <b style="color:{FP_COLOR}">full precision</b>, then to the
 <b style="color:{QUANT_COLOR}">quantized</b> variant, with the same seed and settings. The answer starts as
 masks ({MASK}); each step commits some tokens, coloured by the model's confidence:

@@ -12,6 +12,8 @@ FP_COLOR = "#3b7dd8"  # full precision
 QUANT_COLOR = "#e07b28"  # quantized
 GOOD, WARN, BAD = "#2e9d57", "#d99a1e", "#d64541"
 FIT_COLORS = {"fits": GOOD, "tight": WARN, "won't fit": BAD}  # memory.fit's verdicts
+# A layer's weight bits in the bit map: fewer bits, warmer (more error); 8 bits in full precision's blue.
+BITS_COLORS = {2: BAD, 3: WARN, 4: GOOD, 8: FP_COLOR}
 BAND_COLORS = {"negligible": GOOD, "moderate": WARN, "significant": BAD}  # the seed study's accuracy-drop bands
 # A decision flip's kind (Okabe-Ito vermillion and sky blue: apart for every common colour-vision deficiency, and
 # strong enough against a light or a dark window).

@@ -10,26 +10,34 @@ from __future__ import annotations
 
 import html
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QFont
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                               QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar,
-                               QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QTabWidget,
+from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame,
+                               QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar,
+                               QPushButton, QScrollArea, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QTabWidget,
                                QVBoxLayout, QWidget)
 
 from dllm_studio import memory
-from dllm_studio.errors import DllmError
-from dllm_studio.events import BlockQuantized, LayerQuantized, LayerStats, LayerTransformed
+from dllm_studio.errors import DllmError, FolderExistsError
+from dllm_studio.events import (BlockQuantized, ExportProgress, LayerQuantized, LayerStats, LayerTransformed,
+                                SensitivityProgress, StreamingStarted)
 from dllm_studio.memory import available_bytes, human
+from dllm_studio.models import open_model
 from dllm_studio.profile import OUTLIER_ALARM
+from dllm_studio.quant.budget import budget_plan
 from dllm_studio.quant.pipeline import check_supported, quantize, working_set
+from dllm_studio.quant.streaming import quantize_to_folder, streaming_problem
 from dllm_studio.quant import kernels, runtimes
 from dllm_studio.quant.methods import METHODS as SPECS
 from dllm_studio.quant.methods import QUANTIZED_TENSORS
 from dllm_studio.quant.recipe import METHODS, QuantRecipe
+from ui.bit_map import BitMap
 from ui.charts import BarChart, ChannelProfile, MemoryChart
+from ui.pages.export import slug
+from ui.paths import models_dir
 from ui.session import Session, Variant
 from ui.theme import BAD, FIT_COLORS, GOOD, WARN
 from ui.workers import stream
@@ -65,10 +73,20 @@ GROUP_SIZES = ((128, "128 (default)"), (64, "64"), (32, "32"), (0, "per output c
 REDRAW_MS = 50
 CHARTS = ("outliers", "channels", "errors", "memory")  # the order they take turns in
 MEMORY_EVERY = 6  # redraw ticks per memory sample (about 3 a second)
+# How the layers' bits are chosen: one for all, or planned per layer (`quant.budget`) to a budget of bytes or bits.
+PRECISIONS = (("Uniform: every layer at the bits above", "uniform"), ("Memory budget (GB of weights)", "budget"),
+              ("Target bits per weight", "bpw"))
+STREAM_TIP = ("Read one block at a time from the model's files and write the quantized model straight to the folder: "
+              "the memory of one block, not of the whole model. A cancelled run keeps its finished blocks; Start "
+              "again with the same recipe and folder resumes.")
+NO_STREAMED_BUDGET = ("A memory budget's sensitivity pass runs on the model in memory; streaming runs take uniform "
+                      "bits so far.")
 
 
 class QuantizePage(QWidget):
     finished = Signal(object)  # the Variant made
+    streamed = Signal(str, dict)  # a streaming run's folder and export report
+    open_requested = Signal(str)  # a folder to open as the quantized model (the Models page loads it)
 
     def __init__(self, session: Session, settings, parent=None) -> None:
         super().__init__(parent)
@@ -76,6 +94,10 @@ class QuantizePage(QWidget):
         self.job = None
         self._calib_file: str | None = None
         self._last_result: str | None = None  # the result card of the last run that finished, kept past a cancel
+        self._stream_problem: str | None = None  # why the open model cannot stream (`streaming_problem`)
+        self._stream_chosen = False  # the user set the streaming box for this model: no longer checked for them
+        self._custom_out = False  # the user typed or browsed an output folder: no longer suggested
+        self._streamed_folder: str | None = None
         self._reset_data()
 
         # ---- the recipe ----
@@ -111,10 +133,23 @@ class QuantizePage(QWidget):
             "steps, earlier blocks done, later blocks all masks. None: clean text, as the seed study calibrated.")
         self.keep_head = QCheckBox("Keep the LM head in full precision")
         self.keep_head.setChecked(True)
+        self.precision = QComboBox(objectName="precisionCombo")
+        for label, data in PRECISIONS:
+            self.precision.addItem(label, data)
+        self.budget = QDoubleSpinBox(objectName="budgetSpin", minimum=0.001, maximum=10_000.0, decimals=3,
+                                     singleStep=0.1, value=4.0)
+        self.budget.setAccessibleName("Memory budget or target bits per weight")
+        self.streaming = QCheckBox("Stream from the checkpoint's shards into a folder", objectName="streamingCheck")
+        self.streaming.setToolTip(STREAM_TIP)
+        self.out_edit = QLineEdit(objectName="streamOut")
+        self.out_edit.setAccessibleName("Output folder of a streaming run")
+        self.browse_button = QPushButton("Browse…", objectName="streamBrowse")
+        self.stream_note = QLabel(wordWrap=True, objectName="streamNote", textFormat=Qt.TextFormat.RichText)
         self.preflight = QLabel(wordWrap=True, objectName="preflightLabel")
         self.start_button = QPushButton("&Start", objectName="startButton")
         self.cancel_button = QPushButton("Cancel", objectName="cancelButton")
-        self.cancel_button.setToolTip("Stop after the current layer (Esc); nothing is kept or written.")
+        self.cancel_button.setToolTip("Stop after the current layer (Esc); nothing is kept or written (a streaming "
+                                      "run keeps its finished blocks for a rerun).")
         self.cancel_button.setEnabled(False)
 
         form = QFormLayout()
@@ -122,15 +157,22 @@ class QuantizePage(QWidget):
                               ("Alp&ha (migration):", self.alpha), ("Activation cl&ip:", self.clip),
                               ("&Group size:", self.group), ("&Calibration:", self.calib), ("Sa&mples:", self.samples),
                               ("Sequence &length:", self.seq_len),
-                              ("Calibration mas&king:", self.masking)):
+                              ("Calibration mas&king:", self.masking), ("Mi&xed precision:", self.precision),
+                              ("Bu&dget:", self.budget)):
             caption = QLabel(label)
             caption.setBuddy(widget)
             form.addRow(caption, widget)
+        self.out_row = QWidget()
+        out_layout = QHBoxLayout(self.out_row)
+        out_layout.setContentsMargins(0, 0, 0, 0)
+        out_layout.addWidget(self.out_edit, 1)
+        out_layout.addWidget(self.browse_button)
         recipe_box = QGroupBox("Recipe")
         box = QVBoxLayout(recipe_box)
         box.addLayout(form)
         # Below the form, not in a row of it: a wrapped label spanning a form row is clipped to two lines.
-        for widget in (self.kernel_note, self.symmetric, self.act_order, self.keep_head, self.preflight):
+        for widget in (self.kernel_note, self.symmetric, self.act_order, self.keep_head, self.streaming, self.out_row,
+                       self.stream_note, self.preflight):
             box.addWidget(widget)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
@@ -140,10 +182,21 @@ class QuantizePage(QWidget):
                              objectName="resultCard", textFormat=Qt.TextFormat.RichText,
                              alignment=Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.open_button = QPushButton("Open it for &Chat", objectName="openStreamed", visible=False)
+        self.open_button.setToolTip("Load the folder this run wrote as the quantized model (Chat, Compare, Export).")
         result_box = QGroupBox("Result")
-        QVBoxLayout(result_box).addWidget(self.result)
+        result_layout = QVBoxLayout(result_box)
+        result_layout.addWidget(self.result)
+        result_layout.addWidget(self.open_button)
+        self.bit_map = BitMap()
+        self.plan_label = QLabel(wordWrap=True, objectName="planLabel")
+        self.plan_box = QGroupBox("Bit plan", objectName="planBox", visible=False)
+        plan_layout = QVBoxLayout(self.plan_box)
+        plan_layout.addWidget(self.bit_map, 1)
+        plan_layout.addWidget(self.plan_label)
         side = QVBoxLayout()
         side.addWidget(recipe_box)
+        side.addWidget(self.plan_box)  # as tall as its map: the recipe form above must never be squeezed
         side.addWidget(result_box, 1)
 
         # ---- the live profile ----
@@ -195,8 +248,13 @@ class QuantizePage(QWidget):
         layout = QHBoxLayout(self)
         side_widget = QWidget()
         side_widget.setLayout(side)
+        # Scrolled, not squeezed, when the recipe, the bit plan and the result are taller than the window.
+        side_scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
+        side_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        side_scroll.setWidget(side_widget)
         side_widget.setMaximumWidth(380)
-        layout.addWidget(side_widget)
+        side_scroll.setFixedWidth(380 + side_scroll.verticalScrollBar().sizeHint().width())
+        layout.addWidget(side_scroll)
         layout.addWidget(splitter, 1)
 
         self.timer = QTimer(self, interval=REDRAW_MS)
@@ -213,12 +271,19 @@ class QuantizePage(QWidget):
         for widget in (self.symmetric, self.act_order, self.keep_head):
             widget.toggled.connect(self._recipe_changed)
         self.calib.activated.connect(self._calib_chosen)
+        self.precision.currentIndexChanged.connect(self._precision_changed)
+        self.budget.valueChanged.connect(self._recipe_changed)
+        self.streaming.clicked.connect(self._streaming_chosen)  # clicked: the user's choice, not the auto-check
+        self.streaming.toggled.connect(self._recipe_changed)
+        self.out_edit.textEdited.connect(self._out_edited)
+        self.browse_button.clicked.connect(self._browse_out)
+        self.open_button.clicked.connect(lambda: self.open_requested.emit(self._streamed_folder))
         self.start_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
-        session.model_changed.connect(self._recipe_changed)
+        session.model_changed.connect(self._model_changed)
         session.busy_changed.connect(self._busy_changed)
-        self._sync_options()
-        self._recipe_changed()
+        self._precision_changed()
+        self._model_changed()
 
     # ---- the recipe form ----------------------------------------------------------------------------
     def _load_settings(self) -> None:
@@ -312,6 +377,88 @@ class QuantizePage(QWidget):
             self.transforms_hint.setText(f"{name} rounds each layer as it is: no transform changes its inputs, so "
                                          "there is nothing to show here.")
         self.transforms_table.setVisible(spec.transforms)
+        self._sync_mixed_and_streaming()
+
+    def _sync_mixed_and_streaming(self) -> None:
+        """Mixed precision only where the method takes it (the engine's `check_mixed_bits` says why not), streaming
+        only where the model can stream (`streaming_problem`), and not both at once (`NO_STREAMED_BUDGET`)."""
+        busy, planned = self.session.busy, self.precision.currentData() != "uniform"
+        try:
+            replace(self.recipe(uniform=True), target_bpw=1.0).check_mixed_bits()
+            mixed_problem = None
+        except DllmError as exc:
+            mixed_problem = str(exc)
+        streaming = self.streaming.isChecked()
+        if (mixed_problem or streaming) and planned:
+            self.precision.setCurrentIndex(0)  # an option that cannot apply is switched off, never ignored
+            return  # _precision_changed syncs again
+        self.precision.setEnabled(not busy and not mixed_problem and not streaming)
+        self.precision.setToolTip(mixed_problem or (NO_STREAMED_BUDGET if streaming else
+                                                    "Each layer gets the bits that cost the least error for the "
+                                                    "bytes allowed, measured on the calibration set first."))
+        self.budget.setEnabled(not busy and planned)
+        problem = self._stream_problem or (NO_STREAMED_BUDGET if planned else None)
+        self.streaming.setEnabled(not busy and problem is None)
+        self.streaming.setToolTip(f"Not available: {problem}" if problem else STREAM_TIP)
+        if problem and streaming:
+            self.streaming.setChecked(False)
+        self.out_row.setVisible(self.streaming.isChecked())
+        self.stream_note.setVisible(bool(self.stream_note.text()))
+        self.out_edit.setEnabled(not busy)
+        self.browse_button.setEnabled(not busy)
+
+    def _precision_changed(self) -> None:
+        mode = self.precision.currentData()
+        self.budget.blockSignals(True)
+        if mode == "bpw":
+            self.budget.setSuffix(" bits")
+            self.budget.setDecimals(2)
+            self.budget.setValue(max(min(self.spec.weight_bits), self.bits.currentData() - 1))
+        else:
+            self.budget.setSuffix(" GB")
+            self.budget.setDecimals(3)
+            model = self.session.model
+            if model is not None and mode == "budget":  # start below the uniform size, so the plan has work
+                self.budget.setValue(round(0.85 * model.memory_estimate(self.bits.currentData(), 128) / 1e9, 3))
+        self.budget.blockSignals(False)
+        self._sync_options()
+        self._recipe_changed()
+
+    def _model_changed(self) -> None:
+        model = self.session.model
+        try:
+            self._stream_problem = (streaming_problem(model) if model is not None else "no model is open")
+        except DllmError as exc:
+            self._stream_problem = str(exc)
+        except (OSError, ValueError):  # a model not loaded from a folder of safetensors
+            self._stream_problem = "its weights are not in a folder of safetensors files"
+        self._stream_chosen = False
+        self.streaming.setChecked(False)
+        self.stream_note.clear()
+        self._sync_options()
+        self._recipe_changed()
+
+    def _streaming_chosen(self) -> None:
+        self._stream_chosen = True
+        self.stream_note.clear()
+
+    def _out_edited(self, text: str) -> None:
+        self._custom_out = bool(text.strip())  # clearing the field brings the suggestion back
+        self._check()
+
+    def _browse_out(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Write the quantized model into", str(models_dir()))
+        if folder:
+            self.set_output_folder(folder)
+
+    def set_output_folder(self, folder: str) -> None:
+        self.out_edit.setText(folder)
+        self._out_edited(folder)
+
+    def _suggest_out(self, recipe: QuantRecipe) -> None:
+        model = self.session.model
+        if not self._custom_out and model is not None:
+            self.out_edit.setText(str(models_dir() / f"{slug(Path(model.path).name)}-{slug(recipe.label)}"))
 
     def _calib_chosen(self) -> None:
         if self.calib.currentData() != "file":
@@ -329,7 +476,9 @@ class QuantizePage(QWidget):
             self.calib.setCurrentIndex(0)
         self._recipe_changed()
 
-    def recipe(self) -> QuantRecipe:
+    def recipe(self, uniform: bool = False) -> QuantRecipe:
+        """The recipe the form describes (`uniform`: without the mixed-precision budget)."""
+        mode = "uniform" if uniform else self.precision.currentData()
         calib = self._calib_file if self.calib.currentData() == "file" and self._calib_file else "builtin"
         masking = self.masking.currentData()
         spec, fixed = self.spec, self._grid_fixed() is not None
@@ -345,7 +494,9 @@ class QuantizePage(QWidget):
                            calib=calib, calib_samples=self.samples.value(),
                            seq_len=self.seq_len.value(), masked_calib=masking != "none",
                            calib_masking=QuantRecipe.calib_masking if masking == "none" else masking,
-                           skip=("head",) if self.keep_head.isChecked() else ())
+                           skip=("head",) if self.keep_head.isChecked() else (),
+                           memory_budget=round(self.budget.value() * 1e9) if mode == "budget" else None,
+                           target_bpw=round(self.budget.value(), 2) if mode == "bpw" else None)
 
     def _recipe_changed(self) -> None:
         s, recipe = self.settings, self.recipe()
@@ -359,6 +510,8 @@ class QuantizePage(QWidget):
         s.set("quantize/masked_calib", recipe.masked_calib)
         s.set("quantize/calib_masking", recipe.calib_masking)
         self._show_kernel_note(recipe)
+        self._suggest_out(recipe)
+        self._sync_mixed_and_streaming()
         self._check()
 
     def _show_kernel_note(self, recipe: QuantRecipe) -> None:
@@ -384,28 +537,75 @@ class QuantizePage(QWidget):
             needed = sum(parts.values()) - parts["model"]  # the model itself is already in memory
             free = available_bytes()
             verdict = memory.fit(needed, free)
+            if verdict == "won't fit":
+                self._stream_instead(needed, free, recipe)
+            streaming = self.streaming.isChecked()
+            if streaming:  # at most one block of it is ever held (the open model is not used)
+                parts = working_set(model, recipe, streaming=True)
+                needed = sum(parts.values())
+                verdict = memory.fit(needed, free)
             colour = FIT_COLORS[verdict]
+            problem = self._output_problem() if streaming else None
             self.preflight.setText(
-                f"Needs about <b>{human(needed)}</b> more memory; {human(free)} free: "
+                (f"Streaming holds about <b>{human(needed)}</b> at most (one block at a time); " if streaming else
+                 f"Needs about <b>{human(needed)}</b> more memory; ") + f"{human(free)} free: "
                 f"<span style='color:{colour}'><b>{verdict}</b></span>.<br>Result: {recipe.label}, "
-                f"about {human(model.memory_estimate(recipe.wbits, recipe.group_size or 128))} of weights."
-                + (f"<br><span style='color:{WARN}'>Note: {note}.</span>" if (note := _note(recipe.method)) else ""))
+                + (f"bits planned per layer to {_target(recipe)} before quantizing."
+                   if recipe.memory_budget is not None or recipe.target_bpw is not None else
+                   f"about {human(model.memory_estimate(recipe.wbits, recipe.group_size or 128))} of weights.")
+                + (f"<br><span style='color:{WARN}'>Note: {note}.</span>" if (note := _note(recipe.method)) else "")
+                + (f"<br><span style='color:{BAD}'>{html.escape(problem)}</span>" if problem else ""))
             self.preflight.setToolTip("\n".join(f"{name}: {human(b)}" for name, b in parts.items()))
-            ok = verdict != "won't fit"
+            ok = verdict != "won't fit" and problem is None
         self.start_button.setEnabled(ok and not self.session.busy)
         return ok
 
+    def _stream_instead(self, needed: int, free: int, recipe: QuantRecipe) -> None:
+        """Check streaming for the user, saying why, when the in-memory run would not fit and the model can stream
+        (unless they set the box themselves, or plan a budget, which streaming cannot take yet)."""
+        if self._stream_chosen or self._stream_problem or self.streaming.isChecked() or self.precision.currentData() != "uniform":
+            return
+        self.streaming.blockSignals(True)  # _check is running: no second pass through _recipe_changed
+        self.streaming.setChecked(True)
+        self.streaming.blockSignals(False)
+        self._sync_mixed_and_streaming()
+        self.stream_note.setText(f"<span style='color:{WARN}'>Checked for you: quantizing in memory would need about "
+                                 f"{human(needed)} more and {human(free)} is free, so the blocks stream from the "
+                                 "checkpoint's files one at a time instead.</span>")
+        self.stream_note.setVisible(True)
+
+    def _output_problem(self) -> str | None:
+        text = self.out_edit.text().strip()
+        if not text:
+            return "Choose an output folder for the streamed model."
+        if Path(text).expanduser().exists():
+            return f"{FolderExistsError(Path(text).expanduser())}"
+        return None
+
     # ---- running ------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Quantize: streaming into a folder, planned to a budget first, or in memory (see the module docstring)."""
         if self.session.busy or not self._check():
             return
         model, recipe = self.session.model, self.recipe()
+        self._begin(model, recipe)
+        if self.streaming.isChecked():
+            self._start_streaming(model, recipe, Path(self.out_edit.text().strip()).expanduser())
+        elif recipe.memory_budget is not None or recipe.target_bpw is not None:
+            self._start_plan(model, recipe)
+        else:
+            self.plan_box.setVisible(False)  # an earlier plan's map would be taken for this run's bits
+            self._start_quantize(model, recipe)
+
+    def _begin(self, model, recipe: QuantRecipe) -> None:
+        """A new run's blank charts, log and progress."""
         self._reset_data()
         self.memory_chart.clear_data()
         self.transforms_table.setRowCount(0)
         self.transforms_table.setVisible(recipe.spec.transforms)
         self.log.clear()
         self._show_last_result("a new run is under way", "Quantizing: the result appears here when it is done.")
+        self.open_button.setVisible(False)
         self.progress.setRange(0, model.num_layers)
         self.progress.setValue(0)
         self.progress.setFormat(f"starting {recipe.label}…")
@@ -415,9 +615,48 @@ class QuantizePage(QWidget):
         self._started = time.perf_counter()
         self.sample_memory()
         self.timer.start()
-        self.job = self.session.start(f"Quantizing {recipe.label}", stream(lambda cancel: quantize(model, recipe, cancel)),
-                                      on_event=self._on_event, on_done=self._done, on_failed=self._failed,
-                                      on_cancelled=self._cancelled)
+
+    def _run(self, title: str, make_job, on_done) -> None:
+        self.job = self.session.start(title, stream(make_job), on_event=self._on_event, on_done=on_done,
+                                      on_failed=self._failed, on_cancelled=self._cancelled)
+
+    def _start_quantize(self, model, recipe: QuantRecipe) -> None:
+        self._run(f"Quantizing {recipe.label}", lambda cancel: quantize(model, recipe, cancel), self._done)
+
+    def _start_plan(self, model, recipe: QuantRecipe) -> None:
+        """Measure each layer's sensitivity and plan its bits (`budget_plan`); `_planned` quantizes with the plan."""
+        self.plan_box.setVisible(True)
+        self.plan_box.setTitle("Bit plan: measuring sensitivity…")
+        self.progress.setFormat("measuring sensitivity…")
+        self._run(f"Planning bits for {recipe.label}", lambda cancel: budget_plan(model, recipe, cancel),
+                  lambda plan: self._planned(model, recipe, plan))
+
+    def _planned(self, model, recipe: QuantRecipe, plan) -> None:
+        self.bit_map.set_plan(plan)
+        counts = {}
+        for bits in plan.bits.values():
+            counts[bits] = counts.get(bits, 0) + 1
+        target = (f"target {plan.target_bpw:g} bits per weight" if plan.target_bpw is not None
+                  else f"budget {human(plan.memory_budget)}")
+        self.plan_box.setTitle("Bit plan")
+        self.plan_label.setText(f"{', '.join(f'{n} at {b} bits' for b, n in sorted(counts.items()))}; weights "
+                                f"<b>{human(plan.total_bytes)}</b> ({target}); {plan.bits_per_weight:.3f} bits per "
+                                "quantized weight.")
+        self._log(plan.text())
+        self.progress.setFormat("quantizing with the plan…")
+        self._start_quantize(model, plan.apply(recipe))
+
+    def _start_streaming(self, model, recipe: QuantRecipe, out: Path) -> None:
+        """Describe the open model again from its folder on meta (no weight read) and stream it into `out`."""
+        self.plan_box.setVisible(False)
+        self._stream_out = out
+        self.result.setText(f"Streaming into {html.escape(str(out))}: the result appears here when it is written.")
+
+        def job(cancel):
+            described = yield from open_model(model.path, dtype=model.dtype, device="meta", cancel=cancel)
+            return (yield from quantize_to_folder(described, recipe, out, cancel=cancel))
+
+        self._run(f"Quantizing {recipe.label} into {out.name}", job, self._streamed)
 
     def cancel(self) -> None:
         if self.job is not None:
@@ -429,11 +668,25 @@ class QuantizePage(QWidget):
         self.layer_errors: list[float] = []
         self.current: LayerStats | None = None
         self.last_block: BlockQuantized | None = None
+        self.started_streaming: StreamingStarted | None = None
+        self.export_progress: ExportProgress | None = None
         self.transformed: list[LayerTransformed] = []  # in arrival order; the table takes new ones each tick
         self.changed = set(CHARTS)  # the charts to repaint
 
     def _on_event(self, event) -> None:
-        if isinstance(event, LayerStats):
+        if isinstance(event, StreamingStarted):
+            self.started_streaming = event
+            self.progress.setValue(event.first_block - 1)
+            self.progress.setFormat(f"streaming from {event.shards} shards…")
+            self._log(f"streaming from {event.shards} shard{'s' * (event.shards != 1)}: blocks {event.first_block}-"
+                      f"{event.blocks} of {event.blocks}" + (f" ({event.note})" if event.note else ""))
+        elif isinstance(event, SensitivityProgress):  # one per block: cheap enough to show at once
+            self.progress.setRange(0, event.blocks)
+            self.progress.setValue(event.block)
+            self.progress.setFormat(f"measuring sensitivity, block {event.block} of {event.blocks}")
+        elif isinstance(event, ExportProgress):
+            self.export_progress = event
+        elif isinstance(event, LayerStats):
             self.outlier_ratios.append(event.outlier_ratio)
             self.current = event
             self.changed |= {"outliers", "channels"}
@@ -478,11 +731,14 @@ class QuantizePage(QWidget):
             elif chart == "memory":
                 self.memory_chart.redraw()
         self._append_transforms()
-        block = self.last_block
-        if block is not None:
+        block, streaming, writing = self.last_block, self.started_streaming, self.export_progress
+        if writing is not None:
+            self.progress.setFormat(f"writing the folder: {writing.stage} {writing.done} of {writing.total}")
+        elif block is not None:
             self.progress.setValue(block.block)
             eta = f", about {block.eta_s:.0f} s left" if block.block < block.blocks else ""
-            self.progress.setFormat(f"block {block.block} of {block.blocks}{eta}")
+            source = f"streaming from {streaming.shards} shards: " if streaming is not None else ""
+            self.progress.setFormat(f"{source}block {block.block} of {block.blocks}{eta}")
 
     def _append_transforms(self) -> None:
         """The Transforms table's rows for the events that arrived since the last tick (a few per tick)."""
@@ -535,12 +791,43 @@ class QuantizePage(QWidget):
         self.result.setText(self._last_result)
         self.finished.emit(variant)
 
+    def _streamed(self, result) -> None:
+        """A streaming run wrote its folder: say where, and offer to open it (its model in memory is only a
+        description on meta, so it becomes a variant by loading the folder)."""
+        quantized, report = result
+        s, folder = quantized.summary, report["path"]
+        self._streamed_folder = folder
+        self._stop_live(f"done: {s['quantized_layers']} layers in {s['seconds']:.1f} s, written to {Path(folder).name}")
+        self.progress.setValue(self.progress.maximum())
+        shards = report.get("shards", 1)
+        self._log(f"done in {s['seconds']:.1f} s; wrote {folder} ({shards} shard{'s' * (shards != 1)}, "
+                  f"{human(report['total_bytes'])})")
+        note = self.started_streaming.note if self.started_streaming is not None else ""
+        self._last_result = (
+            f"<b>{html.escape(quantized.recipe.label)}</b>, streamed<br>"
+            f"written to <b>{html.escape(folder)}</b>: {shards} shard{'s' * (shards != 1)}, "
+            f"{human(report['total_bytes'])} in all<br>"
+            f"time: {s['seconds']:.1f} s, peak memory {human(s['peak_rss_bytes'])}"
+            + (f" ({html.escape(note)})" if note else "") + "<br>"
+            f"bits per weight: <b>{s['bits_per_weight']:.3f}</b> (storage theory {s['theory_bits_per_weight']:.3f})<br>"
+            f"mean layer error: {sum(self.layer_errors) / max(len(self.layer_errors), 1):.4f}<br>"
+            "Next: open it for Chat, Compare and Export.")
+        self.result.setText(self._last_result)
+        self.open_button.setVisible(True)
+        self.streamed.emit(folder, report)
+
     def _failed(self, message: str) -> None:
         self._stop_live("failed")
         self._log(f"failed: {message}")
         self._show_last_result("the run after it failed", "The run failed; nothing was kept.")
 
     def _cancelled(self) -> None:
+        if self.started_streaming is not None:  # the engine keeps the finished blocks beside the output folder
+            kept = "the finished blocks are kept; Start again with the same recipe and folder resumes"
+            self._stop_live(f"cancelled: {kept}")
+            self._log(f"cancelled; {kept} (they are in .{self._stream_out.name}.partial beside the folder)")
+            self._show_last_result("the run after it was cancelled", f"The run was cancelled; {kept}.")
+            return
         self._stop_live("cancelled: nothing was kept")
         self._log("cancelled; the model is unchanged and nothing was written")
         self._show_last_result("the run after it was cancelled", "The run was cancelled; nothing was kept.")
@@ -555,12 +842,19 @@ class QuantizePage(QWidget):
     def _busy_changed(self, busy: bool, _title: str) -> None:
         self.cancel_button.setEnabled(busy and self.timer.isActive())  # only this page's own job
         for widget in (self.method, self.bits, self.calib, self.samples, self.seq_len, self.masking, self.keep_head):
-            widget.setEnabled(not busy)
+            widget.setEnabled(not busy)  # the mixed-precision and streaming controls: _sync_options
         self._sync_options()
         self._check()
 
     def _log(self, line: str) -> None:
         self.log.appendPlainText(line)
+
+
+def _target(recipe: QuantRecipe) -> str:
+    """What a mixed-precision plan is made for, in words."""
+    if recipe.target_bpw is not None:
+        return f"{recipe.target_bpw:g} bits per weight"
+    return f"a {human(recipe.memory_budget)} memory budget"
 
 
 def _note(method: str) -> str | None:
