@@ -138,7 +138,6 @@ def test_a_budget_plans_the_bits_shows_them_and_quantizes_with_them(qtbot, quant
     page.budget.setValue(3.2)
     recipe = page.recipe()
     assert recipe.target_bpw == 3.2 and page.start_button.isEnabled()
-    assert not page.streaming.isEnabled() and "sensitivity pass" in page.streaming.toolTip()
     plan = jobs.run(budget_plan(session.model, recipe))
     assert len(set(plan.bits.values())) > 1  # a real mix, or the map proves little
     with qtbot.waitSignal(page.finished, timeout=60_000) as done:
@@ -151,16 +150,48 @@ def test_a_budget_plans_the_bits_shows_them_and_quantizes_with_them(qtbot, quant
     assert page.progress.text().startswith("done")
 
 
-def test_streaming_and_a_budget_exclude_each_other(quantize_page):
-    from ui.pages.quantize import NO_STREAMED_BUDGET
+def test_a_budget_plans_a_streamed_model_from_its_shards(qtbot, llada_page, tmp_path, sharded_dir):
+    from dllm_studio import jobs
+    from dllm_studio.models import load_model
+    from dllm_studio.quant.budget import budget_plan
 
-    page = quantize_page
+    page = llada_page
+    page.method.setCurrentIndex(page.method.findData("gptq"))
+    page.precision.setCurrentIndex(page.precision.findData("bpw"))
+    page.budget.setValue(3.5)
+    assert page.streaming.isEnabled() and page.precision.isEnabled()  # the two go together
+    stream_once(qtbot, page, tmp_path / "out")
+    expected = jobs.run(budget_plan(load_model(sharded_dir, dtype="float32"), page.recipe()))
+    assert page.bit_map.shown_bits() == expected.bits and len(set(expected.bits.values())) > 1
+    written = load_model(tmp_path / "out", dtype="float32")
+    assert dict(written.quantization.layer_bits) == expected.bits
+
+
+def test_a_model_too_big_to_load_is_described_and_streamed(qtbot, studio_settings, sharded_dir, monkeypatch, tmp_path):
+    from qt_helpers import studio_session
+
+    from dllm_studio import memory
+    from dllm_studio.models import load_model
+    from ui.pages.models import ModelsPage
+    from ui.pages.quantize import QuantizePage
+
+    sessions = studio_session(load_model("demo"))
+    session = next(sessions)
+    models, page = ModelsPage(session, studio_settings), QuantizePage(session, studio_settings)
+    qtbot.addWidget(models), qtbot.addWidget(page)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 100_000)  # nothing fits
+    models.open(str(sharded_dir))
+    qtbot.waitUntil(lambda: "Quantize it streaming" in models.status.text(), timeout=30_000)
+    with qtbot.waitSignal(models.stream_requested):
+        models.status.linkActivated.emit("stream")
+    assert session.described_only and "only described" in session.unavailable()
+    assert page.streaming.isChecked() and not page.streaming.isEnabled() and "too big to load" in page.stream_note.text()
+    monkeypatch.undo()
     page.method.setCurrentIndex(page.method.findData("rtn"))
-    page.streaming.setChecked(True)
-    assert not page.precision.isEnabled() and page.precision.toolTip() == NO_STREAMED_BUDGET
-    page.streaming.setChecked(False)
-    page.precision.setCurrentIndex(page.precision.findData("budget"))
-    assert not page.streaming.isEnabled() and page.streaming.toolTip() == f"Not available: {NO_STREAMED_BUDGET}"
-    page.method.setCurrentIndex(page.method.findData("smoothquant"))  # one layer grid: no plan possible
-    assert page.precision.currentData() == "uniform" and not page.precision.isEnabled()
-    assert "Mixed precision" in page.precision.toolTip() and page.streaming.isEnabled()
+    page.samples.setValue(2)
+    page.seq_len.setValue(32)
+    page.set_output_folder(str(tmp_path / "out"))
+    with qtbot.waitSignal(page.streamed, timeout=60_000):
+        page.start_button.click()
+    assert (tmp_path / "out" / "config.json").is_file()
+    next(sessions, None)

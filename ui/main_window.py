@@ -92,6 +92,7 @@ class MainWindow(QMainWindow):
         session.busy_changed.connect(self._busy_changed)
         session.job_failed.connect(lambda title, message: show_error(self, title, message))
         self.quantize.open_requested.connect(self.models.open)  # a streamed folder, loaded as the Models page does
+        self.models.stream_requested.connect(lambda: self.show_page("quantize"))
         self.quantize.finished.connect(
             lambda variant: self.statusBar().showMessage(f"{variant.name} is ready in Chat, Compare and Export", 8000))
         self._update_models_label()

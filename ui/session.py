@@ -77,6 +77,12 @@ class Session(QObject):
             return self.model
         return next((v for v in self.variants.values() if v.folder is not None and v.folder.resolve() == folder), None)
 
+    @property
+    def described_only(self) -> bool:
+        """The open model is only described (on meta, from its headers): too big to load here, it can only be
+        quantized streaming from its shards."""
+        return self.model is not None and all(t.is_meta for t in self.model.module.parameters())
+
     # ---- jobs ---------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
@@ -86,6 +92,9 @@ class Session(QObject):
         """Why a job on the open model (and a quantized variant) cannot start now, or None when it can."""
         if self.model is None:
             return "Open a model on the Models page first."
+        if self.described_only:
+            return (f"{self.model.source} is too big to load here, so it is only described: quantize it streaming "
+                    "from its shards on the Quantize page, then open the folder it writes.")
         if needs_variant and not self.variants:
             return ("No quantized variant yet: quantize the model on the Quantize page, or open a quantized "
                     "folder on the Models page.")

@@ -128,9 +128,9 @@ def check_format(recipe, fmt: str, module: torch.nn.Module | None = None) -> Non
     if fmt == "gptq" and recipe.abits != 16:
         raise QuantizationError(GPTQ_WEIGHT_ONLY)
     # Known from the budget before quantizing (its plan will mix bits); from the layers after.
-    mixed = recipe.mixed or recipe.memory_budget is not None or recipe.target_bpw is not None or module is not None \
-        and len({m.bits for m in module.modules() if isinstance(m, QuantLinear)}) > 1
-    if mixed and fmt == "gptq":
+    if fmt == "gptq" and (recipe.mixed or recipe.memory_budget is not None or recipe.target_bpw is not None
+                          or module is not None and len({m.bits for m in module.modules()
+                                                         if isinstance(m, QuantLinear)}) > 1):
         raise QuantizationError(GPTQ_ONE_BITS)
 
 

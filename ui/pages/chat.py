@@ -815,7 +815,8 @@ class ChatPage(QWidget):
         idle = not self.running
         has_turns = any(p.turns for p in self.panes)
         ready = self._prompt_ready()
-        self.send_button.setEnabled(ready and idle and not self.session.busy and self.session.model is not None)
+        self.send_button.setEnabled(ready and idle and not self.session.busy and self.session.model is not None
+                                     and not self.session.described_only)
         self.prompt_hint.setVisible(not ready)
         self.stop_button.setEnabled(self.running)
         self.new_button.setEnabled(idle and has_turns)

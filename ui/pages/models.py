@@ -17,6 +17,7 @@ from dllm_studio.hub import DEMO_NAME
 from dllm_studio.memory import ACTIVATION_SHARE, HEADROOM, available_bytes, fit, human
 from dllm_studio.models import DiffusionLM, open_model
 from dllm_studio.quant.export import read_profile
+from dllm_studio.quant.streaming import streaming_problem
 from ui.dialogs import ask
 from ui.session import Session, Variant, is_quantized
 from ui.theme import BAD, FIT_COLORS
@@ -25,6 +26,7 @@ from ui.workers import stream
 
 class ModelsPage(QWidget):
     loaded = Signal(object)  # the DiffusionLM just opened (full precision or a quantized variant)
+    stream_requested = Signal()  # a model too big to load was opened as a description, to quantize streaming
 
     def __init__(self, session: Session, settings, parent=None) -> None:
         super().__init__(parent)
@@ -41,6 +43,8 @@ class ModelsPage(QWidget):
         self.progress = QProgressBar(textVisible=True)
         self.progress.setVisible(False)
         self.status = QLabel(wordWrap=True, objectName="modelStatus", textFormat=Qt.TextFormat.RichText)
+        self.status.linkActivated.connect(self._stream_described)
+        self._described: DiffusionLM | None = None
 
         source = QGroupBox("Open a model")
         form = QVBoxLayout(source)
@@ -169,7 +173,11 @@ class ModelsPage(QWidget):
         if isinstance(result, tuple):  # too big to load: show its card with the badges, keep what is open
             error, described = result
             self._show_card(described)
-            self.status.setText(f"<b>Not opened:</b> {error}<br>Its card is shown: pick a bit-width that fits.")
+            self._described = described
+            streams = streaming_problem(described) is None
+            self.status.setText(f"<b>Not opened:</b> {error}<br>Its card is shown: pick a bit-width that fits."
+                                + ("<br><a href='stream'>Quantize it streaming from its shards</a>: one block in "
+                                   "memory at a time, written straight to a folder." if streams else ""))
             return
         model: DiffusionLM = result
         # Folders are remembered by their full path, so Open Recent finds them from any working directory.
@@ -188,6 +196,16 @@ class ModelsPage(QWidget):
             self.status.setText(self.status.text() + "".join(f"<br><span style='color:{BAD}'><b>Warning:</b> "
                                                              f"{html.escape(w)}</span>" for w in self.warnings))
         self.loaded.emit(model)
+
+    def _stream_described(self, _link: str) -> None:
+        """Make the model too big to load the session's model, as a description: the Quantize page streams it."""
+        if self._described is None or self.session.busy:
+            return
+        self.session.set_model(self._described)
+        self.status.setText(f"{html.escape(str(self._described.source))} is open as a description (no weights read): "
+                            "the Quantize page streams it from its shards into a folder; Chat and Compare need "
+                            "that folder opened.")
+        self.stream_requested.emit()
 
     def _cancelled(self) -> None:
         self.progress.setVisible(False)

@@ -29,7 +29,7 @@ from dllm_studio.models import open_model
 from dllm_studio.profile import OUTLIER_ALARM
 from dllm_studio.quant.budget import budget_plan
 from dllm_studio.quant.pipeline import check_supported, quantize, working_set
-from dllm_studio.quant.streaming import quantize_to_folder, streaming_problem
+from dllm_studio.quant.streaming import FromShards, quantize_to_folder, streaming_problem
 from dllm_studio.quant import kernels, runtimes
 from dllm_studio.quant.methods import METHODS as SPECS
 from dllm_studio.quant.methods import QUANTIZED_TENSORS
@@ -79,9 +79,6 @@ PRECISIONS = (("Uniform: every layer at the bits above", "uniform"), ("Memory bu
 STREAM_TIP = ("Read one block at a time from the model's files and write the quantized model straight to the folder: "
               "the memory of one block, not of the whole model. A cancelled run keeps its finished blocks; Start "
               "again with the same recipe and folder resumes.")
-NO_STREAMED_BUDGET = ("A memory budget's sensitivity pass runs on the model in memory; streaming runs take uniform "
-                      "bits so far.")
-
 
 class QuantizePage(QWidget):
     finished = Signal(object)  # the Variant made
@@ -381,24 +378,24 @@ class QuantizePage(QWidget):
 
     def _sync_mixed_and_streaming(self) -> None:
         """Mixed precision only where the method takes it (the engine's `check_mixed_bits` says why not), streaming
-        only where the model can stream (`streaming_problem`), and not both at once (`NO_STREAMED_BUDGET`)."""
+        only where the model can stream (`streaming_problem`), and always for a model only described (too big to
+        load)."""
         busy, planned = self.session.busy, self.precision.currentData() != "uniform"
         try:
             replace(self.recipe(uniform=True), target_bpw=1.0).check_mixed_bits()
             mixed_problem = None
         except DllmError as exc:
             mixed_problem = str(exc)
-        streaming = self.streaming.isChecked()
-        if (mixed_problem or streaming) and planned:
+        if mixed_problem and planned:
             self.precision.setCurrentIndex(0)  # an option that cannot apply is switched off, never ignored
             return  # _precision_changed syncs again
-        self.precision.setEnabled(not busy and not mixed_problem and not streaming)
-        self.precision.setToolTip(mixed_problem or (NO_STREAMED_BUDGET if streaming else
-                                                    "Each layer gets the bits that cost the least error for the "
-                                                    "bytes allowed, measured on the calibration set first."))
+        self.precision.setEnabled(not busy and not mixed_problem)
+        self.precision.setToolTip(mixed_problem or "Each layer gets the bits that cost the least error for the "
+                                                   "bytes allowed, measured on the calibration set first.")
         self.budget.setEnabled(not busy and planned)
-        problem = self._stream_problem or (NO_STREAMED_BUDGET if planned else None)
-        self.streaming.setEnabled(not busy and problem is None)
+        problem = self._stream_problem
+        # A model too big to load is only described: streaming is the one way to quantize it.
+        self.streaming.setEnabled(not busy and problem is None and not self.session.described_only)
         self.streaming.setToolTip(f"Not available: {problem}" if problem else STREAM_TIP)
         if problem and streaming:
             self.streaming.setChecked(False)
@@ -433,8 +430,11 @@ class QuantizePage(QWidget):
         except (OSError, ValueError):  # a model not loaded from a folder of safetensors
             self._stream_problem = "its weights are not in a folder of safetensors files"
         self._stream_chosen = False
-        self.streaming.setChecked(False)
-        self.stream_note.clear()
+        described = self.session.described_only and not self._stream_problem
+        self.streaming.setChecked(described)
+        self.stream_note.setText(f"<span style='color:{WARN}'>{html.escape(str(model.source))} is too big to load "
+                                 "here, so it is only described: its blocks stream from the checkpoint's files one at "
+                                 "a time, into the folder below.</span>" if described else "")
         self._sync_options()
         self._recipe_changed()
 
@@ -563,7 +563,7 @@ class QuantizePage(QWidget):
     def _stream_instead(self, needed: int, free: int, recipe: QuantRecipe) -> None:
         """Check streaming for the user, saying why, when the in-memory run would not fit and the model can stream
         (unless they set the box themselves, or plan a budget, which streaming cannot take yet)."""
-        if self._stream_chosen or self._stream_problem or self.streaming.isChecked() or self.precision.currentData() != "uniform":
+        if self._stream_chosen or self._stream_problem or self.streaming.isChecked():
             return
         self.streaming.blockSignals(True)  # _check is running: no second pass through _recipe_changed
         self.streaming.setChecked(True)
@@ -589,13 +589,15 @@ class QuantizePage(QWidget):
             return
         model, recipe = self.session.model, self.recipe()
         self._begin(model, recipe)
-        if self.streaming.isChecked():
-            self._start_streaming(model, recipe, Path(self.out_edit.text().strip()).expanduser())
-        elif recipe.memory_budget is not None or recipe.target_bpw is not None:
-            self._start_plan(model, recipe)
+        streaming = self.streaming.isChecked()
+        out = Path(self.out_edit.text().strip()).expanduser()
+        then = ((lambda planned: self._start_streaming(model, planned, out)) if streaming
+                else (lambda planned: self._start_quantize(model, planned)))
+        if recipe.memory_budget is not None or recipe.target_bpw is not None:
+            self._start_plan(model, recipe, then, streaming)
         else:
             self.plan_box.setVisible(False)  # an earlier plan's map would be taken for this run's bits
-            self._start_quantize(model, recipe)
+            then(recipe)
 
     def _begin(self, model, recipe: QuantRecipe) -> None:
         """A new run's blank charts, log and progress."""
@@ -623,15 +625,22 @@ class QuantizePage(QWidget):
     def _start_quantize(self, model, recipe: QuantRecipe) -> None:
         self._run(f"Quantizing {recipe.label}", lambda cancel: quantize(model, recipe, cancel), self._done)
 
-    def _start_plan(self, model, recipe: QuantRecipe) -> None:
-        """Measure each layer's sensitivity and plan its bits (`budget_plan`); `_planned` quantizes with the plan."""
+    def _start_plan(self, model, recipe: QuantRecipe, then, streaming: bool) -> None:
+        """Measure each layer's sensitivity and plan its bits (`budget_plan`; streaming, with the blocks read from
+        the shards), then `then(planned recipe)` quantizes with the plan."""
         self.plan_box.setVisible(True)
         self.plan_box.setTitle("Bit plan: measuring sensitivity…")
         self.progress.setFormat("measuring sensitivity…")
-        self._run(f"Planning bits for {recipe.label}", lambda cancel: budget_plan(model, recipe, cancel),
-                  lambda plan: self._planned(model, recipe, plan))
 
-    def _planned(self, model, recipe: QuantRecipe, plan) -> None:
+        def job(cancel):
+            if not streaming:
+                return (yield from budget_plan(model, recipe, cancel))
+            described = yield from open_model(model.path, dtype=model.dtype, device="meta", cancel=cancel)
+            return (yield from budget_plan(described, recipe, cancel, store=FromShards(described)))
+
+        self._run(f"Planning bits for {recipe.label}", job, lambda plan: self._planned(recipe, plan, then))
+
+    def _planned(self, recipe: QuantRecipe, plan, then) -> None:
         self.bit_map.set_plan(plan)
         counts = {}
         for bits in plan.bits.values():
@@ -644,11 +653,10 @@ class QuantizePage(QWidget):
                                 "quantized weight.")
         self._log(plan.text())
         self.progress.setFormat("quantizing with the plan…")
-        self._start_quantize(model, plan.apply(recipe))
+        then(plan.apply(recipe))
 
     def _start_streaming(self, model, recipe: QuantRecipe, out: Path) -> None:
         """Describe the open model again from its folder on meta (no weight read) and stream it into `out`."""
-        self.plan_box.setVisible(False)
         self._stream_out = out
         self.result.setText(f"Streaming into {html.escape(str(out))}: the result appears here when it is written.")
 
