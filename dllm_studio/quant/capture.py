@@ -20,6 +20,7 @@ from dllm_studio.quant.transforms import InputTransform
 
 SAMPLE_TOKENS = 4096  # input rows kept per distinct linear input for searches and the error report
 BATCH = 8  # calibration sequences per forward pass
+SAMPLE_DTYPE = torch.bfloat16  # how sampled rows are kept when the input's own dtype is wider
 
 
 class Sample:
@@ -47,7 +48,7 @@ class Sample:
         self.source = x
         if self.count < SAMPLE_TOKENS:
             rows = x.detach().reshape(-1, x.shape[-1])[: SAMPLE_TOKENS - self.count]
-            dtype = x.dtype if x.element_size() <= 2 else torch.bfloat16
+            dtype = x.dtype if x.element_size() <= SAMPLE_DTYPE.itemsize else SAMPLE_DTYPE
             self.rows.append(rows.to(dtype, copy=True))  # a copy: a view would keep the whole batch alive
             self.count += rows.shape[0]
 
