@@ -18,8 +18,46 @@ from dllm_studio.profile import InputStats
 from dllm_studio.quant.gptq import Hessian
 from dllm_studio.quant.transforms import InputTransform
 
-SAMPLE_TOKENS = 4096  # input rows kept per linear for searches and the error report
+SAMPLE_TOKENS = 4096  # input rows kept per distinct linear input for searches and the error report
 BATCH = 8  # calibration sequences per forward pass
+SAMPLE_DTYPE = torch.bfloat16  # how sampled rows are kept when the input's own dtype is wider
+
+
+class Sample:
+    """Up to SAMPLE_TOKENS input rows of a linear, kept at 16 bits (the model's own when it has them, else bf16):
+    the searches and the error report read them as float32, a handful of layers at a time.
+
+    Linears that read the very same input tensor (q, k and v after one norm; gate and up after another) share
+    one Sample: each adds the tensor, and a tensor just added is not added again. The last one added is held
+    until `release` so that no other tensor can take its place in memory and pass for it."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+        self.source: torch.Tensor | None = None
+
+    def holds(self, x: torch.Tensor) -> bool:
+        """Whether x is the tensor added last (the same object, or a view of the same memory and layout)."""
+        s = self.source
+        return s is not None and (s is x or (s.data_ptr() == x.data_ptr() and s.shape == x.shape
+                                              and s.stride() == x.stride() and s.dtype == x.dtype))
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.holds(x):
+            return
+        self.source = x
+        if self.count < SAMPLE_TOKENS:
+            rows = x.detach().reshape(-1, x.shape[-1])[: SAMPLE_TOKENS - self.count]
+            dtype = x.dtype if x.element_size() <= SAMPLE_DTYPE.itemsize else SAMPLE_DTYPE
+            self.rows.append(rows.to(dtype, copy=True))  # a copy: a view would keep the whole batch alive
+            self.count += rows.shape[0]
+
+    def release(self) -> None:
+        self.source = None
+
+    def tensor(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        x = torch.cat(self.rows)
+        return x if dtype is None else x.to(dtype)
 
 
 @dataclass
@@ -28,21 +66,18 @@ class Tap:
 
     stats: InputStats | None = None
     hessian: Hessian | None = None
-    sample: list[torch.Tensor] = field(default_factory=list)
-    sampled: int = 0
+    sample: Sample = field(default_factory=Sample)
 
     def add(self, x: torch.Tensor, masked: torch.Tensor | None) -> None:
         if self.stats is not None:
             self.stats.add(x, masked)
         if self.hessian is not None:
             self.hessian.add(x)
-        if self.sampled < SAMPLE_TOKENS:
-            rows = x.detach().reshape(-1, x.shape[-1])[: SAMPLE_TOKENS - self.sampled]
-            self.sample.append(rows.float())
-            self.sampled += rows.shape[0]
+        self.sample.add(x)
 
-    def inputs(self) -> torch.Tensor:
-        return torch.cat(self.sample)
+    def inputs(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The sampled input rows (tokens, in) as `dtype` (None: as stored, at 16 bits)."""
+        return self.sample.tensor(dtype)
 
 
 class Transformed(nn.Module):
@@ -74,13 +109,21 @@ def collect(block: nn.Module, names, states, masks, *, stats: bool = False, hess
     """Run the calibration states through the block with hooks on the linears `names`; what they saw."""
     taps = {}
     current: list[torch.Tensor | None] = [None]
+    recent: list[Sample | None] = [None]  # the sample the last hook added to, for its neighbour to share
     handles = []
+
+    def hook(tap: Tap, x: torch.Tensor) -> None:
+        if tap.sample.count == 0 and recent[0] is not None and recent[0].holds(x):
+            tap.sample = recent[0]  # the first batch tells which linears read one input
+        tap.add(x, current[0])
+        recent[0] = tap.sample
+
     for name in names:
         linear, _ = unwrap(block.get_submodule(name))
         tap = Tap(InputStats(linear.in_features) if stats else None,
                   Hessian(linear.in_features, linear.weight.device) if hessian else None)
         taps[name] = tap
-        handles.append(linear.register_forward_pre_hook(lambda m, args, tap=tap: tap.add(args[0], current[0])))
+        handles.append(linear.register_forward_pre_hook(lambda m, args, tap=tap: hook(tap, args[0])))
     try:
         for (args, kwargs), mask in zip(states, masks):
             current[0] = mask
@@ -88,6 +131,8 @@ def collect(block: nn.Module, names, states, masks, *, stats: bool = False, hess
     finally:
         for h in handles:
             h.remove()
+        for tap in taps.values():
+            tap.sample.release()
     return taps
 
 

@@ -18,31 +18,43 @@ from dllm_studio.quant.grid import Grid
 BLOCK = 128
 
 
+CHUNK = 1024  # rows of a 16-bit batch converted to float at a time (a whole batch at fp32 is 8 x 256 x in x 4 bytes)
+
+
 class Hessian:
-    """Running 2/N * X^T X of a layer's inputs, accumulated batch by batch (N = tokens seen)."""
+    """Running 2/N * X^T X of a layer's inputs, accumulated in float32 batch by batch (N = tokens seen)."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.H: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1])
         n = x.shape[0]
         self.H.mul_(self.tokens / (self.tokens + n))
         self.tokens += n
-        x = x * (2 / self.tokens) ** 0.5
-        self.H.addmm_(x.T, x)
+        scale = (2 / self.tokens) ** 0.5
+        for rows in x.split(CHUNK):
+            rows = rows.float() * scale
+            self.H.addmm_(rows.T, rows)
+
+    def take(self) -> torch.Tensor:
+        """H, handed over: the accumulator lets go of it, so a solver that consumes it holds the only copy."""
+        H, self.H = self.H, None
+        return H
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *, damp: float = 0.01,
-         act_order: bool = False):
+         act_order: bool = False, consume: bool = False):
     """Quantize w (out, in) given its inputs' Hessian H (in, in).
 
     Returns (q, scales, zeros, g_idx): integer codes (out, in) in the original column order, per-group
-    scales and zeros (out, groups), and each column's group (None without act-order).
+    scales and zeros (out, groups), and each column's group (None without act-order). With `consume`, H
+    (float32) is overwritten and dropped as soon as it is factored: the caller must not read it again, and
+    should hold no other reference to it (`Hessian.take`) for its memory to go early.
     """
-    W = w.detach().float().clone()
-    H = H.detach().float().clone()
+    W = w.detach().to(torch.float32, copy=True)
+    H = H.detach() if consume and H.dtype == torch.float32 else H.detach().to(torch.float32, copy=True)
     out_features, n = W.shape
     size = group_size or n
     dead = torch.diag(H) == 0
@@ -50,11 +62,14 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # two steps, so the reordered copy and its source are never three at once
+        H = H[:, perm]
     Hinv = _inverse_cholesky(H, damp)
+    del H
 
     groups = -(-n // size)
-    Q = torch.zeros_like(W)
+    Q = torch.zeros(out_features, n, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(out_features, groups, device=W.device)
     zeros = torch.zeros_like(scales)
     for i1 in range(0, n, BLOCK):
@@ -65,35 +80,43 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
         for i in range(i2 - i1):
             col = i1 + i
             if col % size == 0:  # a new group: its range from the columns as the sweep has updated them
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size]
+                ahead = torch.cat([W1[:, i:], W[:, i2:i2 + size]], dim=1)[:, :size]
                 scale, zero = grid.params(ahead)
                 scales[:, col // size], zeros[:, col // size] = scale, zero
             w_col = W1[:, i]
             q = grid.quantize(w_col[:, None], scale, zero)[:, 0]
-            Q[:, col] = q
+            Q[:, col] = q  # whole codes in [0, 2^bits), exact in uint8
             err = (w_col - (q - zero) * scale) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    del W, Hinv
 
     g_idx = None
     if perm is not None:
         inverse = torch.argsort(perm)
         Q = Q[:, inverse]
         g_idx = (inverse // size).to(torch.int32)  # column c sat at position inverse[c] of the sweep
-    return Q.to(torch.uint8), scales, zeros, g_idx
+    return Q, scales, zeros, g_idx
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dampening harder if H is singular."""
-    n = H.shape[0]
-    mean_diag = torch.mean(torch.diag(H))
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dampening harder if H is singular.
+
+    H's diagonal is dampened in place (left dampened); at most three n x n matrices live at once: H, and the
+    factor with its inverse, or the inverse with its upper factor."""
+    diag = H.diagonal()
+    undamped = diag.clone()
+    mean_diag = torch.mean(undamped)
     for attempt in range(6):
-        damped = H + (damp * 10 ** attempt) * mean_diag * torch.eye(n, device=H.device)
-        L, info = torch.linalg.cholesky_ex(damped)
+        torch.add(undamped, (damp * 10 ** attempt) * mean_diag, out=diag)
+        L, info = torch.linalg.cholesky_ex(H)
+        if info != 0:
+            continue
+        inv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(inv, upper=True)
+        del inv
         if info == 0:
-            inv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info == 0:
-                return U
+            return U
     raise ValueError("the layer's input Hessian is not positive definite even after heavy dampening")

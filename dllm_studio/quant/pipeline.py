@@ -261,7 +261,7 @@ def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken
             qlinear = rounder.round(linear, layer, tap)
             if transform is not None:
                 qlinear.transform = transform  # the layer applies it online, before rounding its inputs
-            error = _relative_error(linear, qlinear, tap.inputs())
+            error = _relative_error(linear, qlinear, tap.inputs(None))
             capture.set_submodule(block.module, name, qlinear)
             done, total, elapsed, eta = progress.advance()
             yield LayerQuantized(layer.name, layer.role, layer.block, rounder.recipe.wbits, round(error, 6),
@@ -276,15 +276,25 @@ def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, tran
                             round(float(after.absmax.max()), 5), detail)
 
 
-def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor) -> float:
-    reference = x @ linear.weight.detach().float().T  # `x` as the layer sees it (after its transform, if any)
-    if isinstance(qlinear, QuantLinear):  # with the activations rounded as the layer rounds them
-        approx = _rounded_inputs(qlinear, x) @ qlinear.dequantize(torch.float32).T
-    else:  # a library's module: its own forward (its kernels, its activation quantizers), less the bias
-        approx = qlinear(x.to(linear.weight.dtype)).float()
-        if linear.bias is not None:
-            approx = approx - linear.bias.detach().float()
-    return float((approx - reference).norm() / reference.norm().clamp_min(1e-12))
+def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, rows: int = 1024) -> float:
+    """||approx - reference|| / ||reference|| of the layer's outputs on `x` (tokens, in; at 16 bits or float32),
+    `rows` tokens at a time so no output product the size of the whole sample is held."""
+    weight = linear.weight.detach().float()
+    dequantized = qlinear.dequantize(torch.float32) if isinstance(qlinear, QuantLinear) else None
+    bias = linear.bias.detach().float() if linear.bias is not None else None
+    error = norm = 0.0
+    for chunk in x.split(rows):
+        chunk = chunk.float()
+        reference = chunk @ weight.T  # `x` as the layer sees it (after its transform, if any)
+        if dequantized is not None:  # with the activations rounded as the layer rounds them
+            approx = _rounded_inputs(qlinear, chunk) @ dequantized.T
+        else:  # a library's module: its own forward (its kernels, its activation quantizers), less the bias
+            approx = qlinear(chunk.to(linear.weight.dtype)).float()
+            if bias is not None:
+                approx -= bias
+        error += float(approx.sub_(reference).pow_(2).sum())
+        norm += float(reference.pow_(2).sum())
+    return (error / max(norm, 1e-24)) ** 0.5
 
 
 def _rounded_inputs(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@ class GPTQ(Method):
     def round(self, linear, layer, tap):
         if tap is None:  # the LM head: no inputs to weigh the rounding with
             return super().round(linear, layer, tap)
-        q, scales, zeros, g_idx = gptq(linear.weight.detach().float(), tap.hessian.H, self.grid, self.group_size,
-                                       damp=self.recipe.damp, act_order=self.recipe.act_order)
+        # The tap's Hessian is not read after the rounding: the solver takes it over and factors it in place.
+        q, scales, zeros, g_idx = gptq(linear.weight, tap.hessian.take(), self.grid, self.group_size,
+                                       damp=self.recipe.damp, act_order=self.recipe.act_order, consume=True)
         return self.quant_linear(linear, q, scales, zeros, g_idx=g_idx)
 
 
