@@ -10,7 +10,8 @@ committed), with the demo's tokenizer so the built-in calibration text encodes. 
   8b      32 blocks, vocab 126464 (~16 GB on disk): streaming RTN W4 end to end (and GPTQ W4 with --gptq-8b,
           long): peak RSS, time, output size.
 
-    python benchmarks/bench_streaming.py [--only small resume 8b] [--gptq-8b] [--work DIR] [--keep]
+    python benchmarks/bench_streaming.py [--only small resume 8b] [--gptq-8b] [--calib-8b 8 128] [--work DIR]
+                                         [--json OUT]
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def bench_resume(work: Path) -> dict:
     return {"killed_after": killed["killed_after"], "rerun": started.strip(), "files": compared, "identical": same}
 
 
-def bench_8b(work: Path, gptq: bool) -> dict:
+def bench_8b(work: Path, gptq: bool, calib: tuple[int, int]) -> dict:
     t0 = time.perf_counter()
     model = make_checkpoint(work / "llada-8b-shaped", blocks=32, vocab=126464)
     on_disk = sum(p.stat().st_size for p in model.iterdir())
@@ -149,10 +150,12 @@ def bench_8b(work: Path, gptq: bool) -> dict:
     rows = {}
     for method in ["rtn"] + (["gptq"] if gptq else []):
         out = work / f"out-8b-{method}"
-        run = quantize(model, out, "--method", method, "--wbits", "4", "--streaming", "on")
+        run = quantize(model, out, "--method", method, "--wbits", "4", "--streaming", "on",
+                       "--calib-samples", str(calib[0]), "--seq-len", str(calib[1]))
         size = sum(p.stat().st_size for p in out.iterdir())
         rows[method] = {"peak_rss": run["peak_rss_bytes"], "seconds": run["seconds"], "output_bytes": size}
-        print(f"8B-shaped {method.upper()} W4 streaming: peak RSS {gb(run['peak_rss_bytes'])}, "
+        print(f"8B-shaped {method.upper()} W4 streaming ({calib[0]} x {calib[1]} calibration tokens): peak RSS "
+              f"{gb(run['peak_rss_bytes'])}, "
               f"{run['seconds'] / 60:.1f} min, output {gb(size)}")
         shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -162,6 +165,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=("small", "resume", "8b"), default=["small", "resume", "8b"])
     parser.add_argument("--gptq-8b", action="store_true", help="also GPTQ W4 on the 32-block model (hours on 2 cores)")
+    parser.add_argument("--calib-8b", nargs=2, type=int, default=(8, 128), metavar=("SAMPLES", "SEQ"),
+                        help="calibration of the 32-block runs (default 8 x 128: the default 32 x 256 costs an hour "
+                             "of calibration forwards on 2 cores for RTN alone)")
     parser.add_argument("--work", metavar="DIR", help="keep checkpoints here (reused by later runs)")
     parser.add_argument("--json", metavar="OUT")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -181,7 +187,7 @@ def main() -> None:
         if "resume" in args.only:
             report["resume"] = bench_resume(work)
         if "8b" in args.only:
-            report["8b"] = bench_8b(work, args.gptq_8b)
+            report["8b"] = bench_8b(work, args.gptq_8b, tuple(args.calib_8b))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

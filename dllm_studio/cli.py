@@ -359,8 +359,11 @@ def open_desktop(argv: list[str] | None = None) -> int:
     return next(iter(faces)).load()(argv or [])
 
 
-def _load(args: argparse.Namespace, device: str | None = None, stages: bool = True, model: str | None = None):
-    """Load MODEL (or `model`) as the flags say, printing a download's progress and, with `stages`, the loading stages."""
+def _load(args: argparse.Namespace, device: str | None = None, stages: bool = True, model: str | None = None,
+          whole: bool = True):
+    """Load MODEL (or `model`) as the flags say, printing a download's progress and, with `stages`, the loading stages.
+    `whole=False`: the model will never be held whole (streaming), so "auto" takes the fast dtype even where the
+    whole model would not fit at it."""
     from dllm_studio.models import load_model
 
     def on_event(event: Event) -> None:
@@ -369,7 +372,7 @@ def _load(args: argparse.Namespace, device: str | None = None, stages: bool = Tr
 
     return load_model(model or args.model, dtype=args.dtype, device=device or args.device, runs_on=args.device,
                       trust_remote_code=args.trust_remote_code, on_event=on_event,
-                      check_memory=not args.no_memory_check)
+                      check_memory=whole and not args.no_memory_check)
 
 
 def _print_progress(event: Event) -> None:
@@ -674,6 +677,7 @@ def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[ob
     from dllm_studio.quant.pipeline import working_set
     from dllm_studio.quant.streaming import FromShards, quantize_to_folder
 
+    described = _load(args, device="meta", stages=False, whole=False)  # at the dtype one block at a time needs
     preflight(f"Quantizing {args.model} streaming from its shards", working_set(described, recipe, streaming=True),
               args.device, force=args.no_memory_check)
     events = []

@@ -393,36 +393,44 @@ def _theory_bits(qlayers: list[nn.Module], recipe: QuantRecipe, in_features: int
 def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = False) -> dict[str, int]:
     """Bytes a quantization run needs at its peak, by part (for the memory preflight); `model` may live on meta.
 
-    In memory: the loaded model, the quantized copy growing beside it and one block's working set. Streaming
-    (`quant.streaming`): whichever phase holds more, the tensors outside the blocks while the calibration batch is
-    embedded (and again at the end, for a method that replaces them or a quantized head), or one block read from
-    the shards with its working set; the quantized blocks are on disk."""
+    In memory: the loaded model, the quantized copy growing beside it, a copy of one block and that block's working
+    set. Streaming (`quant.streaming`): whichever phase holds more, the tensors outside the blocks while the
+    calibration batch is embedded, or one block read from the shards with its working set (the quantized blocks
+    are on disk). A block's working set is the calibration stream, the sampled inputs (16-bit; linears reading one
+    input share a sample), and for Hessian methods one stage's Hessians with the solver's factors."""
     linears = [l for l in model.linear_layers() if l.block is not None]
     per_block = max(sum(l.in_features * l.out_features for l in linears if l.block == b)
                     for b in {l.block for l in linears}) if linears else 0
-    widest = max((l.in_features for l in linears), default=model.hidden_size)
+    d = model.hidden_size
+    widest = max((l.in_features for l in linears), default=d)
+    largest = max((l.in_features * l.out_features for l in linears), default=0)
     quantized = sum(l.in_features * l.out_features for l in linears if not recipe.skips(l.name, l.role))
     tokens = recipe.calib_samples * recipe.seq_len
-    taps = min(tokens, SAMPLE_TOKENS) * widest * 4 * len({l.role for l in linears})
+    rows = min(tokens, SAMPLE_TOKENS)
     method = recipe.spec.implementation()
-    hessians = 3 * widest * widest * 4 if method.hessian else 0
+    staged = method.stages is not None and method.prepare_block is Method.prepare_block
     itemsize = model.dtype.itemsize
-    block = {
-        "calibration activations": tokens * model.hidden_size * 4 * 3 + taps + hessians,
+    work = {
+        # the stream entering the block and the one it produces, and one batch's activations inside it
+        "calibration activations": tokens * d * max(itemsize, 4) * 3,
+        # q/k/v, o, gate/up and down each read one input (a staged method samples one stage at a time)
+        "sampled inputs": 2 * rows * (widest if staged else 3 * d + widest) + 4 * rows * widest,
+        # one stage's Hessians, and the solver's factors and fp32 weights for the widest layer; else the error
+        # report's fp32 weight and dequantized copy
+        "Hessians and solver": (4 * max(3 * d * d, widest * widest) + 8 * widest * widest + 9 * largest
+                                if method.hessian else 8 * largest),
         **method.working_bytes(model, [l for l in linears if not recipe.skips(l.name, l.role)]),
     }
     if not streaming:
         return {"model": model.num_parameters() * itemsize,
                 "quantized copy": int(quantized * theory_bits(recipe, widest, itemsize * 8) / 8),
-                "one block at fp32": per_block * 4 * 2,  # the copy and GPTQ's working weights
-                **block}
+                "one block copy": per_block * itemsize, **work}
     in_blocks = sum(p.numel() for p in {id(p): p for p in model.blocks().parameters()}.values())
     outside = (model.num_parameters() - in_blocks) * itemsize
-    block = {"one block, read from the shards": per_block * itemsize + widest * max(
-        (l.out_features for l in linears), default=0) * 4, **block}  # and one layer's fp32 working weights
+    block = {"one block, read from the shards": per_block * itemsize, **work}
     if outside > sum(block.values()):
         return {"embedding and head (read while the calibration batch is embedded)": outside,
-                "calibration activations": tokens * model.hidden_size * 4 * 2}
+                "calibration activations": tokens * d * max(itemsize, 4) * 2}
     return block
 
 
