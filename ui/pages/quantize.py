@@ -397,7 +397,7 @@ class QuantizePage(QWidget):
         # A model too big to load is only described: streaming is the one way to quantize it.
         self.streaming.setEnabled(not busy and problem is None and not self.session.described_only)
         self.streaming.setToolTip(f"Not available: {problem}" if problem else STREAM_TIP)
-        if problem and streaming:
+        if problem and self.streaming.isChecked():
             self.streaming.setChecked(False)
         self.out_row.setVisible(self.streaming.isChecked())
         self.stream_note.setVisible(bool(self.stream_note.text()))
