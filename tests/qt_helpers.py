@@ -26,3 +26,18 @@ def studio_session(model):
     s.set_model(model)
     yield s
     s.shutdown()
+
+
+def cancel_at_first(qtbot, page, session, kind: str = "LayerQuantized"):
+    """Start the Quantize page's job and press Cancel at its first `kind` event; wait until the session is idle."""
+    cancelled = []
+
+    def on_event(event):
+        if type(event).__name__ == kind and not cancelled:
+            cancelled.append(event)
+            page.cancel_button.click()
+
+    with qtbot.waitSignal(session.busy_changed, timeout=120_000, check_params_cb=lambda busy, _t: not busy):
+        page.start_button.click()
+        page.job.event.connect(on_event)
+    assert cancelled

@@ -166,3 +166,17 @@ def test_cli_streams_and_refuses_verify(source, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "streaming from 3 shards: blocks 1-4 of 4" in printed and "block   4/4" in printed
     assert load_model(out, dtype="float32").config["quantization_config"]["bits"] == 4
+
+
+def test_cli_auto_streams_only_when_memory_is_short(source, tmp_path, capsys, monkeypatch):
+    from dllm_studio import memory
+    from dllm_studio.cli import main
+
+    flags = ["quantize", str(source), "--method", "rtn", "--wbits", "4", "--calib-samples", "4", "--seq-len", "32",
+             "--dtype", "float32"]
+    assert main([*flags, "--out", str(tmp_path / "roomy")]) == 0
+    assert "streaming from" not in capsys.readouterr().out
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 200_000)  # less than the in-memory run needs
+    assert main([*flags, "--out", str(tmp_path / "short"), "--no-memory-check"]) == 0
+    captured = capsys.readouterr()
+    assert "streaming blocks from the shards instead" in captured.err and "streaming from 3 shards" in captured.out

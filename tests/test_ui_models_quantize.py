@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from qt_helpers import error_dialogs
+from qt_helpers import cancel_at_first, error_dialogs
 
 pytestmark = pytest.mark.gui
 
@@ -116,24 +116,12 @@ def test_quantize_gptq_w4_fills_the_charts_and_makes_a_variant(qtbot, quantize_p
     assert not session.busy and not page.cancel_button.isEnabled()
 
 
-def cancel_at_first_layer(qtbot, page, session):
-    cancelled = []
-
-    def on_layer(event):
-        if type(event).__name__ == "LayerQuantized" and not cancelled:
-            cancelled.append(event)
-            page.cancel_button.click()
-
-    with qtbot.waitSignal(session.busy_changed, timeout=120_000, check_params_cb=lambda busy, _t: not busy):
-        page.start_button.click()
-        page.job.event.connect(on_layer)
-    assert cancelled
 
 
 def test_cancel_mid_quantization_keeps_nothing(qtbot, quantize_page, session):
     page = quantize_page
     page.method.setCurrentIndex(page.method.findData("awq"))
-    cancel_at_first_layer(qtbot, page, session)
+    cancel_at_first(qtbot, page, session)
     assert session.variants == {}
     assert page.progress.text().startswith("cancelled")
     assert page.start_button.isEnabled()
@@ -153,13 +141,13 @@ def test_result_card_sizes_state_one_baseline(qtbot, quantize_page, demo_model):
 def test_a_cancelled_run_keeps_the_last_result_marked(qtbot, quantize_page, session):
     page = quantize_page
     page.method.setCurrentIndex(page.method.findData("rtn"))
-    cancel_at_first_layer(qtbot, page, session)
+    cancel_at_first(qtbot, page, session)
     assert page.result.text() == "The run was cancelled; nothing was kept."  # no earlier result to keep
 
     with qtbot.waitSignal(page.finished, timeout=120_000) as done:
         page.start_button.click()
     card = page.result.text()
-    cancel_at_first_layer(qtbot, page, session)
+    cancel_at_first(qtbot, page, session)
     shown = page.result.text()
     assert shown.endswith(card) and done.args[0].name in shown  # the finished run's card, whole
     assert "<b>Last result</b> (the run after it was cancelled)" in shown  # marked as not the run that just ended

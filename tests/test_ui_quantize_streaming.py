@@ -72,21 +72,13 @@ def test_cancel_keeps_the_blocks_and_start_again_resumes(qtbot, llada_page, tmp_
     from dllm_studio import jobs
     from dllm_studio.models import load_model
     from dllm_studio.quant.streaming import quantize_to_folder
+    from qt_helpers import cancel_at_first
 
     page, session = llada_page, llada_page.session
     page.streaming.setChecked(True)
     page.set_output_folder(str(tmp_path / "out"))
-    cancelled = []
-
-    def on_block(event):
-        if type(event).__name__ == "BlockQuantized" and not cancelled:
-            cancelled.append(event)
-            page.cancel_button.click()
-
-    with qtbot.waitSignal(session.busy_changed, timeout=60_000, check_params_cb=lambda busy, _t: not busy):
-        page.start_button.click()
-        page.job.event.connect(on_block)
-    assert cancelled and not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
+    cancel_at_first(qtbot, page, session, "BlockQuantized")
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
     assert page.progress.text() == ("cancelled: the finished blocks are kept; Start again with the same recipe and "
                                     "folder resumes")
     done = page.started_streaming
