@@ -26,6 +26,7 @@ in fp32 on an AVX2 CPU is written back as bf16), so the output is no bigger than
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -245,6 +246,7 @@ class Streamed(FromShards):
             atomic_write_text(self.tmp / PROGRESS, json.dumps({"key": self.key, **self.done}, indent=1),
                               QuantizationError)
         work.to("meta")  # released: the quantized model stays a description of shapes and dtypes
+        _return_freed_memory()
 
     def _stored(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         """A quantized block's tensors as the output stores them (qualified names): the format's layout, and the
@@ -344,6 +346,16 @@ def _release(module: nn.Module, groups) -> None:
     """Back to meta: the module keeps only the shapes and dtypes."""
     for old, names in groups:
         _put(module, names, torch.empty(old.shape, dtype=old.dtype, device="meta"), isinstance(old, nn.Parameter))
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap a released block leaves back to the OS. glibc keeps freed chunks for reuse, and a block's
+    tensors of many sizes leave it fragmented, so without this RSS creeps up block after block (by ~3 % of a block
+    each time, measured) although no tensor survives."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): their allocators return memory themselves
+        pass
 
 
 def _block_prefix(model: DiffusionLM, index: int) -> str:
