@@ -79,6 +79,36 @@ def child(argv: list[str]) -> None:
     print(json.dumps({"rc": code, "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}))
 
 
+def child_blocks(model: str, method: str, blocks: int, samples: int, seq_len: int, out: str) -> None:
+    """Stream the first `blocks` blocks of `model` in this (fresh) process, then stop (Cancel): seconds per block
+    and the peak RSS, which a block's working set sets (every block of a model is alike), as one JSON line."""
+    from dllm_studio import jobs
+    from dllm_studio.errors import Cancelled
+    from dllm_studio.events import BlockQuantized, CancelToken
+    from dllm_studio.memory import peak_rss_bytes
+    from dllm_studio.models import load_model
+    from dllm_studio.quant.recipe import QuantRecipe
+    from dllm_studio.quant.streaming import quantize_to_folder
+
+    cancel, times = CancelToken(), []
+
+    def on_event(event) -> None:
+        if isinstance(event, BlockQuantized):
+            times.append(event.elapsed_s)
+            print(f"block {event.block}/{event.blocks}  {event.elapsed_s:.1f} s", flush=True)
+            if event.block == blocks:
+                cancel.cancel()
+
+    described = load_model(model, device="meta", check_memory=False)
+    recipe = QuantRecipe(method=method, wbits=4, calib_samples=samples, seq_len=seq_len)
+    try:
+        jobs.run(quantize_to_folder(described, recipe, out, force=True, resume=False, cancel=cancel), on_event)
+    except Cancelled:
+        pass
+    per_block = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0]
+    print(json.dumps({"blocks": len(times), "s_per_block": per_block, "peak_rss_bytes": peak_rss_bytes()}))
+
+
 def quantize(model: Path, out: Path, *options: str, kill_after_block: int | None = None) -> dict:
     """Run `dllm-studio quantize` in a child; with `kill_after_block`, SIGKILL it once that block is reported."""
     argv = [sys.executable, __file__, "--child", "quantize", str(model), "--out", str(out), "--force", *options]
@@ -141,14 +171,14 @@ def bench_resume(work: Path) -> dict:
     return {"killed_after": killed["killed_after"], "rerun": started.strip(), "files": compared, "identical": same}
 
 
-def bench_8b(work: Path, gptq: bool, calib: tuple[int, int]) -> dict:
+def bench_8b(work: Path, gptq: bool, calib: tuple[int, int], gptq_blocks: int = 0) -> dict:
     t0 = time.perf_counter()
     model = make_checkpoint(work / "llada-8b-shaped", blocks=32, vocab=126464)
     on_disk = sum(p.stat().st_size for p in model.iterdir())
     print(f"8B-shaped checkpoint: {gb(on_disk)} in {len(list(model.glob('*.safetensors')))} shards "
           f"(built in {time.perf_counter() - t0:.0f} s)")
     rows = {}
-    for method in ["rtn"] + (["gptq"] if gptq else []):
+    for method in (["rtn"] if not gptq_blocks else []) + (["gptq"] if gptq else []):
         out = work / f"out-8b-{method}"
         run = quantize(model, out, "--method", method, "--wbits", "4", "--streaming", "on",
                        "--calib-samples", str(calib[0]), "--seq-len", str(calib[1]))
@@ -158,6 +188,18 @@ def bench_8b(work: Path, gptq: bool, calib: tuple[int, int]) -> dict:
               f"{gb(run['peak_rss_bytes'])}, "
               f"{run['seconds'] / 60:.1f} min, output {gb(size)}")
         shutil.rmtree(out, ignore_errors=True)
+    if gptq_blocks:
+        out = work / "out-8b-gptq-partial"
+        proc = subprocess.run([sys.executable, __file__, "--child-blocks", str(model), "gptq", str(gptq_blocks),
+                               "32", "256", str(out)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows["gptq_first_blocks"] = run
+        print(f"8B-shaped GPTQ W4 streaming, default calibration (32 x 256), first {run['blocks']} of 32 blocks: "
+              f"peak RSS {gb(run['peak_rss_bytes'])}, {run['s_per_block']:.0f} s per block "
+              f"(whole model: about {run['s_per_block'] * 32 / 60:.0f} min)")
+        shutil.rmtree(work / f".{out.name}.partial", ignore_errors=True)
     return rows
 
 
@@ -168,12 +210,20 @@ def main() -> None:
     parser.add_argument("--calib-8b", nargs=2, type=int, default=(8, 128), metavar=("SAMPLES", "SEQ"),
                         help="calibration of the 32-block runs (default 8 x 128: the default 32 x 256 costs an hour "
                              "of calibration forwards on 2 cores for RTN alone)")
+    parser.add_argument("--gptq-8b-blocks", type=int, default=0, metavar="N",
+                        help="instead of the whole 32-block RTN run: GPTQ W4 (default calibration) on its first N "
+                             "blocks, for the peak RSS and seconds per block")
     parser.add_argument("--work", metavar="DIR", help="keep checkpoints here (reused by later runs)")
     parser.add_argument("--json", metavar="OUT")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--child-blocks", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         child(args.child)
+        return
+    if args.child_blocks:
+        model, method, blocks, samples, seq, out = args.child_blocks
+        child_blocks(model, method, int(blocks), int(samples), int(seq), out)
         return
     from dllm_studio.hardware import cpu_units
 
@@ -187,7 +237,7 @@ def main() -> None:
         if "resume" in args.only:
             report["resume"] = bench_resume(work)
         if "8b" in args.only:
-            report["8b"] = bench_8b(work, args.gptq_8b, tuple(args.calib_8b))
+            report["8b"] = bench_8b(work, args.gptq_8b, tuple(args.calib_8b), args.gptq_8b_blocks)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

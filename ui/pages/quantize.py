@@ -635,7 +635,7 @@ class QuantizePage(QWidget):
         def job(cancel):
             if not streaming:
                 return (yield from budget_plan(model, recipe, cancel))
-            described = yield from open_model(model.path, dtype=model.dtype, device="meta", cancel=cancel)
+            described = yield from self._described(model, cancel)
             return (yield from budget_plan(described, recipe, cancel, store=FromShards(described)))
 
         self._run(f"Planning bits for {recipe.label}", job, lambda plan: self._planned(recipe, plan, then))
@@ -655,13 +655,20 @@ class QuantizePage(QWidget):
         self.progress.setFormat("quantizing with the plan…")
         then(plan.apply(recipe))
 
+    def _described(self, model, cancel):
+        """The open model described again from its folder on meta (no weight read), at the dtype it runs at; one
+        too big to load at all, at the fast dtype here, since streaming never holds it whole."""
+        whole = not self.session.described_only
+        return open_model(model.path, dtype=model.dtype if whole else "auto", device="meta", check_memory=whole,
+                          cancel=cancel)
+
     def _start_streaming(self, model, recipe: QuantRecipe, out: Path) -> None:
         """Describe the open model again from its folder on meta (no weight read) and stream it into `out`."""
         self._stream_out = out
         self.result.setText(f"Streaming into {html.escape(str(out))}: the result appears here when it is written.")
 
         def job(cancel):
-            described = yield from open_model(model.path, dtype=model.dtype, device="meta", cancel=cancel)
+            described = yield from self._described(model, cancel)
             return (yield from quantize_to_folder(described, recipe, out, cancel=cancel))
 
         self._run(f"Quantizing {recipe.label} into {out.name}", job, self._streamed)
