@@ -34,7 +34,7 @@ from collections.abc import Generator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -77,7 +77,8 @@ def quantize_to_folder(model: DiffusionLM, recipe: QuantRecipe, out: str | Path,
     """The job that quantizes `model` (described on meta: `load_model(..., device="meta")`) straight into the
     folder `out`, streaming its blocks (see the module docstring). Yields `StreamingStarted`, then the
     quantization's events and the export's. Returns the quantization result (its model described on meta:
-    load `out` to run it) and the export report (path, format, files, total bytes)."""
+    load `out` to run it) and the export report (path, format, files, total bytes). The run quantizes the described
+    blocks in place: describe the model afresh for another run."""
     if any(not t.is_meta for t in model.module.parameters()):
         raise QuantizationError("Streaming quantization takes a model described on the meta device "
                                 "(load_model(..., device='meta')); this one holds its weights already.")
@@ -119,9 +120,7 @@ class _Shards:
                 with safe_open(str(path), framework="pt") as f:
                     for name in wanted:
                         yield name, f.get_tensor(name)
-            except Exception as exc:  # safetensors' own error types: a file changed or damaged since it was checked
-                if isinstance(exc, (ModelLoadError, QuantizationError)):
-                    raise
+            except SafetensorError as exc:  # a file changed or damaged since its header was checked
                 raise ModelLoadError(f"{path.name} could not be read ({exc}).") from None
 
 
@@ -172,9 +171,6 @@ class FromShards(BlockStore):
             yield block
         finally:
             block.to("meta")
-
-    def quantized_blocks(self, blocks):
-        return list(blocks)  # each one described on meta once kept
 
 
 class Streamed(FromShards):
