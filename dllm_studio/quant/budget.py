@@ -91,7 +91,7 @@ def sensitivity(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | N
     ids, masked = calibration_batch(model, recipe)
     started, table = time.perf_counter(), {}
     with torch.no_grad():
-        with store.outside_blocks(model):
+        with store.outside_blocks(model, "input"):
             states = capture.block_inputs(model.module, blocks[0], ids.to(model.device))
         masks = list(masked.to(model.device).split(BATCH))
         for index, block in enumerate(blocks):

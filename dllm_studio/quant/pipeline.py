@@ -85,7 +85,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
     started = time.perf_counter()
     with MemorySampler() as memory, torch.no_grad():
         method = recipe.spec.implementation()(model, recipe)
-        with store.outside_blocks(model):  # what runs before the first block (the embedding), only while needed
+        with store.outside_blocks(model, "input"):  # what runs before the first block (the embedding), only then
             states = [((method.hidden_states(args[0]), *args[1:]), kwargs)
                       for args, kwargs in capture.block_inputs(model.module, blocks[0], ids)]
         first, resumed, records = store.resume(model, recipe, len(blocks))
@@ -123,7 +123,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
                 max_outlier_ratio=max((r.get("outlier_ratio", 0.0) for r in block_records), default=0.0),
                 mean_relative_error=sum(r["relative_error"] for r in block_records) / max(len(block_records), 1),
                 rss_bytes=memory.latest.rss_bytes, peak_rss_bytes=memory.peak)
-        with store.outside_blocks(model, needed=_changes_outside(method)):
+        with store.outside_blocks(model, "all" if _changes_outside(model, recipe) else "none"):
             outside = method.outside()
             head = _quantize_head(model, method, outside)
             quantized = _assemble(model, blocks, store.quantized_blocks(blocks), {**outside, **head}, recipe)
@@ -140,8 +140,10 @@ class BlockStore:
     """Where the block loop gets each full-precision block, and where each quantized one goes."""
 
     @contextlib.contextmanager
-    def outside_blocks(self, model: DiffusionLM, needed: bool = True):
-        """The tensors outside the blocks (embedding, final norm, head) are in memory inside this context."""
+    def outside_blocks(self, model: DiffusionLM, part: str = "all"):
+        """The tensors outside the blocks are in memory inside this context: "input", those the module holds
+        before its first block (the embedding, enough to compute the first block's inputs); "all", the final norm
+        and head too; "none", none."""
         yield
 
     def resume(self, model: DiffusionLM, recipe: QuantRecipe, blocks: int
@@ -193,11 +195,11 @@ class InMemory(BlockStore):
         yield from ()
 
 
-def _changes_outside(method: Method) -> bool:
+def _changes_outside(model: DiffusionLM, recipe: QuantRecipe) -> bool:
     """Whether the quantized model needs the tensors outside the blocks: a method replacing them (QuaRot
     rotates the embedding and the head) or an LM head the recipe quantizes."""
-    return (type(method).outside is not Method.outside
-            or any(l.role == "head" and not method.recipe.skips(l.name, l.role) for l in method.model.linear_layers()))
+    return (recipe.spec.implementation().outside is not Method.outside
+            or any(l.role == "head" and not recipe.skips(l.name, l.role) for l in model.linear_layers()))
 
 
 def check_supported(model: DiffusionLM) -> None:
@@ -425,13 +427,20 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = Fa
         return {"model": model.num_parameters() * itemsize,
                 "quantized copy": int(quantized * theory_bits(recipe, widest, itemsize * 8) / 8),
                 "one block copy": per_block * itemsize, **work}
-    in_blocks = sum(p.numel() for p in {id(p): p for p in model.blocks().parameters()}.values())
-    outside = (model.num_parameters() - in_blocks) * itemsize
-    block = {"one block, read from the shards": per_block * itemsize, **work}
-    if outside > sum(block.values()):
-        return {"embedding and head (read while the calibration batch is embedded)": outside,
-                "calibration activations": tokens * d * max(itemsize, 4) * 2}
-    return block
+    # Outside the blocks: while the calibration batch is embedded, the tensors before the first block (each read
+    # at up to 2 bytes a weight, then converted); at the end, all of them, where the method replaces them.
+    in_blocks = {id(t) for t in model.blocks().state_dict(keep_vars=True).values()}
+    order = list({id(t): t for t in model.module.state_dict(keep_vars=True).values()}.values())
+    first = next((i for i, t in enumerate(order) if id(t) in in_blocks), len(order))
+    before = sum(t.numel() for t in order[:first])
+    after = sum(t.numel() for t in order if id(t) not in in_blocks) if _changes_outside(model, recipe) else 0
+    phases = [
+        {"one block, read from the shards": per_block * itemsize, **work},
+        {"the embedding (read while the calibration batch is embedded)": before * (itemsize + 2),
+         "calibration activations": tokens * d * max(itemsize, 4) * 2},
+        {"the tensors outside the blocks (the method replaces them)": after * (itemsize + 4)},
+    ]
+    return max(phases, key=lambda phase: sum(phase.values()))
 
 
 def theory_bits(recipe: QuantRecipe, in_features: int | None = None, dtype_bits: int = 16) -> float:

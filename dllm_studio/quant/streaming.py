@@ -134,16 +134,13 @@ class FromShards(BlockStore):
         model.compute_device = self.device  # where its blocks run while the module stays a description
 
     @contextlib.contextmanager
-    def outside_blocks(self, model, needed=True):
-        in_blocks = {id(t) for t in model.blocks().state_dict(keep_vars=True).values()}
-        groups = [g for g in _tensor_groups(model.module) if id(g[0]) not in in_blocks]
-        if needed:
-            self._materialize(model.module, "", groups)
+    def outside_blocks(self, model, part="all"):
+        groups = _outside(model, part)
+        self._materialize(model.module, "", groups)
         try:
             yield
         finally:
-            if needed:
-                _release(model.module, groups)
+            _release(model.module, groups)
 
     def open(self, model, prefix, block):
         self._materialize(block, prefix, _tensor_groups(block))
@@ -316,6 +313,23 @@ class Streamed(FromShards):
         if tensor.is_floating_point() and name in self.source.entries:
             tensor = tensor.to(self.source.dtype(name))
         return shards.TensorEntry.of(name, tensor.detach().contiguous().cpu())
+
+
+def _outside(model: DiffusionLM, part: str) -> list[tuple[torch.Tensor, list[str]]]:
+    """The tensor groups outside the blocks, in the module's order: "all" of them, "none", or the "input" ones,
+    those before the first block (an 8B's head is another 2 GB at fp32, and the calibration batch never needs it
+    to reach the first block)."""
+    if part == "none":
+        return []
+    in_blocks = {id(t) for t in model.blocks().state_dict(keep_vars=True).values()}
+    groups = []
+    for tensor, names in _tensor_groups(model.module):
+        if id(tensor) in in_blocks:
+            if part == "input":
+                break
+            continue
+        groups.append((tensor, names))
+    return groups
 
 
 def _tensor_groups(module: nn.Module) -> list[tuple[torch.Tensor, list[str]]]:
