@@ -94,6 +94,16 @@ def main() -> int:
     wait(lambda: not window.session.busy)
     q.live_tabs.setCurrentWidget(q.transforms_table.parentWidget())
     shoot(window, "quantize-transforms", suffix)
+    q.live_tabs.setCurrentWidget(q.live_tabs.widget(0))
+    # bits per layer planned to a target (mixed precision): the bit map under the recipe
+    q.method.setCurrentIndex(q.method.findData("gptq"))
+    q.bits.setCurrentIndex(q.bits.findData(4))
+    q.precision.setCurrentIndex(q.precision.findData("bpw"))
+    q.budget.setValue(3.2)
+    q.start()
+    wait(lambda: not window.session.busy)
+    shoot(window, "quantize-budget", suffix)
+    q.precision.setCurrentIndex(q.precision.findData("uniform"))
 
     window.show_page("chat")
     chat = window.chat
