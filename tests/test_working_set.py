@@ -8,7 +8,7 @@ from dllm_studio import jobs
 from dllm_studio.quant import capture
 from dllm_studio.quant.calibration import calibration_batch
 from dllm_studio.quant.capture import Sample, block_inputs, collect
-from dllm_studio.quant.gptq import Hessian, gptq
+from dllm_studio.quant.gptq import Hessian, gptq, _inverse_cholesky, _pack_upper, _unpack_symmetric
 from dllm_studio.quant.grid import Grid
 from dllm_studio.quant.pipeline import quantize
 from dllm_studio.quant.recipe import QuantRecipe
@@ -161,3 +161,31 @@ def test_relative_errors_from_bf16_samples_match_fp32_samples(llada, monkeypatch
     assert errors.keys() == full.keys() and len(errors) == 14
     for name, error in errors.items():
         assert error == pytest.approx(full[name], rel=1e-3), name
+
+
+def test_the_solver_factors_h_in_its_own_storage_after_a_failed_attempt_too():
+    H = _hessian(96, 40, 5)  # rank 39: the first dampening may fail, the retry starts from H restored
+    H -= 0.05 * torch.diag(H).mean() * torch.eye(96)
+    H[7, 7] = 1
+    expected = _inverse_cholesky(H.clone().contiguous(), 0.01)
+    reference = None
+    mean = torch.diag(H).mean()
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H + 0.01 * 10 ** attempt * mean * torch.eye(96))
+        if info == 0:
+            reference = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            break
+    assert attempt > 0  # the restore path ran
+    factor = _inverse_cholesky(H, 0.01)
+    assert factor.data_ptr() == H.data_ptr()  # no second n x n matrix
+    assert torch.equal(factor, reference) and torch.equal(factor, expected)
+
+
+def test_packing_the_upper_triangle_restores_a_symmetric_matrix():
+    H = torch.randn(300, 300)
+    H = H + H.T
+    packed = _pack_upper(H)
+    assert packed.numel() == 300 * 299 // 2
+    scrambled = H.clone().tril_(-1).mul_(5) + torch.diag(H.diagonal())
+    _unpack_symmetric(packed, scrambled, tile=64)
+    assert torch.equal(scrambled, H)

@@ -103,20 +103,51 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dampening harder if H is singular.
 
-    H's diagonal is dampened in place (left dampened); at most three n x n matrices live at once: H, and the
-    factor with its inverse, or the inverse with its upper factor."""
+    Done in place: H becomes the factor, so the solver holds H and a packed copy of its strict upper triangle
+    (half of H, to start again from after a failed factorization) instead of three n x n matrices; for an 8B's
+    12288-wide down projection that is 0.9 GB rather than 1.8 GB. The factor comes back as a column-major view
+    of H's storage: LAPACK works in place only on column-major matrices (torch copies a row-major one first),
+    and a symmetric H is its own column-major view."""
     diag = H.diagonal()
     undamped = diag.clone()
     mean_diag = torch.mean(undamped)
+    upper = _pack_upper(H)
+    F = H.mT
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(6):
+        if attempt:
+            _unpack_symmetric(upper, H)
         torch.add(undamped, (damp * 10 ** attempt) * mean_diag, out=diag)
-        L, info = torch.linalg.cholesky_ex(H)
+        torch.linalg.cholesky_ex(F, out=(F, info))
         if info != 0:
             continue
-        inv = torch.cholesky_inverse(L)
-        del L
-        U, info = torch.linalg.cholesky_ex(inv, upper=True)
-        del inv
+        torch.cholesky_inverse(F, out=F)
+        torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
         if info == 0:
-            return U
+            return F
     raise ValueError("the layer's input Hessian is not positive definite even after heavy dampening")
+
+
+def _pack_upper(H: torch.Tensor) -> torch.Tensor:
+    """H's strict upper triangle, row by row, in one flat tensor."""
+    n = H.shape[0]
+    packed = torch.empty(n * (n - 1) // 2, dtype=H.dtype, device=H.device)
+    start = 0
+    for i in range(n - 1):
+        packed[start:start + n - 1 - i] = H[i, i + 1:]
+        start += n - 1 - i
+    return packed
+
+
+def _unpack_symmetric(packed: torch.Tensor, H: torch.Tensor, tile: int = 1024) -> None:
+    """Write the symmetric matrix whose strict upper triangle is `packed` into H, off the diagonal."""
+    n = H.shape[0]
+    start = 0
+    for i in range(n - 1):
+        H[i, i + 1:] = packed[start:start + n - 1 - i]
+        start += n - 1 - i
+    for j0 in range(0, n, tile):  # the lower triangle mirrors the upper, a tile of columns at a time
+        j1 = min(j0 + tile, n)
+        H[j0:j1, :j0] = H[:j0, j0:j1].T
+        block = H[j0:j1, j0:j1]
+        block.copy_(block.triu(1) + block.triu(1).T + torch.diag(block.diagonal()))

@@ -399,7 +399,7 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = Fa
     set. Streaming (`quant.streaming`): whichever phase holds more, the tensors outside the blocks while the
     calibration batch is embedded, or one block read from the shards with its working set (the quantized blocks
     are on disk). A block's working set is the calibration stream, the sampled inputs (16-bit; linears reading one
-    input share a sample), and for Hessian methods one stage's Hessians with the solver's factors."""
+    input share a sample), and for Hessian methods one stage's Hessians with the solver's working copies."""
     linears = [l for l in model.linear_layers() if l.block is not None]
     per_block = max(sum(l.in_features * l.out_features for l in linears if l.block == b)
                     for b in {l.block for l in linears}) if linears else 0
@@ -417,9 +417,9 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = Fa
         "calibration activations": tokens * d * max(itemsize, 4) * 3,
         # q/k/v, o, gate/up and down each read one input (a staged method samples one stage at a time)
         "sampled inputs": 2 * rows * (widest if staged else 3 * d + widest) + 4 * rows * widest,
-        # one stage's Hessians, and the solver's factors and fp32 weights for the widest layer; else the error
-        # report's fp32 weight and dequantized copy
-        "Hessians and solver": (4 * max(3 * d * d, widest * widest) + 8 * widest * widest + 9 * largest
+        # one stage's Hessians, factored in place beside a packed half copy, and the solver's fp32 weights and
+        # codes for the widest layer; else the error report's fp32 weight and dequantized copy
+        "Hessians and solver": (4 * max(3 * d * d, widest * widest) + 2 * widest * widest + 9 * largest
                                 if method.hessian else 8 * largest),
         **method.working_bytes(model, [l for l in linears if not recipe.skips(l.name, l.role)]),
     }
