@@ -283,16 +283,23 @@ def knapsack(errors: list[list[float]], costs: list[list[int]], capacity: int, b
         chosen[item] = k
 
 
-def budget_plan(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None, store=None
-                ) -> Generator[Event, None, BitPlan]:
-    """The job planning `recipe` to its own `memory_budget` or `target_bpw`: the sensitivity (SensitivityProgress
-    per block; its blocks from `store`, see `sensitivity`), then the knapsack. `plan.apply(recipe)` is the recipe
-    to quantize with."""
+def reachable_sizes(model: DiffusionLM, recipe: QuantRecipe) -> Sizes:
+    """`stored_sizes`, once `recipe`'s own budget is known to hold `model` at all (else the QuantizationError
+    naming the least size reachable): a check costing no sensitivity pass, so a sweep can say it up front."""
     recipe.validate()
     if recipe.memory_budget is None and recipe.target_bpw is None:
         raise QuantizationError("The recipe sets no memory budget or target bits per weight to plan for.")
     sizes = stored_sizes(model, recipe)
     blank = {name: dict.fromkeys(costs, 0.0) for name, costs in sizes.bytes.items()}
-    plan_bits(blank, sizes, recipe, memory_budget=recipe.memory_budget, target_bpw=recipe.target_bpw)  # fits at all?
+    plan_bits(blank, sizes, recipe, memory_budget=recipe.memory_budget, target_bpw=recipe.target_bpw)
+    return sizes
+
+
+def budget_plan(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None, store=None
+                ) -> Generator[Event, None, BitPlan]:
+    """The job planning `recipe` to its own `memory_budget` or `target_bpw`: the sensitivity (SensitivityProgress
+    per block; its blocks from `store`, see `sensitivity`), then the knapsack. `plan.apply(recipe)` is the recipe
+    to quantize with."""
+    sizes = reachable_sizes(model, recipe)
     table = yield from sensitivity(model, recipe, cancel, store)
     return plan_bits(table, sizes, recipe, memory_budget=recipe.memory_budget, target_bpw=recipe.target_bpw)
