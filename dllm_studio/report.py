@@ -103,6 +103,25 @@ def study_grid(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     return lines[0], lines[1:]
 
 
+def study_sizes(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Beside the grid, each of its models' weights as stored (what a memory budget bounds) and bits per
+    quantized weight, so a cell planned to a budget reads against the uniform ones at the same bytes; a planned
+    cell also counts its layers per bit-width. A row per model that has run, in the grid's order."""
+    entries = {m["label"]: m for m in report["models"]}
+    lines = [("full precision", report["base"], report["base"])]
+    lines += [(c["setting"], c["method"], c["label"]) for c in report.get("cells", []) if c["status"] != "skipped"]
+    rows = []
+    for setting, method, label in lines:
+        entry = entries.get(label)
+        if entry is None:
+            continue
+        plan = entry.get("bit_plan")
+        layers = ", ".join(f"{n} at {bits}" for bits, n in plan["layers_at_bits"].items()) if plan else "—"
+        rows.append((setting, method, human(entry["stored_bytes"]) if entry.get("stored_bytes") else "—",
+                     _number(entry["bits_per_weight"], ".3f"), layers))
+    return ("setting", "method", "weights stored", "bits/w", "layers at bits"), rows
+
+
 def _grid_cell(row: dict | None) -> str:
     if row is None:
         return "…"  # not run yet (an interrupted study)
@@ -267,6 +286,8 @@ def to_html(report: dict) -> str:
     if report["kind"] == "study":
         header, grid = study_grid(report)
         parts.append("<h2>Accuracy by bit-width, method and category</h2>" + _html_table(header, grid, report))
+        header, sizes = study_sizes(report)
+        parts.append("<h2>Weights stored per model</h2>" + _html_table(header, sizes))
         skipped = [c for c in report.get("cells", []) if c["status"] == "skipped"]
         if skipped:
             parts.append("<details><summary>Skipped settings</summary><ul>" + "".join(
