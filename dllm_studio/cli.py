@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(st)
     st.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated methods (default rtn,gptq,awq)")
     st.add_argument("--bits", default="w8a16,w4a16,w3a16,w2a16",
-                    help="comma-separated settings such as w4a16, w3a16, w8a8, w4a4 (default w8a16,w4a16,w3a16,w2a16)")
+                    help="comma-separated settings such as w4a16, w3a16, w8a8, w4a4 (default w8a16,w4a16,w3a16,w2a16); "
+                         "a mixed-precision cell adds a budget after @, planned per layer up to the setting's bits "
+                         "(rtn, gptq, awq at A16): w4a16@3.25 stored bits per weight, w4a16@1.2MB or @5GB the whole "
+                         "model's weight bytes")
     _suite_args(st)
     st.add_argument("--report", required=True, metavar="DIR", help="the report folder (and the cache of results)")
     st.add_argument("--calib-samples", type=int, metavar="N", help="calibration samples per recipe (default 32)")
@@ -804,6 +807,8 @@ def _print_job_progress(event: Event) -> None:
     if name == "CompareStage":
         print(f"[{event.index}/{event.total}] {event.suite} on {event.model} ({event.elapsed_s:.0f} s{eta})",
               file=sys.stderr)
+    elif name == "SensitivityProgress":  # a budget cell's plan, before it quantizes
+        print(f"  planning: sensitivity block {event.block}/{event.blocks}", file=sys.stderr)
     elif name == "StudyProgress":
         print(f"[cell {event.cell}/{event.cells}] {event.label}: {event.stage} ({event.elapsed_s:.0f} s{eta})",
               file=sys.stderr)
@@ -858,16 +863,16 @@ def _labels(specs: list[str]) -> list[str]:
 def cmd_study(args: argparse.Namespace) -> int:
     from dllm_studio import jobs
     from dllm_studio.compare import Candidate
-    from dllm_studio.report import study_grid, text_table
+    from dllm_studio.report import study_grid, study_sizes, text_table
     from dllm_studio.study import parse_setting, plan, study
 
     suites, overrides = _suites_checked(args)
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     settings = [parse_setting(b) for b in args.bits.split(",") if b.strip()]
     recipe = {k: v for k, v in (("calib_samples", args.calib_samples), ("seq_len", args.seq_len)) if v is not None}
-    for cell in plan(methods, settings, recipe):  # what will be skipped, said before the model loads
-        if cell["status"] == "skipped":
-            print(f"skipping {cell['label']}: {cell['reason']}", file=sys.stderr)
+    skipped = [c for c in plan(methods, settings, recipe) if c["status"] == "skipped"]
+    for cell in skipped:  # what will be skipped, said before the model loads
+        print(f"skipping {cell['label']}: {cell['reason']}", file=sys.stderr)
     base = Candidate(_labels([args.model])[0], load=lambda: _load(args, stages=False))
     try:
         report = jobs.run(study(base, methods, settings, suites, args.report, limit=args.limit, overrides=overrides,
@@ -877,8 +882,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"the finished cells are kept in {args.report} (its report.html shows them); the same command "
               "resumes after them", file=sys.stderr)
         raise
+    for cell in report["cells"]:  # budgets this model's weights cannot fit, found once it loaded
+        if cell["status"] == "skipped" and all(c["label"] != cell["label"] for c in skipped):
+            print(f"skipped {cell['label']}: {cell['reason']}", file=sys.stderr)
     header, grid = study_grid(report)
     print(text_table(grid, header))
+    if any(len(s) == 3 for s in settings):  # budgeted cells are read against the uniform ones by their bytes
+        header, sizes = study_sizes(report)
+        print("\n" + text_table(sizes, header))
     print(f"report: {Path(args.report) / 'report.html'} (and report.json, report.csv)", file=sys.stderr)
     return 0
 
