@@ -718,8 +718,9 @@ def _planned(recipe, model, on_event, store=None):
 
 
 def _quantize_printer(events: list[dict]):
-    """A quantization's event handler for the terminal: a line per block (and per transformed layer); every event
-    is kept, as a dict, in `events`."""
+    """A quantization's event handler for the terminal: a line per quantized layer (with the share of the run's
+    work done and the time left), per block and per transformed layer; every event is kept, as a dict, in
+    `events`."""
 
     def on_event(event: Event) -> None:
         events.append(event.to_dict())
@@ -730,6 +731,9 @@ def _quantize_printer(events: list[dict]):
             print(f"  {event.name}  {event.transform}: kurtosis {event.kurtosis_before:.2f} -> {event.kurtosis_after:.2f}, "
                   f"max/median {event.outlier_ratio_before:.1f} -> {event.outlier_ratio_after:.1f}"
                   + (f"  ({event.detail})" if event.detail else ""), flush=True)
+        elif type(event).__name__ == "LayerQuantized":
+            print(f"  layer {event.layer:>3}/{event.layers}  {event.name}  error {event.relative_error:.4f}  "
+                  f"{event.seconds:6.2f} s  {event.fraction:6.1%} done  ETA {event.eta_s:5.1f} s", flush=True)
         elif type(event).__name__ == "BlockQuantized":
             print(f"block {event.block:>3}/{event.blocks}  max outlier {event.max_outlier_ratio:7.1f}x  "
                   f"error {event.mean_relative_error:.4f}  RSS {human(event.rss_bytes)}  "

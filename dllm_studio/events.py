@@ -179,7 +179,23 @@ class LayerQuantized(Event):
     layer: int  # 1-based, over every layer the recipe quantizes
     layers: int
     elapsed_s: float  # since the job started
-    eta_s: float
+    eta_s: float  # at the rates measured so far (`quant.progress`), not an average per layer
+    fraction: float = 0.0  # of the run's work done, weighted by cost (resumed blocks count as done)
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    """A unit of a long job (a calibration pass, a method's search, one linear's rounding) starts or ends.
+
+    `fraction` is of the whole job's work, weighted by cost, never going back; `until` is where it will be when the
+    unit in flight ends at the measured rate (= `fraction` between units), so a display can fill up to it
+    between events and no further."""
+
+    fraction: float
+    until: float
+    elapsed_s: float
+    eta_s: float | None  # None until a unit has been measured
+    doing: str  # e.g. "block 1: calibrating q/k/v"
 
 
 @dataclass(frozen=True)

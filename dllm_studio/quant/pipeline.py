@@ -35,7 +35,8 @@ from torch import nn
 
 from dllm_studio.checkpoint import nonfinite_tensors
 from dllm_studio.errors import QuantizationError
-from dllm_studio.events import BlockQuantized, CancelToken, Event, LayerQuantized, LayerStats, LayerTransformed
+from dllm_studio.events import (BlockQuantized, CancelToken, Event, LayerQuantized, LayerStats, LayerTransformed,
+                                Progress)
 from dllm_studio.memory import MemorySampler
 from dllm_studio.models.base import DiffusionLM, LinearLayer
 from dllm_studio.profile import InputStats, outlier_ratio
@@ -44,6 +45,7 @@ from dllm_studio.quant.calibration import calibration_batch
 from dllm_studio.quant.capture import BATCH, SAMPLE_TOKENS
 from dllm_studio.quant.kernels.base import fake_quantize_activations
 from dllm_studio.quant.methods.base import Block, Method
+from dllm_studio.quant.progress import Unit, WorkMeter, forward_cost, prepare_cost, rounding_cost
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
 
@@ -59,7 +61,8 @@ class QuantizationResult:
 def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None, *,
              store: BlockStore | None = None) -> Generator[Event, None, QuantizationResult]:
     """The quantization job. Yields LayerStats, LayerTransformed (methods that change the linears' inputs),
-    LayerQuantized, BlockQuantized and MemorySample events.
+    LayerQuantized, BlockQuantized and MemorySample events, and a Progress event as each unit of work (a
+    calibration pass, the method's search, a linear's rounding) starts and ends.
 
     `store` says where each full-precision block comes from and where its quantized form goes: by default
     (`InMemory`) a copy of the loaded model's block, kept for the quantized model; `quant.streaming` reads each
@@ -91,8 +94,10 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
         first, resumed, records = store.resume(model, recipe, len(blocks))
         if resumed is not None:  # the calibration stream as the finished blocks left it
             states = [((hidden, *args[1:]), kwargs) for hidden, (args, kwargs) in zip(resumed, states)]
-        progress = _Progress(started, sum(len(by_block.get(i, [])) for i in range(first, len(blocks))),
-                             skipped=sum(1 for l in targets if l.block < first))
+        plan = [_block_units(method, index, by_block.get(index, []), ids.shape, model.hidden_size)
+                for index in range(len(blocks))]
+        meter = WorkMeter([u for units in plan for u in units], skipped=sum(len(units) for units in plan[:first]),
+                          started=started)
         masks = list(masked.split(BATCH))
         for index in range(first, len(blocks)):
             cancel.check()
@@ -106,20 +111,21 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
             plain = [((method.plain_states(args[0]), *args[1:]), kwargs) for args, kwargs in states]
             untouched = functools.partial(capture.collect, work, states=plain, masks=masks)
             for event in _quantize_block(method, Block(index, work, layers, in_block, collect), untouched, cancel,
-                                         progress):
-                records.setdefault(event.name, {}).update(_record(event))
+                                         meter):
+                if not isinstance(event, Progress):
+                    records.setdefault(event.name, {}).update(_record(event))
                 yield event
+            yield meter.start((index, "output"))
             states = [((capture.run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]  # next block's inputs
             cancel.check()  # a cancel during the last layer leaves nothing of this block behind
             store.keep(index, prefix, work, [args[0] for args, _ in states],
                        {l.name: records[l.name] for l in in_block.values() if l.name in records})
             yield from memory.drain()
-            done = index + 1
-            elapsed = time.perf_counter() - started
+            progress = meter.finish((index, "output"))
+            yield progress
             block_records = [records[l.name] for l in layers.values()]
             yield BlockQuantized(
-                block=done, blocks=len(blocks), elapsed_s=round(elapsed, 2),
-                eta_s=round(elapsed / (done - first) * (len(blocks) - done), 1),
+                block=index + 1, blocks=len(blocks), elapsed_s=progress.elapsed_s, eta_s=progress.eta_s,
                 max_outlier_ratio=max((r.get("outlier_ratio", 0.0) for r in block_records), default=0.0),
                 mean_relative_error=sum(r["relative_error"] for r in block_records) / max(len(block_records), 1),
                 rss_bytes=memory.latest.rss_bytes, peak_rss_bytes=memory.peak)
@@ -213,48 +219,87 @@ def check_supported(model: DiffusionLM) -> None:
                                 "values. Repair or replace the checkpoint first.")
 
 
-@dataclass
-class _Progress:
-    started: float
-    total: int  # layers this run quantizes
-    skipped: int = 0  # layers a resumed run found done: counted in the layer numbers, not in the ETA
-    done: int = 0
-
-    def advance(self) -> tuple[int, int, float, float]:
-        """Count one layer done; (layer number, of how many, elapsed s, ETA s)."""
-        self.done += 1
-        elapsed = time.perf_counter() - self.started
-        eta = round(elapsed / self.done * (self.total - self.done), 1)
-        return self.skipped + self.done, self.skipped + self.total, round(elapsed, 2), eta
+def _prepares(method: Method) -> bool:
+    return type(method).prepare_block is not Method.prepare_block
 
 
-def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken, progress: _Progress
+def _stages(method: Method, layers: dict[str, LinearLayer]) -> list[list[str]]:
+    """The local names of the linears captured and rounded together, in order (GPTQ: q/k/v, o, gate/up, down)."""
+    stages = [[n for n, l in layers.items() if l.role in roles] for roles in method.stages or ()] or [list(layers)]
+    stages.append([n for n in layers if not any(n in s for s in stages)])  # roles outside the known stages
+    return list(filter(None, stages))
+
+
+def _block_units(method: Method, index: int, linears: list[LinearLayer], batch: tuple[int, int], hidden: int
+                 ) -> list[Unit]:
+    """Block `index`'s work, in the order `_quantize_block` and the block loop do it, with each unit's cost
+    (`quant.progress`); `linears` all of the block's, `batch` the calibration ids' (sequences, length)."""
+    tokens, seq_len = batch[0] * batch[1], batch[1]
+    rows = min(tokens, SAMPLE_TOKENS)
+    # A pass's weights, from the shapes listed before any block was touched (a resumed run's are packed by now).
+    params = sum(l.in_features * l.out_features for l in linears)
+    layers = {l.name: l for l in linears if not method.recipe.skips(l.name, l.role)}
+    here = f"block {index + 1}"
+    def forward(step: str, doing: str, hessians=()) -> Unit:
+        return Unit((index, step), "forward", step, forward_cost(tokens, params, seq_len, hidden, hessians),
+                    f"{here}: {doing}")
+
+    output = forward("output", "computing the next block's inputs")
+    if not layers:
+        return [output]
+    units = []
+    if _prepares(method):
+        units += [forward("untouched", "reading the untouched block"),
+                  Unit((index, "prepare"), "prepare", "", prepare_cost(rows, [(l.in_features, l.out_features)
+                                                                              for l in layers.values()]),
+                       f"{here}: {method.recipe.method} search")]
+        if method.transforms:
+            units.append(forward("transformed", "reading the transformed block"))
+    for stage in _stages(method, layers):
+        roles = "/".join(dict.fromkeys(layers[n].role for n in stage))
+        hessians = [layers[n].in_features for n in stage] if method.hessian else ()
+        units.append(forward(f"calibrate {roles}", f"calibrating {roles}", hessians))
+        units += [Unit((index, "round", n), "round", layers[n].role,
+                       rounding_cost(layers[n].in_features, layers[n].out_features, rows, method.hessian),
+                       f"{here}: rounding {n.rsplit('.', 1)[-1]}") for n in stage]
+    return units + [output]
+
+
+def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken, meter: WorkMeter
                     ) -> Generator[Event, None, None]:
     """Let the method prepare one block copy, then round its linears stage by stage, in place. `untouched`
-    collects what the block sees before the method changes it."""
-    layers = block.layers
+    collects what the block sees before the method changes it; `meter` hears as each unit starts and ends."""
+    layers, i = block.layers, block.index
     if not layers:
         return
     before: dict[str, InputStats] = {}
-    if type(method).prepare_block is not Method.prepare_block:
+    if _prepares(method):
         # The untouched block's inputs: the live profile shows them, and the method's searches read them.
+        yield meter.start((i, "untouched"))
         taps = untouched(list(layers), stats=True)
         for name, tap in taps.items():
             yield tap.stats.event(layers[name].name, layers[name].role, layers[name].block)
         before = {name: tap.stats for name, tap in taps.items()}
+        yield meter.finish((i, "untouched"))
+        yield meter.start((i, "prepare"))
         yield from method.prepare_block(block, taps) or ()
+        yield meter.finish((i, "prepare"))
         if method.transforms:  # the same inputs after the change, still in full precision: what it did alone
+            yield meter.start((i, "transformed"))
             after = block.collect(list(layers), stats=True)
             for name, layer in layers.items():
                 yield _transformed(layer, before[name], after[name].stats, *method.transform_label(name))
-    stages = [[n for n, l in layers.items() if l.role in roles] for roles in method.stages or ()] or [list(layers)]
-    stages.append([n for n in layers if not any(n in s for s in stages)])  # roles outside the known stages
-    for stage in filter(None, stages):
+            yield meter.finish((i, "transformed"))
+    for stage in _stages(method, layers):
         cancel.check()
+        step = f"calibrate {'/'.join(dict.fromkeys(layers[n].role for n in stage))}"
+        yield meter.start((i, step))
         taps = block.collect(stage, stats=not before, hessian=method.hessian)
+        yield meter.finish((i, step))
         for name in stage:
             cancel.check()
             tap, layer = taps[name], layers[name]
+            yield meter.start((i, "round", layer.name))
             if name not in before:
                 yield tap.stats.event(layer.name, layer.role, layer.block)
             t0 = time.perf_counter()
@@ -265,9 +310,12 @@ def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken
                 qlinear.transform = transform  # the layer applies it online, before rounding its inputs
             error = _relative_error(linear, qlinear, tap.inputs(None))
             capture.set_submodule(block.module, name, qlinear)
-            done, total, elapsed, eta = progress.advance()
+            progress = meter.finish((i, "round", layer.name))
+            yield progress
+            done, total = meter.count("round")
             yield LayerQuantized(layer.name, layer.role, layer.block, rounder.recipe.wbits, round(error, 6),
-                                 round(time.perf_counter() - t0, 3), done, total, elapsed, eta)
+                                 round(time.perf_counter() - t0, 3), done, total, progress.elapsed_s,
+                                 progress.eta_s, progress.fraction)
 
 
 def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, transform: str, detail: str

@@ -2,7 +2,9 @@
 
 Engine events arrive on the GUI thread at whatever rate the job yields them; they only update
 plain data here, and a timer draws the charts from the latest data (never once per event) and appends the
-Transforms table's new rows (a method's LayerTransformed events). The pickers read the method table
+Transforms table's new rows (a method's LayerTransformed events). The progress bar shows the engine's work
+fraction (`Progress` events) and, between events, fills at the measured rate up to where the unit in flight
+should end, while the time left counts down. The pickers read the method table
 (`quant.methods.METHODS`): each method's settings, and only the options it reads.
 """
 
@@ -22,7 +24,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleS
 
 from dllm_studio import memory
 from dllm_studio.errors import DllmError, FolderExistsError
-from dllm_studio.events import (BlockQuantized, ExportProgress, LayerQuantized, LayerStats, LayerTransformed,
+from dllm_studio.events import (BlockQuantized, ExportProgress, LayerQuantized, LayerStats, LayerTransformed, Progress,
                                 SensitivityProgress, StreamingStarted)
 from dllm_studio.memory import available_bytes, human
 from dllm_studio.models import open_model
@@ -73,6 +75,8 @@ GROUP_SIZES = ((128, "128 (default)"), (64, "64"), (32, "32"), (0, "per output c
 REDRAW_MS = 50
 CHARTS = ("outliers", "channels", "errors", "memory")  # the order they take turns in
 MEMORY_EVERY = 6  # redraw ticks per memory sample (about 3 a second)
+BAR_MS = 250  # the progress bar's fill and countdown between engine events
+BAR_STEPS = 1000  # the bar's range: the work fraction in tenths of a percent
 # How the layers' bits are chosen: one for all, or planned per layer (`quant.budget`) to a budget of bytes or bits.
 PRECISIONS = (("Uniform: every layer at the bits above", "uniform"), ("Memory budget (GB of weights)", "budget"),
               ("Target bits per weight", "bpw"))
@@ -256,6 +260,8 @@ class QuantizePage(QWidget):
 
         self.timer = QTimer(self, interval=REDRAW_MS)
         self.timer.timeout.connect(self.redraw)
+        self.bar_timer = QTimer(self, interval=BAR_MS)
+        self.bar_timer.timeout.connect(self._advance_bar)
         self.redraws = self.ticks = self.next_chart = 0
 
         self._load_settings()
@@ -608,7 +614,7 @@ class QuantizePage(QWidget):
         self.log.clear()
         self._show_last_result("a new run is under way", "Quantizing: the result appears here when it is done.")
         self.open_button.setVisible(False)
-        self.progress.setRange(0, model.num_layers)
+        self.progress.setRange(0, BAR_STEPS)
         self.progress.setValue(0)
         self.progress.setFormat(f"starting {recipe.label}…")
         self._log(f"{recipe.label} on {model.source}: {model.num_layers} blocks, "
@@ -617,6 +623,7 @@ class QuantizePage(QWidget):
         self._started = time.perf_counter()
         self.sample_memory()
         self.timer.start()
+        self.bar_timer.start()
 
     def _run(self, title: str, make_job, on_done) -> None:
         self.job = self.session.start(title, stream(make_job), on_event=self._on_event, on_done=on_done,
@@ -676,22 +683,23 @@ class QuantizePage(QWidget):
     def cancel(self) -> None:
         if self.job is not None:
             self.job.cancel()
+            self.bar_timer.stop()  # its text would replace this one
             self.progress.setFormat("cancelling after the current layer…")
 
     def _reset_data(self) -> None:
         self.outlier_ratios: list[float] = []
         self.layer_errors: list[float] = []
         self.current: LayerStats | None = None
-        self.last_block: BlockQuantized | None = None
         self.started_streaming: StreamingStarted | None = None
         self.export_progress: ExportProgress | None = None
+        self.work: Progress | None = None  # the latest, and when it came (the bar fills on from there)
+        self.work_at = 0.0
         self.transformed: list[LayerTransformed] = []  # in arrival order; the table takes new ones each tick
         self.changed = set(CHARTS)  # the charts to repaint
 
     def _on_event(self, event) -> None:
         if isinstance(event, StreamingStarted):
             self.started_streaming = event
-            self.progress.setValue(event.first_block - 1)
             self.progress.setFormat(f"streaming from {event.shards} shards…")
             self._log(f"streaming from {event.shards} shard{'s' * (event.shards != 1)}: blocks {event.first_block}-"
                       f"{event.blocks} of {event.blocks}" + (f" ({event.note})" if event.note else ""))
@@ -701,6 +709,12 @@ class QuantizePage(QWidget):
             self.progress.setFormat(f"measuring sensitivity, block {event.block} of {event.blocks}")
         elif isinstance(event, ExportProgress):
             self.export_progress = event
+        elif isinstance(event, Progress):
+            if self.work is None:  # a bit plan's sensitivity pass counted blocks on this bar
+                self.progress.setRange(0, BAR_STEPS)
+                self.progress.setValue(0)
+            self.work, self.work_at = event, time.perf_counter()
+            self._advance_bar()
         elif isinstance(event, LayerStats):
             self.outlier_ratios.append(event.outlier_ratio)
             self.current = event
@@ -716,7 +730,6 @@ class QuantizePage(QWidget):
             self._log(f"  {event.name}: error {event.relative_error:.4f} ({event.seconds:.2f} s)  "
                       f"layer {event.layer}/{event.layers}, ETA {event.eta_s:.0f} s")
         elif isinstance(event, BlockQuantized):
-            self.last_block = event
             self._log(f"block {event.block}/{event.blocks}: max outlier {event.max_outlier_ratio:.1f}x, "
                       f"mean error {event.mean_relative_error:.4f}, RSS {human(event.rss_bytes)}")
 
@@ -746,14 +759,25 @@ class QuantizePage(QWidget):
             elif chart == "memory":
                 self.memory_chart.redraw()
         self._append_transforms()
-        block, streaming, writing = self.last_block, self.started_streaming, self.export_progress
+        writing = self.export_progress
         if writing is not None:
             self.progress.setFormat(f"writing the folder: {writing.stage} {writing.done} of {writing.total}")
-        elif block is not None:
-            self.progress.setValue(block.block)
-            eta = f", about {block.eta_s:.0f} s left" if block.block < block.blocks else ""
-            source = f"streaming from {streaming.shards} shards: " if streaming is not None else ""
-            self.progress.setFormat(f"{source}block {block.block} of {block.blocks}{eta}")
+
+    def _advance_bar(self) -> None:
+        """The bar at the latest work fraction, moved on by the time since at the measured rate (the rest of the
+        work over the time left), but never past the end of the unit in flight; the time left counted down."""
+        work = self.work
+        if work is None or self.export_progress is not None or not self.bar_timer.isActive():
+            return
+        since = time.perf_counter() - self.work_at
+        fraction = work.fraction
+        if work.eta_s:
+            fraction = min(fraction + since * (1 - fraction) / work.eta_s, work.until)
+        self.progress.setValue(max(self.progress.value(), round(fraction * BAR_STEPS)))
+        left = ("estimating the time left" if work.eta_s is None
+                else f"about {max(work.eta_s - since, 0):.0f} s left")
+        source = f"streaming from {self.started_streaming.shards} shards: " if self.started_streaming else ""
+        self.progress.setFormat(f"{source}{work.doing}: {self.progress.value() / BAR_STEPS:.0%}, {left}")
 
     def _append_transforms(self) -> None:
         """The Transforms table's rows for the events that arrived since the last tick (a few per tick)."""
@@ -784,6 +808,7 @@ class QuantizePage(QWidget):
 
     def _stop_live(self, status: str) -> None:
         self.timer.stop()
+        self.bar_timer.stop()
         self.sample_memory()
         self.redraw(every_chart=True)
         self.job = None
