@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 
@@ -152,13 +151,14 @@ class Session(QObject):
         if self.job is not None:
             self.job.cancel()
 
-    def shutdown(self, timeout_ms: int = 2_000) -> bool:
+    def shutdown(self, timeout_ms: int = 30_000) -> bool:
         """Cancel the running job and wait at most `timeout_ms` in all for the worker threads to stop (on quit).
 
-        Returns whether they all stopped. Cancelling is cooperative: a worker inside one long torch op sees it only
-        when the op returns. Such a worker is detached: nothing it reports reaches the pages any more, and the
-        process, if it is quitting, exits without it (`ui.app.main`). Nothing is lost by not waiting: settings
-        are saved first and the engine writes every file atomically (a streamed folder keeps its resumable part).
+        Returns whether they all stopped (the window, quitting, gives them 2 s). Cancelling is cooperative: a
+        worker inside one long torch op sees it only when the op returns. Such a worker is detached: nothing it
+        reports reaches the pages any more, and a quitting process exits without it (`ui.app.exit_status`).
+        Nothing is lost by not waiting: settings are saved first, and the engine writes every file atomically
+        (a streamed folder keeps its resumable partial folder).
         """
         self.cancel()
         deadline = time.monotonic() + timeout_ms / 1000
