@@ -47,7 +47,12 @@ def peak_rss_bytes() -> int:
 
 
 def available_bytes(device="cpu") -> int:
-    """Memory a new allocation can use now: free RAM, or free VRAM on a CUDA device."""
+    """Memory a new allocation can use now, the one "free memory" figure every face shows and checks against.
+
+    On the CPU it is the kernel's MemAvailable (psutil's `available`: free pages plus the page cache and
+    reclaimable slabs it can drop), not `free`, which leaves out the cache and reads far lower on a machine
+    that has been reading files. On a CUDA device it is the device's free memory (`cudaMemGetInfo`).
+    """
     import torch
 
     device = torch.device(device)
@@ -108,6 +113,25 @@ def preflight(what: str, needed: dict[str, int], device="cpu", *, force: bool = 
             f"{what} needs about {human(total)} ({parts}) but only {human(free)} of {where} is free; "
             "close other programs, pick fewer bits or a smaller model.", total, free)
     return total
+
+
+class RunPeak:
+    """The peak resident memory of one run, for a chart that starts fresh per run.
+
+    The process's high-water mark (`peak_rss_bytes`) never goes down, so on its own it would carry an earlier
+    run's peak into this one. Once this run has raised the mark, the mark is this run's exact peak (it caught
+    the spikes between samples too); until then, the best known is the largest sample this run has seen.
+    """
+
+    def __init__(self) -> None:
+        self._mark_at_start = peak_rss_bytes()
+        self.peak = 0
+
+    def sample(self, rss: int) -> int:
+        """The run's peak so far, given the RSS just sampled."""
+        mark = peak_rss_bytes()
+        self.peak = max(self.peak, rss, mark if mark > self._mark_at_start else 0)
+        return self.peak
 
 
 class MemorySampler:

@@ -97,7 +97,7 @@ def test_cancel_keeps_the_blocks_and_start_again_resumes(qtbot, llada_page, tmp_
 
 
 def test_streaming_is_checked_for_you_when_memory_is_short(llada_page, monkeypatch):
-    import ui.pages.quantize
+    from dllm_studio import memory
     from dllm_studio.quant.pipeline import working_set
 
     page = llada_page
@@ -107,10 +107,9 @@ def test_streaming_is_checked_for_you_when_memory_is_short(llada_page, monkeypat
     streamed = sum(working_set(model, recipe, streaming=True).values())
     assert streamed < needed  # or there would be nothing to show
     free = int(needed / 0.9) - 1  # the in-memory run just won't fit; the streamed one fits
-    monkeypatch.setattr(ui.pages.quantize, "available_bytes", lambda device="cpu": free)
     assert not page.streaming.isChecked()
-    page.samples.setValue(3)  # any change runs the preflight again
-    page.samples.setValue(2)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": free)
+    page.session.refresh_free_memory()  # the preflight takes the figure every face shows, at once
     assert page.streaming.isChecked() and "Checked for you" in page.stream_note.text()
     from dllm_studio.memory import human
 
@@ -179,6 +178,7 @@ def test_a_model_too_big_to_load_is_described_and_streamed(qtbot, studio_setting
     assert session.described_only and "only described" in session.unavailable()
     assert page.streaming.isChecked() and not page.streaming.isEnabled() and "too big to load" in page.stream_note.text()
     monkeypatch.undo()
+    session.refresh_free_memory()  # the window's clock would read the real figure within a second
     page.method.setCurrentIndex(page.method.findData("rtn"))
     page.samples.setValue(2)
     page.seq_len.setValue(32)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     window.show()
     if args.smoke:
         return smoke.run(app, window, args.smoke)
-    return app.exec()
+    return exit_status(app.exec(), window.session)
+
+
+def exit_status(status: int, session) -> int:
+    """`status`, once the window has closed; exits at once instead when a job ignored the quit's cancel.
+
+    That job's worker is inside one long torch op and cannot be killed. Returning would take Python through its
+    shutdown with the thread running, destroying the still running QThread (Qt aborts) or tearing modules down
+    under it; os._exit skips all that. Nothing is lost by it: the window saved the settings before it closed,
+    and the engine writes every file atomically (a streamed folder keeps its resumable partial folder).
+    """
+    if session.detached_jobs():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def app_icon() -> QIcon:

@@ -132,11 +132,11 @@ class ChannelProfile(_Chart):
 
 
 class MemoryChart(_Chart):
-    """Resident memory over time (and its peak); CUDA allocations when a GPU is in use."""
+    """Resident memory over time and its peak, one run at a time; CUDA allocations when a GPU is in use."""
 
     def __init__(self, title: str = "Memory", parent=None) -> None:
-        super().__init__(title, "seconds", "MB", "Process memory over time: resident set (RSS), its peak, "
-                         "and CUDA allocations when a GPU is used.", parent)
+        super().__init__(title, "seconds", "MB", "Process memory over time: resident set (RSS), its peak during "
+                         "this run, and CUDA allocations when a GPU is used.", parent)
         self.legend = self.addLegend(offset=(-10, -10))
         self.rss = self.plot([], [], pen=pg.mkPen(FP_COLOR, width=2), name="RSS")
         self.peak = self.plot([], [], pen=pg.mkPen(BAD, width=1, style=pg.QtCore.Qt.PenStyle.DashLine), name="peak")
@@ -147,8 +147,10 @@ class MemoryChart(_Chart):
         self.data.append((seconds, rss / 1e6, peak / 1e6, (cuda or 0) / 1e6 if cuda is not None else np.nan))
         del self.data[:-3000]
 
-    def clear_data(self) -> None:
+    def start_run(self) -> None:
+        """A new run: no samples, so no peak, until it appends its own (the page passes this run's peak)."""
         self.data.clear()
+        self.redraw()
 
     def redraw(self) -> None:
         if not self.data:

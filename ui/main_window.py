@@ -80,10 +80,12 @@ class MainWindow(QMainWindow):
         for widget in (self.model_label, self.job_label):
             self.statusBar().addWidget(widget)
         self.statusBar().addPermanentWidget(self.ram_label)
+        # The one place the free memory is read on a clock: every widget showing it listens to the session.
+        session.free_memory_changed.connect(self._show_ram)
         self.ram_timer = QTimer(self, interval=1000)
-        self.ram_timer.timeout.connect(self.update_ram)
+        self.ram_timer.timeout.connect(session.refresh_free_memory)
         self.ram_timer.start()
-        self.update_ram()
+        session.refresh_free_memory()
 
         self._quick_start: QuickStartDialog | None = None
         self._make_menus()
@@ -188,9 +190,9 @@ class MainWindow(QMainWindow):
                           "with them, full precision and quantized side by side.")
 
     # ---- status bar ---------------------------------------------------------------------------------
-    def update_ram(self) -> None:
+    def _show_ram(self, free: int) -> None:
         self.ram_label.setText(f"RAM {human(memory.rss_bytes())} (peak {human(memory.peak_rss_bytes())}) · "
-                               f"{human(memory.available_bytes())} free")
+                               f"{human(free)} free")
 
     def _update_models_label(self) -> None:
         model = self.session.model
@@ -215,5 +217,7 @@ class MainWindow(QMainWindow):
         self.settings.set_raw("window/geometry", self.saveGeometry())
         self.settings.set("page", self.sidebar.currentRow())
         self.settings.sync()
-        self.session.shutdown()
+        # Cancel the running job and give it 2 s to stop at its next check; one stuck inside a long torch op is
+        # left behind (Session.shutdown) rather than freezing the closing window until it returns.
+        self.session.shutdown(timeout_ms=2_000)
         super().closeEvent(event)

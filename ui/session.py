@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 
+from dllm_studio import memory
 from dllm_studio.models import DiffusionLM
 from ui.workers import GuiThreadGarbageCollection, JobThread, Work
 
@@ -32,12 +34,18 @@ def is_quantized(model: DiffusionLM) -> bool:
     return bool(model.config.get("quantization_config"))
 
 
+# Jobs still running after a quit gave up waiting for them: held here, unparented, so that neither the session
+# nor its window going away destroys a QThread that is still running (Qt aborts the process when that happens).
+_detached: set[JobThread] = set()
+
+
 class Session(QObject):
     model_changed = Signal()  # the full-precision model was (re)loaded
     variants_changed = Signal()  # one added, or one's folder became known
     variant_selected = Signal(str)  # the user asked for this variant (e.g. by opening its folder again)
     busy_changed = Signal(bool, str)  # running?, the job's title
     job_failed = Signal(str, str)  # title, message
+    free_memory_changed = Signal(object)  # bytes free now, from refresh_free_memory (object: past 32 bits)
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -46,6 +54,15 @@ class Session(QObject):
         self.job: JobThread | None = None
         self._threads: set[JobThread] = set()  # kept alive until their thread has really stopped
         self._gc = GuiThreadGarbageCollection(self)
+        self.free_memory = memory.available_bytes()
+
+    # ---- free memory --------------------------------------------------------------------------------
+    def refresh_free_memory(self) -> int:
+        """Read the free memory once and hand it to every widget that shows it (the status bar, the Models card,
+        the Quantize preflight), so no two of them can show different figures at the same moment."""
+        self.free_memory = memory.available_bytes()
+        self.free_memory_changed.emit(self.free_memory)
+        return self.free_memory
 
     # ---- models -------------------------------------------------------------------------------------
     def set_model(self, model: DiffusionLM) -> None:
@@ -134,9 +151,30 @@ class Session(QObject):
         if self.job is not None:
             self.job.cancel()
 
-    def shutdown(self, timeout_ms: int = 30_000) -> None:
-        """Cancel the running job and wait for every worker thread to stop (on quit)."""
+    def shutdown(self, timeout_ms: int = 30_000) -> bool:
+        """Cancel the running job and wait at most `timeout_ms` in all for the worker threads to stop (on quit).
+
+        Returns whether they all stopped (the window, quitting, gives them 2 s). Cancelling is cooperative: a
+        worker inside one long torch op sees it only when the op returns. Such a worker is detached: nothing it
+        reports reaches the pages any more, and a quitting process exits without it (`ui.app.exit_status`).
+        Nothing is lost by not waiting: settings are saved first, and the engine writes every file atomically
+        (a streamed folder keeps its resumable partial folder).
+        """
         self.cancel()
+        deadline = time.monotonic() + timeout_ms / 1000
         for job in list(self._threads):
-            job.wait(timeout_ms)
-        self._gc.reset()
+            job.wait(max(0, round(1000 * (deadline - time.monotonic()))))
+        running = [job for job in self._threads if job.isRunning()]
+        for job in running:
+            job.detach()
+            job.setParent(None)
+            _detached.add(job)
+            job.finished.connect(lambda job=job: _detached.discard(job))
+        if not running:  # a detached worker still runs Python: the collector stays on the GUI thread's timer
+            self._gc.reset()
+        return not running
+
+    @staticmethod
+    def detached_jobs() -> int:
+        """How many jobs a quit left running (they ignored the cancel so far)."""
+        return sum(job.isRunning() for job in _detached)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import traceback
+import warnings
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -46,6 +47,14 @@ class JobThread(QThread):
 
     def cancel(self) -> None:
         self.token.cancel()
+
+    def detach(self) -> None:
+        """Report nothing more to anyone: whoever listened is going away (a quit stopped waiting for this job).
+        Only `finished` stays connected, for the session's bookkeeping."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # PySide warns when a signal had no listener
+            for signal in (self.event, self.succeeded, self.failed, self.cancelled):
+                signal.disconnect()
 
     def run(self) -> None:
         try:

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
 from dllm_studio.errors import InsufficientMemoryError, RemoteCodeRefusedError
 from dllm_studio.events import DownloadProgress, LoadProgress, LoadWarning
 from dllm_studio.hub import DEMO_NAME
-from dllm_studio.memory import ACTIVATION_SHARE, HEADROOM, available_bytes, fit, human
+from dllm_studio.memory import ACTIVATION_SHARE, HEADROOM, fit, human
 from dllm_studio.models import DiffusionLM, open_model
 from dllm_studio.quant.export import read_profile
 from dllm_studio.quant.streaming import streaming_problem
@@ -45,6 +45,7 @@ class ModelsPage(QWidget):
         self.status = QLabel(wordWrap=True, objectName="modelStatus", textFormat=Qt.TextFormat.RichText)
         self.status.linkActivated.connect(self._stream_described)
         self._described: DiffusionLM | None = None
+        self._card_sizes: list[int] = []  # the weight bytes of each row of the card's table, for its fit badges
 
         source = QGroupBox("Open a model")
         form = QVBoxLayout(source)
@@ -97,6 +98,7 @@ class ModelsPage(QWidget):
         session.busy_changed.connect(lambda busy, _title: self._set_enabled(not busy))
         session.model_changed.connect(lambda: self._show_card())
         session.variants_changed.connect(self._show_variants)
+        session.free_memory_changed.connect(self._show_fit)
         self._show_card()
         self._show_variants()
 
@@ -164,6 +166,9 @@ class ModelsPage(QWidget):
 
     def _opened(self, source: str, result) -> None:
         self.progress.setVisible(False)
+        # The load just changed what is free: every face takes the new figure, before the card is drawn with it
+        # (and before the other pages see the new model, so none checks it against the figure from before).
+        self.session.refresh_free_memory()
         if isinstance(result, RemoteCodeRefusedError):
             self.status.setText("Not opened: the model needs code from its folder.")
             ask(self, "Run the model's own code?",
@@ -228,6 +233,8 @@ class ModelsPage(QWidget):
         if model is None:
             self.facts.addRow(QLabel("No model open yet."))
             self.memory_table.setRowCount(0)
+            self._card_sizes = []
+            self.free_label.clear()
             return
         info = model.info()
         mask = info.mask_token_id
@@ -240,19 +247,28 @@ class ModelsPage(QWidget):
         for name, value in rows:
             label = QLabel(value, wordWrap=True, textInteractionFlags=Qt.TextInteractionFlag.TextSelectableByMouse)
             self.facts.addRow(f"{name}:", label)
-        free = available_bytes()
         self.memory_table.setRowCount(len(info.memory_bytes))
+        self._card_sizes = list(info.memory_bytes.values())
         for row, (precision, nbytes) in enumerate(info.memory_bytes.items()):
-            badge = fit(int(nbytes * (1 + ACTIVATION_SHARE)), free)
-            cells = [precision, human(nbytes), badge]
-            for col, text in enumerate(cells):
-                item = QTableWidgetItem(text)
-                if col == 2:
-                    item.setBackground(QColor(FIT_COLORS[badge]))
-                    item.setForeground(QColor("white"))
-                    item.setToolTip(f"Needs about {human(nbytes * (1 + ACTIVATION_SHARE))} with activations and "
-                                    f"buffers; {human(free)} is free now.")
-                self.memory_table.setItem(row, col, item)
+            for col, text in enumerate((precision, human(nbytes))):
+                self.memory_table.setItem(row, col, QTableWidgetItem(text))
+        self._show_fit(self.session.free_memory)
+
+    def _show_fit(self, free: int) -> None:
+        """The card's fit badges and free-memory line against `free`, the session's figure of the moment."""
+        if not self._card_sizes:
+            return
+        for row, nbytes in enumerate(self._card_sizes):
+            needed = nbytes * (1 + ACTIVATION_SHARE)
+            badge = fit(int(needed), free)
+            item = self.memory_table.item(row, 2)
+            if item is None:  # updated in place each second after, so a tooltip being read stays open
+                item = QTableWidgetItem()
+                self.memory_table.setItem(row, 2, item)
+            item.setText(badge)
+            item.setBackground(QColor(FIT_COLORS[badge]))
+            item.setForeground(QColor("white"))
+            item.setToolTip(f"Needs about {human(needed)} with activations and buffers; {human(free)} is free now.")
         self.free_label.setText(f"This machine has {human(free)} of memory free now. <i>fits</i>: under half of it; "
                                 f"<i>tight</i>: under {HEADROOM:.0%}; <i>won't fit</i>: more.")
 

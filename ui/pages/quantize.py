@@ -26,7 +26,7 @@ from dllm_studio import memory
 from dllm_studio.errors import DllmError, FolderExistsError
 from dllm_studio.events import (BlockQuantized, ExportProgress, LayerQuantized, LayerStats, LayerTransformed, Progress,
                                 SensitivityProgress, StreamingStarted)
-from dllm_studio.memory import available_bytes, human
+from dllm_studio.memory import RunPeak, human
 from dllm_studio.models import open_model
 from dllm_studio.profile import OUTLIER_ALARM
 from dllm_studio.quant.budget import budget_plan
@@ -285,6 +285,8 @@ class QuantizePage(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         session.model_changed.connect(self._model_changed)
         session.busy_changed.connect(self._busy_changed)
+        # The preflight shows the free memory every face shows; while a job runs it keeps the figure it started on.
+        session.free_memory_changed.connect(lambda _free: self.session.busy or self._check())
         self._precision_changed()
         self._model_changed()
 
@@ -541,7 +543,7 @@ class QuantizePage(QWidget):
         else:
             parts = working_set(model, recipe)
             needed = sum(parts.values()) - parts["model"]  # the model itself is already in memory
-            free = available_bytes()
+            free = self.session.free_memory
             verdict = memory.fit(needed, free)
             if verdict == "won't fit":
                 self._stream_instead(needed, free, recipe)
@@ -591,7 +593,10 @@ class QuantizePage(QWidget):
     # ---- running ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Quantize: streaming into a folder, planned to a budget first, or in memory (see the module docstring)."""
-        if self.session.busy or not self._check():
+        if self.session.busy:
+            return
+        self.session.refresh_free_memory()  # decide on what is free now (every face shows the figure read here)
+        if not self._check():
             return
         model, recipe = self.session.model, self.recipe()
         self._begin(model, recipe)
@@ -608,7 +613,8 @@ class QuantizePage(QWidget):
     def _begin(self, model, recipe: QuantRecipe) -> None:
         """A new run's blank charts, log and progress."""
         self._reset_data()
-        self.memory_chart.clear_data()
+        self.memory_chart.start_run()
+        self._run_peak = RunPeak()  # the chart's dashed line: this run's peak, not the process's
         self.transforms_table.setRowCount(0)
         self.transforms_table.setVisible(recipe.spec.transforms)
         self.log.clear()
@@ -736,7 +742,7 @@ class QuantizePage(QWidget):
     def sample_memory(self) -> None:
         """A point of the memory timeline (the job runs in this process, so its memory is ours)."""
         rss = memory.rss_bytes()
-        self.memory_chart.append(time.perf_counter() - self._started, rss, memory.peak_rss_bytes())
+        self.memory_chart.append(time.perf_counter() - self._started, rss, self._run_peak.sample(rss))
         self.changed.add("memory")
 
     def redraw(self, every_chart: bool = False) -> None:
