@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from dllm_studio.events import CancelToken
 from dllm_studio.quant.grid import Grid
 
 BLOCK = 128
@@ -45,14 +46,17 @@ class Hessian:
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *, damp: float = 0.01,
-         act_order: bool = False, consume: bool = False):
+         act_order: bool = False, consume: bool = False, cancel: CancelToken | None = None):
     """Quantize w (out, in) given its inputs' Hessian H (in, in).
 
     Returns (q, scales, zeros, g_idx): integer codes (out, in) in the original column order, per-group
     scales and zeros (out, groups), and each column's group (None without act-order). With `consume`, H
     (float32) is overwritten and dropped as soon as it is factored: the caller must not read it again, and
-    should hold no other reference to it (`Hessian.take`) for its memory to go early.
+    should hold no other reference to it (`Hessian.take`) for its memory to go early. `cancel` is checked
+    before the factorization and once per block of BLOCK columns (on an 8B's down projection, about a second each).
     """
+    cancel = cancel or CancelToken()
+    cancel.check()
     W = w.detach().to(torch.float32, copy=True)
     H = H.detach() if consume and H.dtype == torch.float32 else H.detach().to(torch.float32, copy=True)
     out_features, n = W.shape
@@ -73,6 +77,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
     scales = torch.zeros(out_features, groups, device=W.device)
     zeros = torch.zeros_like(scales)
     for i1 in range(0, n, BLOCK):
+        cancel.check()
         i2 = min(i1 + BLOCK, n)
         W1 = W[:, i1:i2].clone()
         Err = torch.zeros_like(W1)

@@ -9,6 +9,8 @@ A method (one module under `quant.methods`, a row of its table) says
 - optionally, how it changes the residual stream entering the blocks and the modules outside them
   (`hidden_states`, `outside`: QuaRot rotates the embedding and the head);
 - how it rounds one linear (`round`), into a `QuantLinear` (or a library's module).
+A method gets the run's cancel token (`self.cancel`) and checks it inside its searches, passing it on to the
+solvers (`gptq`, `capture.collect`), so a Cancel takes effect within a second of work, not after a layer.
 The pipeline copies blocks, runs calibration through them (`quant.capture`), emits the events and
 assembles the model; a method never sees the loop.
 """
@@ -23,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from dllm_studio.events import CancelToken
 from dllm_studio.models.base import DiffusionLM, LinearLayer
 from dllm_studio.quant.capture import Tap
 from dllm_studio.quant.grid import Grid, rtn
@@ -48,8 +51,9 @@ class Method:
     hessian: ClassVar[bool] = False
     stages: ClassVar[tuple[tuple[str, ...], ...] | None] = None  # None: every linear at once
 
-    def __init__(self, model: DiffusionLM, recipe: QuantRecipe) -> None:
+    def __init__(self, model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None) -> None:
         self.model, self.recipe = model, recipe
+        self.cancel = cancel or CancelToken()
         # Weight-and-activation settings round weights per output channel on a symmetric grid, which integer
         # kernels take with per-token activation scales; weight-only ones use the recipe's groups and grid.
         per_channel = recipe.per_channel
@@ -99,7 +103,8 @@ class Method:
             return self
         siblings = self.__dict__.setdefault("_siblings", {})
         if bits not in siblings:
-            siblings[bits] = type(self)(self.model, dataclasses.replace(self.recipe, wbits=bits, layer_bits=()))
+            siblings[bits] = type(self)(self.model, dataclasses.replace(self.recipe, wbits=bits, layer_bits=()),
+                                        self.cancel)
         return siblings[bits]
 
     def outside(self) -> dict[str, nn.Module]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dllm_studio.errors import QuantizationError
+from dllm_studio.events import CancelToken
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.methods.gptq import GPTQ
@@ -31,8 +32,8 @@ NORM_STAGES = ("q", "gate")  # the stages whose producer is a norm (its gain is 
 
 
 class QuaRot(GPTQ):
-    def __init__(self, model, recipe):
-        super().__init__(model, recipe)
+    def __init__(self, model, recipe, cancel=None):
+        super().__init__(model, recipe, cancel)
         check_rotatable(model)
         generator = torch.Generator().manual_seed(recipe.seed)
         self.Q = rotation.random_hadamard(model.hidden_size, generator).to(model.device)
@@ -50,7 +51,7 @@ class QuaRot(GPTQ):
         return (x.float() @ self.Q.T).to(x.dtype)
 
     def prepare_block(self, block, taps):
-        rotate_block(self.model, block.module, block.linears, self.Q)
+        rotate_block(self.model, block.module, block.linears, self.Q, self.cancel)
         self.roles = {name: layer.role for name, layer in block.linears.items()}
 
     def transform_label(self, name):
@@ -92,8 +93,10 @@ def _left(linear: nn.Module, Q: torch.Tensor) -> None:  # a writer: W <- Qᵀ W 
         linear.bias.data = (linear.bias.float() @ Q).to(linear.bias.dtype)
 
 
-def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor) -> None:
-    """Steps 1-4 on one block (in place); `linears`: local name -> LinearLayer, every linear of the block."""
+def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor, cancel: CancelToken | None = None) -> None:
+    """Steps 1-4 on one block (in place); `linears`: local name -> LinearLayer, every linear of the block. `cancel` is
+    checked before each linear's rotation (an 8B's MLP weight times Q takes seconds); a cancelled block copy is
+    dropped half rotated."""
     by_role = {}
     for name, layer in linears.items():
         by_role.setdefault(layer.role, []).append(name)
@@ -102,6 +105,8 @@ def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor) -> Non
         stage = READERS[:4] if first == "q" else READERS[4:]
         _fuse_gain(norm, [block.get_submodule(n) for r in stage for n in by_role.get(r, ())])
     for name, layer in linears.items():
+        if cancel is not None:
+            cancel.check()
         (_right if layer.role in READERS else _left)(block.get_submodule(name), Q)
     head_dim = getattr(model.module.config, "head_dim", None)
     if head_dim and by_role.get("v") and by_role.get("o"):
