@@ -39,7 +39,7 @@ class CountingGrid(Grid):
     calls = 0
 
     def quantize(self, w, scale, zero):
-        type(self).calls += 1
+        CountingGrid.calls += 1
         return super().quantize(w, scale, zero)
 
 
@@ -92,10 +92,18 @@ def test_gptq_stops_between_its_column_blocks():
     x, w = torch.randn(1024, 4 * BLOCK), torch.randn(16, 4 * BLOCK)
     h = Hessian(w.shape[1])
     h.add(x)
+    cancel = CancelToken()
+
+    class PressingGrid(CountingGrid):  # Cancel pressed while the sweep rounds the third column of block 1
+        def quantize(self, w, scale, zero):
+            if CountingGrid.calls == BLOCK + 2:
+                cancel.cancel()
+            return super().quantize(w, scale, zero)
+
     CountingGrid.calls = 0
-    with pytest.raises(Cancelled):  # check 1 before the factorization, then one per block: the third stops block 1
-        gptq(w, h.H, CountingGrid(4), 128, cancel=CancelAt(3))
-    assert CountingGrid.calls == BLOCK  # block 0's columns, one by one; none of block 1's
+    with pytest.raises(Cancelled):
+        gptq(w, h.H, PressingGrid(4), 128, cancel=cancel)
+    assert CountingGrid.calls == 2 * BLOCK  # block 1 finished its columns, block 2 of 4 never started
     baseline = gptq(w, h.H, Grid(4), 128)
     again = gptq(w, h.H, Grid(4), 128, cancel=CancelToken())  # checking does not change a single code
     assert all(torch.equal(a, b) for a, b in zip(baseline[:3], again[:3]))
@@ -226,3 +234,34 @@ def test_ctrl_c_during_a_cli_quantization_says_what_it_left(llada_dir, tmp_path,
                                     "command again to resume." in err
     else:
         assert not partial.exists() and "interrupted: nothing was quantized or written." in err
+
+
+def test_round_to_nearest_by_rows_is_one_call_and_stops_between_chunks(llada, monkeypatch):
+    from dllm_studio.quant.grid import rtn
+    from dllm_studio.quant.methods import base
+    from dllm_studio.quant.methods.rtn import RTN
+
+    monkeypatch.setattr(base, "ROUND_ROWS", 24)
+    recipe = QuantRecipe(method="rtn", wbits=4, group_size=32)
+    w = torch.randn(100, 64)
+    whole = rtn(w, Grid(4), 32)
+    by_rows = RTN(llada, recipe).round_to_nearest(w)  # five chunks of rows
+    assert all(torch.equal(a, b) for a, b in zip(whole, by_rows))
+    with pytest.raises(Cancelled):
+        RTN(llada, recipe, CancelAt(3)).round_to_nearest(w)
+
+
+def test_quarot_rotates_the_embedding_and_head_by_rows_with_checks(llada, monkeypatch):
+    from dllm_studio.quant.methods import quarot
+
+    before = _state(llada)
+    recipe = QuantRecipe(method="quarot", wbits=4, abits=4)
+    Q = quarot.QuaRot(llada, recipe).Q
+    whole = quarot.rotate_outside(llada, Q)
+    monkeypatch.setattr(quarot, "OUTSIDE_ROWS", 7)
+    by_rows = quarot.rotate_outside(llada, Q, CancelToken())
+    assert all(torch.allclose(whole[n].weight, by_rows[n].weight, rtol=0, atol=1e-6) for n in whole)
+    token = CancelAt(3)
+    with pytest.raises(Cancelled):
+        quarot.rotate_outside(llada, Q, token)
+    assert token.checks == 3 and _unchanged(llada, before)  # stopped in the embedding's third chunk of rows

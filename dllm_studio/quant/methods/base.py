@@ -32,6 +32,7 @@ from dllm_studio.quant.grid import Grid, rtn
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
 
+ROUND_ROWS = 4096  # rows rounded between cancel checks (an LM head has 126464)
 # GPTQ's sequential stages inside a block, by role: each reads what the stages before it produce.
 STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 
@@ -92,8 +93,16 @@ class Method:
     def round(self, linear: nn.Linear, layer: LinearLayer, tap: Tap | None) -> nn.Module:
         """The quantized form of one linear; `tap` holds its (transformed) calibration inputs, None for the
         LM head, whose inputs lie outside the blocks."""
-        q, scales, zeros = rtn(linear.weight.detach().float(), self.grid, self.group_size)
-        return self.quant_linear(linear, q, scales, zeros)
+        return self.quant_linear(linear, *self.round_to_nearest(linear.weight.detach()))
+
+    def round_to_nearest(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """(q, scales, zeros) of round-to-nearest on the method's grid, ROUND_ROWS rows at a time with a cancel
+        check before each: every row is rounded on its own, so the codes are those of one call."""
+        parts = []
+        for rows in w.split(ROUND_ROWS):
+            self.cancel.check()
+            parts.append(rtn(rows.float(), self.grid, self.group_size))
+        return [torch.cat(tensors) for tensors in zip(*parts)]
 
     def at_bits(self, bits: int) -> Method:
         """This method rounding onto a `bits`-bit grid (a mixed-precision plan's layer, `quant.budget`): a sibling

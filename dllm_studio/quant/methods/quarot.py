@@ -29,6 +29,7 @@ from dllm_studio.quant.transforms import InputTransform
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")
 WRITERS = ("o", "down")
 NORM_STAGES = ("q", "gate")  # the stages whose producer is a norm (its gain is fused into the readers)
+OUTSIDE_ROWS = 4096  # embedding and head rows rotated between cancel checks (an 8B's vocabulary is 126464)
 
 
 class QuaRot(GPTQ):
@@ -63,7 +64,7 @@ class QuaRot(GPTQ):
         return "randomized Hadamard", "the residual stream, rotated offline"
 
     def outside(self):
-        return rotate_outside(self.model, self.Q)
+        return rotate_outside(self.model, self.Q, self.cancel)
 
 
 def check_rotatable(model) -> None:
@@ -126,16 +127,25 @@ def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor, cancel
         transform_linear(block, name, InputTransform(width, hadamard=rotation.hadamard_factor(width)))
 
 
-def rotate_outside(model, Q: torch.Tensor) -> dict[str, nn.Module]:
-    """The rotated embedding, the final norm with gain 1, and the head with that gain fused and Q applied."""
+def _right_rows(weight: torch.Tensor, Q: torch.Tensor, cancel: CancelToken | None) -> None:
+    """weight <- weight Q in place, OUTSIDE_ROWS rows at a time with a cancel check before each."""
+    for rows in weight.data.split(OUTSIDE_ROWS):
+        if cancel is not None:
+            cancel.check()
+        rows.copy_(rows.float() @ Q)
+
+
+def rotate_outside(model, Q: torch.Tensor, cancel: CancelToken | None = None) -> dict[str, nn.Module]:
+    """The rotated embedding, the final norm with gain 1, and the head with that gain fused and Q applied (copies:
+    the model's own stay as they were)."""
     embedding = copy.deepcopy(model.module.get_submodule(model.embedding_name))
-    embedding.weight.data = (embedding.weight.float() @ Q).to(embedding.weight.dtype)
+    _right_rows(embedding.weight, Q, cancel)
     norm = copy.deepcopy(model.module.get_submodule(model.final_norm_name))
     replaced = {model.embedding_name: embedding, model.final_norm_name: norm}
     heads = [copy.deepcopy(model.module.get_submodule(l.name)) for l in model.linear_layers() if l.role == "head"]
     _fuse_gain(norm, heads)
     for layer, head in zip([l for l in model.linear_layers() if l.role == "head"], heads):
-        _right(head, Q)
+        _right_rows(head.weight, Q, cancel)
         replaced[layer.name] = head
     return replaced
 
