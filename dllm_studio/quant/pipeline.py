@@ -1,4 +1,4 @@
-"""Quantize a model block by block, as a job that yields live events and can be cancelled between layers.
+"""Quantize a model block by block, as a job that yields live events and can be cancelled within a second of work.
 
     result = jobs.run(quantize(model, QuantRecipe(method="gptq", wbits=4)), on_event=print)
 
