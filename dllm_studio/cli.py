@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {' '.join(filter(None, (str(exc), cli_remedy(exc))))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C; a quantization says what it left
+        print(f"\ninterrupted{f': {exc}' if str(exc) else ''}.", file=sys.stderr)
         return 130
 
 
@@ -640,7 +640,10 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[o
     events = []
     on_event = _quantize_printer(events)
     recipe = _planned(recipe, model, on_event)
-    result = jobs.run(quantize(model, recipe), on_event)
+    try:
+        result = jobs.run(quantize(model, recipe), on_event)
+    except KeyboardInterrupt:  # raised between two operations: the pipeline worked on block copies only
+        raise KeyboardInterrupt("nothing was quantized or written") from None
     _print_summary(recipe, result)
     profile = {"summary": result.summary, "layers": result.layers}
     return recipe, profile, events, _export(args, result.model, profile)
@@ -697,9 +700,15 @@ def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[ob
             printer(event)
 
     recipe = _planned(recipe, described, on_event, FromShards(described, args.device))
-    result, report = jobs.run(quantize_to_folder(described, recipe, args.out, fmt=args.format,
-                                                 max_shard_size=args.max_shard_size, force=args.force,
-                                                 resume=not args.no_resume, device=args.device), on_event)
+    try:
+        result, report = jobs.run(quantize_to_folder(described, recipe, args.out, fmt=args.format,
+                                                     max_shard_size=args.max_shard_size, force=args.force,
+                                                     resume=not args.no_resume, device=args.device), on_event)
+    except KeyboardInterrupt:
+        partial = Path(args.out).parent / f".{Path(args.out).name}.partial"
+        kept = (f"the finished blocks are kept in {partial}: run the same command again to resume"
+                if partial.is_dir() else "nothing was written")
+        raise KeyboardInterrupt(kept) from None
     _print_summary(recipe, result)
     return recipe, {"summary": result.summary, "layers": result.layers}, events, report
 

@@ -84,7 +84,8 @@ class DenoiseStep(Event):
 
 
 class CancelToken:
-    """Cooperative cancellation: jobs call `check()` between layers or steps."""
+    """Cooperative cancellation: jobs call `check()` at least every second or so of work (between layers or steps,
+    and inside the quantizers' searches and solvers), so a Cancel takes effect at once."""
 
     def __init__(self) -> None:
         self._event = threading.Event()

@@ -47,7 +47,7 @@ red points are its outlier channels, more than 4x the median channel (the dashed
 calibration inputs, relative to the output's size.</li>
 <li><i>Memory</i>: this process's resident memory over time; the dashed line is its peak.</li>
 </ul>
-Esc or Cancel stops after the current layer and keeps nothing.
+Esc or Cancel stops within a second and keeps nothing.
 <i>Mixed precision</i> (RTN, GPTQ, AWQ weight-only): give a memory budget or a target bits per weight; Start
 first measures each layer's sensitivity, then shows the <i>bit map</i> (a row per block, a cell per layer,
 coloured by its bits) and quantizes with it. <i>Stream from the checkpoint's shards</i> quantizes a model larger

@@ -131,6 +131,7 @@ class MainWindow(QMainWindow):
         self.send_action = self._action(run, "&Send to both models", self.send, ["Ctrl+Return", "Ctrl+Enter"],
                                         "Send the chat prompt to full precision and the quantized model")
         self.stop_action = self._action(run, "S&top", self.stop, ["Esc"], "Stop the running job")
+        self.stop_action.setEnabled(self.session.busy)
         self._action(run, "&Start quantization", lambda: (self.show_page("quantize"), self.quantize.start()))
 
         view = bar.addMenu("&View")
@@ -168,7 +169,7 @@ class MainWindow(QMainWindow):
         self.chat.send()
 
     def stop(self) -> None:
-        """Esc: stop whatever runs (a quantization stops after its current layer, a generation after its step)."""
+        """Esc: stop whatever runs (a quantization within a second of work, a generation after its step)."""
         self.chat.stop()
         self.quantize.cancel()
         self.session.cancel()
@@ -203,6 +204,7 @@ class MainWindow(QMainWindow):
 
     def _busy_changed(self, busy: bool, title: str) -> None:
         self.job_label.setText(f"Running: {title}… (Esc stops)" if busy else "")
+        self.stop_action.setEnabled(busy)  # idle, Esc is left to the focused widget
 
     # ---- persistence --------------------------------------------------------------------------------
     def _restore(self) -> None:

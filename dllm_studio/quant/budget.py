@@ -60,12 +60,15 @@ def proxy_error(weight: torch.Tensor, moment: torch.Tensor, bits: int, recipe: Q
 
 
 def block_sensitivity(block: nn.Module, layers: dict[str, LinearLayer], states: list, masks: list,
-                      recipe: QuantRecipe) -> dict[str, dict[int, float]]:
+                      recipe: QuantRecipe, cancel: CancelToken | None = None) -> dict[str, dict[int, float]]:
     """{layer name: {bits: proxy error}} for the linears `layers` (local name -> layer) of one full-precision
-    block, from the calibration `states` entering it (as `capture.block_inputs` gives them) and their `masks`."""
-    taps = capture.collect(block, list(layers), states, masks, stats=True)
+    block, from the calibration `states` entering it (as `capture.block_inputs` gives them) and their `masks`;
+    `cancel` is checked through the calibration forwards and per layer."""
+    taps = capture.collect(block, list(layers), states, masks, stats=True, cancel=cancel)
     table = {}
     for local, layer in layers.items():
+        if cancel is not None:
+            cancel.check()
         stats = taps[local].stats
         moment = (stats.sumsq / max(stats.tokens, 1)).float()
         weight = block.get_submodule(local).weight
@@ -99,9 +102,10 @@ def sensitivity(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | N
             prefix = _prefix(model, block)
             layers = {l.name[len(prefix):]: l for l in planned if l.block == index}
             with store.reading(model, prefix, block):
-                table.update(block_sensitivity(block, layers, states, masks, recipe))
+                table.update(block_sensitivity(block, layers, states, masks, recipe, cancel))
                 if index + 1 < len(blocks):
-                    states = [((capture.run(block, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]
+                    with capture.checking(block, cancel):
+                        states = [((capture.run(block, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]
             elapsed = time.perf_counter() - started
             yield SensitivityProgress(index + 1, len(blocks), round(elapsed, 2),
                                       round(elapsed / (index + 1) * (len(blocks) - index - 1), 1))

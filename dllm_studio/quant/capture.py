@@ -9,11 +9,13 @@ the wrapper, so the tap sees the inputs as the layer will: transformed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from dllm_studio.events import CancelToken
 from dllm_studio.profile import InputStats
 from dllm_studio.quant.gptq import Hessian
 from dllm_studio.quant.transforms import InputTransform
@@ -105,8 +107,11 @@ def unwrap(module: nn.Module) -> tuple[nn.Module, InputTransform | None]:
     return (module.linear, module.transform) if isinstance(module, Transformed) else (module, None)
 
 
-def collect(block: nn.Module, names, states, masks, *, stats: bool = False, hessian: bool = False) -> dict[str, Tap]:
-    """Run the calibration states through the block with hooks on the linears `names`; what they saw."""
+def collect(block: nn.Module, names, states, masks, *, stats: bool = False, hessian: bool = False,
+            cancel: CancelToken | None = None) -> dict[str, Tap]:
+    """Run the calibration states through the block with hooks on the linears `names`; what they saw.
+
+    `cancel` is checked as the batches run (`checking`)."""
     taps = {}
     current: list[torch.Tensor | None] = [None]
     recent: list[Sample | None] = [None]  # the sample the last hook added to, for its neighbour to share
@@ -125,15 +130,29 @@ def collect(block: nn.Module, names, states, masks, *, stats: bool = False, hess
         taps[name] = tap
         handles.append(linear.register_forward_pre_hook(lambda m, args, tap=tap: hook(tap, args[0])))
     try:
-        for (args, kwargs), mask in zip(states, masks):
-            current[0] = mask
-            run(block, args, kwargs)
+        with checking(block, cancel):
+            for (args, kwargs), mask in zip(states, masks):
+                current[0] = mask
+                run(block, args, kwargs)
     finally:
         for h in handles:
             h.remove()
         for tap in taps.values():
             tap.sample.release()
     return taps
+
+
+@contextlib.contextmanager
+def checking(block: nn.Module, cancel: CancelToken | None):
+    """Inside this context, `cancel` is checked before every leaf module of `block` runs (each linear, quantized or
+    not, and each norm): one calibration batch through an 8B's block takes seconds on a laptop's cores."""
+    handles = [] if cancel is None else [m.register_forward_pre_hook(lambda m, args: cancel.check())
+                                         for m in block.modules() if next(m.children(), None) is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _Captured(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from dllm_studio.events import CancelToken
 from dllm_studio.quant.grid import Grid
 
 BLOCK = 128
@@ -45,14 +46,17 @@ class Hessian:
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *, damp: float = 0.01,
-         act_order: bool = False, consume: bool = False):
+         act_order: bool = False, consume: bool = False, cancel: CancelToken | None = None):
     """Quantize w (out, in) given its inputs' Hessian H (in, in).
 
     Returns (q, scales, zeros, g_idx): integer codes (out, in) in the original column order, per-group
     scales and zeros (out, groups), and each column's group (None without act-order). With `consume`, H
     (float32) is overwritten and dropped as soon as it is factored: the caller must not read it again, and
-    should hold no other reference to it (`Hessian.take`) for its memory to go early.
+    should hold no other reference to it (`Hessian.take`) for its memory to go early. `cancel` is checked
+    before the factorization and once per block of BLOCK columns (on an 8B's down projection, about a second each).
     """
+    cancel = cancel or CancelToken()
+    cancel.check()
     W = w.detach().to(torch.float32, copy=True)
     H = H.detach() if consume and H.dtype == torch.float32 else H.detach().to(torch.float32, copy=True)
     out_features, n = W.shape
@@ -65,7 +69,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
         W = W[:, perm]
         H = H[perm]  # two steps, so the reordered copy and its source are never three at once
         H = H[:, perm]
-    Hinv = _inverse_cholesky(H, damp)
+    Hinv = _inverse_cholesky(H, damp, cancel)
     del H
 
     groups = -(-n // size)
@@ -73,6 +77,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
     scales = torch.zeros(out_features, groups, device=W.device)
     zeros = torch.zeros_like(scales)
     for i1 in range(0, n, BLOCK):
+        cancel.check()
         i2 = min(i1 + BLOCK, n)
         W1 = W[:, i1:i2].clone()
         Err = torch.zeros_like(W1)
@@ -100,14 +105,16 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
     return Q, scales, zeros, g_idx
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_cholesky(H: torch.Tensor, damp: float, cancel: CancelToken | None = None) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dampening harder if H is singular.
 
     Done in place: H becomes the factor, so the solver holds H and a packed copy of its strict upper triangle
     (half of H, to start again from after a failed factorization) instead of three n x n matrices; for an 8B's
     12288-wide down projection that is 0.9 GB rather than 1.8 GB. The factor comes back as a column-major view
     of H's storage: LAPACK works in place only on column-major matrices (torch copies a row-major one first),
-    and a symmetric H is its own column-major view."""
+    and a symmetric H is its own column-major view. `cancel` is checked between the LAPACK calls (each takes
+    seconds for an 8B's 12288-wide down projection, and none can be interrupted)."""
+    cancel = cancel or CancelToken()
     diag = H.diagonal()
     undamped = diag.clone()
     mean_diag = torch.mean(undamped)
@@ -118,10 +125,13 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         if attempt:
             _unpack_symmetric(upper, H)
         torch.add(undamped, (damp * 10 ** attempt) * mean_diag, out=diag)
+        cancel.check()
         torch.linalg.cholesky_ex(F, out=(F, info))
         if info != 0:
             continue
+        cancel.check()
         torch.cholesky_inverse(F, out=F)
+        cancel.check()
         torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
         if info == 0:
             return F

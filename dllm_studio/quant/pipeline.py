@@ -1,4 +1,4 @@
-"""Quantize a model block by block, as a job that yields live events and can be cancelled between layers.
+"""Quantize a model block by block, as a job that yields live events and can be cancelled within a second of work.
 
     result = jobs.run(quantize(model, QuantRecipe(method="gptq", wbits=4)), on_event=print)
 
@@ -87,7 +87,7 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
     before = (model.weight_bytes(), model.num_parameters())  # a streamed model's blocks change in place
     started = time.perf_counter()
     with MemorySampler() as memory, torch.no_grad():
-        method = recipe.spec.implementation()(model, recipe)
+        method = recipe.spec.implementation()(model, recipe, cancel)  # its searches check the token too
         with store.outside_blocks(model, "input"):  # what runs before the first block (the embedding), only then
             states = [((method.hidden_states(args[0]), *args[1:]), kwargs)
                       for args, kwargs in capture.block_inputs(model.module, blocks[0], ids)]
@@ -106,17 +106,18 @@ def quantize(model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None
             work = store.open(model, prefix, block)
             in_block = {l.name[len(prefix):]: l for l in by_block.get(index, [])}  # local name -> layer
             layers = {n: l for n, l in in_block.items() if not recipe.skips(l.name, l.role)}
-            collect = functools.partial(capture.collect, work, states=states, masks=masks)
+            collect = functools.partial(capture.collect, work, states=states, masks=masks, cancel=cancel)
             # What the untouched block reads: the stream in the original model's basis (QuaRot's is rotated).
             plain = [((method.plain_states(args[0]), *args[1:]), kwargs) for args, kwargs in states]
-            untouched = functools.partial(capture.collect, work, states=plain, masks=masks)
+            untouched = functools.partial(capture.collect, work, states=plain, masks=masks, cancel=cancel)
             for event in _quantize_block(method, Block(index, work, layers, in_block, collect), untouched, cancel,
                                          meter):
                 if not isinstance(event, Progress):
                     records.setdefault(event.name, {}).update(_record(event))
                 yield event
             yield meter.start((index, "output"))
-            states = [((capture.run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]  # next block's inputs
+            with capture.checking(work, cancel):  # the next block's inputs
+                states = [((capture.run(work, args, kwargs), *args[1:]), kwargs) for args, kwargs in states]
             cancel.check()  # a cancel during the last layer leaves nothing of this block behind
             store.keep(index, prefix, work, [args[0] for args, _ in states],
                        {l.name: records[l.name] for l in in_block.values() if l.name in records})
@@ -308,7 +309,7 @@ def _quantize_block(method: Method, block: Block, untouched, cancel: CancelToken
             qlinear = rounder.round(linear, layer, tap)
             if transform is not None:
                 qlinear.transform = transform  # the layer applies it online, before rounding its inputs
-            error = _relative_error(linear, qlinear, tap.inputs(None))
+            error = _relative_error(linear, qlinear, tap.inputs(None), cancel=cancel)
             capture.set_submodule(block.module, name, qlinear)
             progress = meter.finish((i, "round", layer.name))
             yield progress
@@ -326,14 +327,17 @@ def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, tran
                             round(float(after.absmax.max()), 5), detail)
 
 
-def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, rows: int = 1024) -> float:
+def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, rows: int = 1024, *,
+                    cancel: CancelToken | None = None) -> float:
     """||approx - reference|| / ||reference|| of the layer's outputs on `x` (tokens, in; at 16 bits or float32),
-    `rows` tokens at a time so no output product the size of the whole sample is held."""
+    `rows` tokens at a time so no output product the size of the whole sample is held (checking `cancel` each)."""
     weight = linear.weight.detach().float()
     dequantized = qlinear.dequantize(torch.float32) if isinstance(qlinear, QuantLinear) else None
     bias = linear.bias.detach().float() if linear.bias is not None else None
     error = norm = 0.0
     for chunk in x.split(rows):
+        if cancel is not None:
+            cancel.check()
         chunk = chunk.float()
         reference = chunk @ weight.T  # `x` as the layer sees it (after its transform, if any)
         if dequantized is not None:  # with the activations rounded as the layer rounds them

@@ -21,6 +21,7 @@ import math
 import torch
 
 from dllm_studio.errors import QuantizationError
+from dllm_studio.events import CancelToken
 
 FALLBACK_SEED = 0  # the random orthogonal factor must be the same in every run: checkpoints store only the size
 
@@ -188,7 +189,7 @@ def _check_blocks(n: int, block: int) -> None:
 
 
 def greedy_rotation(absmax: torch.Tensor, block: int = 128, steps: int = 256,
-                    sample: torch.Tensor | None = None) -> torch.Tensor:
+                    sample: torch.Tensor | None = None, cancel: CancelToken | None = None) -> torch.Tensor:
     """DuQuant's greedy rotation R̂: block-diagonal (n // block, block, block), fp32, orthonormal.
 
     Each block, independently, repeats: take the channel c holding the block's largest |value|, swap it with
@@ -196,7 +197,7 @@ def greedy_rotation(absmax: torch.Tensor, block: int = 128, steps: int = 256,
     P_{0c}·H). Of the `steps` accumulated rotations (and the identity), each block keeps the prefix whose rotated
     statistic has the smallest peak max|value|. The statistic is `sample` (tokens, n) of real activations when
     given (what the methods pass: the peak of sample @ R over tokens and channels), otherwise the magnitude
-    vector absmax (n,), a proxy, since |x| R is not |x R|.
+    vector absmax (n,), a proxy, since |x| R is not |x R|. `cancel` is checked every step.
     """
     x = (absmax[None] if sample is None else sample.reshape(-1, sample.shape[-1])).detach().float()
     n = x.shape[-1]
@@ -208,6 +209,8 @@ def greedy_rotation(absmax: torch.Tensor, block: int = 128, steps: int = 256,
     best, best_peak = rot.clone(), z.abs().amax((1, 2))
     identity = torch.arange(block, device=x.device).repeat(nb, 1)
     for _ in range(steps):
+        if cancel is not None:
+            cancel.check()
         c = z.abs().amax(1).argmax(1)  # (nb,) each block's outlier channel
         order = identity.clone()
         order[:, 0] = c
@@ -236,15 +239,16 @@ def zigzag_permutation(absmax: torch.Tensor, block: int = 128) -> torch.Tensor:
     return perm.to(absmax.device)
 
 
-def duquant(sample: torch.Tensor, block: int = 128, steps: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def duquant(sample: torch.Tensor, block: int = 128, steps: int = 256, cancel: CancelToken | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The DuQuant transform (R̂1, perm, R̂2) of real activations sample (tokens, n): the activation map is
     z -> block_rotate(block_rotate(z, R̂1)[..., perm], R̂2)."""
     x = sample.reshape(-1, sample.shape[-1]).detach().float()
-    rotation1 = greedy_rotation(x.abs().amax(0), block, steps, sample=x)
+    rotation1 = greedy_rotation(x.abs().amax(0), block, steps, sample=x, cancel=cancel)
     rotated = block_rotate(x, rotation1)
     perm = zigzag_permutation(rotated.abs().amax(0), block)
     permuted = rotated[:, perm]
-    rotation2 = greedy_rotation(permuted.abs().amax(0), block, steps, sample=permuted)
+    rotation2 = greedy_rotation(permuted.abs().amax(0), block, steps, sample=permuted, cancel=cancel)
     return rotation1, perm, rotation2
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from dllm_studio.events import CancelToken
+
 ETAS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # for a row of RMS ETA_RMS
 ETA_RMS = 0.02
 PERCENTILES = (0.98, 0.99, 0.999, 0.9999, 0.99999)
@@ -35,8 +37,9 @@ CHUNK_ELEMENTS = 1 << 22  # weights per chunk of rows (~400 MB of temporaries; s
 MIN_STEP = 1e-8  # a side whose range is one value gets a step this small in log2: all its levels are that value
 
 
-def twin_log(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """TLQ of w (out, in): codes uint8 (out, in) in [0, 2^bits) and the codebook fp16 (out, 2^bits)."""
+def twin_log(w: torch.Tensor, bits: int, *, cancel: CancelToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TLQ of w (out, in): codes uint8 (out, in) in [0, 2^bits) and the codebook fp16 (out, 2^bits); `cancel` is
+    checked per chunk of rows (about a second of search each)."""
     if w.dim() != 2 or not 2 <= bits <= 8:
         raise ValueError(f"twin_log takes a 2-D weight and 2 to 8 bits, not shape {tuple(w.shape)} at {bits} bits")
     w = w.detach().float()
@@ -44,6 +47,8 @@ def twin_log(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     codebook = torch.empty(w.shape[0], 1 << bits, dtype=torch.float16, device=w.device)
     rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
     for r0 in range(0, w.shape[0], rows):
+        if cancel is not None:
+            cancel.check()
         codes[r0:r0 + rows], codebook[r0:r0 + rows] = _rows(w[r0:r0 + rows], 1 << (bits - 1))
     return codes, codebook
 

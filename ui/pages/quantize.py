@@ -149,7 +149,7 @@ class QuantizePage(QWidget):
         self.preflight = QLabel(wordWrap=True, objectName="preflightLabel")
         self.start_button = QPushButton("&Start", objectName="startButton")
         self.cancel_button = QPushButton("Cancel", objectName="cancelButton")
-        self.cancel_button.setToolTip("Stop after the current layer (Esc); nothing is kept or written (a streaming "
+        self.cancel_button.setToolTip("Stop within a second (Esc); nothing is kept or written (a streaming "
                                       "run keeps its finished blocks for a rerun).")
         self.cancel_button.setEnabled(False)
 
@@ -690,7 +690,7 @@ class QuantizePage(QWidget):
         if self.job is not None:
             self.job.cancel()
             self.bar_timer.stop()  # its text would replace this one
-            self.progress.setFormat("cancelling after the current layer…")
+            self.progress.setFormat("cancelling…")
 
     def _reset_data(self) -> None:
         self.outlier_ratios: list[float] = []

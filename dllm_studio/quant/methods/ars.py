@@ -36,20 +36,22 @@ class ARS(TwinLog):  # its rounding is twin-log's
     def working_bytes(cls, model, layers):
         return rotation_bytes(layers)  # at most: every layer might take the outlier-aware rotation
 
-    def __init__(self, model, recipe):
-        super().__init__(model, recipe)
+    def __init__(self, model, recipe, cancel=None):
+        super().__init__(model, recipe, cancel)
         self.choices: dict[str, tuple[str, str]] = {}
 
     def prepare_block(self, block, taps):
         self.choices = {}
         for group in shared_inputs(block):  # linears reading one input share its choice and its transform
+            self.cancel.check()
             x = taps[group[0]].inputs()
             j = relative_fluctuation(x)
             if j < THRESHOLD:
                 transform = InputTransform(x.shape[-1], hadamard=rotation.hadamard_factor(x.shape[-1]))
                 choice = ("Hadamard", f"J = {j:.3g} < {THRESHOLD:g}")
             else:
-                transform = outlier_transform(x, [block.module.get_submodule(n).weight for n in group], ALPHA)
+                transform = outlier_transform(x, [block.module.get_submodule(n).weight for n in group], ALPHA,
+                                              self.cancel)
                 choice = ("outlier-aware rotation (DuQuant)", f"J = {j:.3g} ≥ {THRESHOLD:g}")
             for name in group:
                 self.choices[name] = choice

@@ -9,6 +9,8 @@ A method (one module under `quant.methods`, a row of its table) says
 - optionally, how it changes the residual stream entering the blocks and the modules outside them
   (`hidden_states`, `outside`: QuaRot rotates the embedding and the head);
 - how it rounds one linear (`round`), into a `QuantLinear` (or a library's module).
+A method gets the run's cancel token (`self.cancel`) and checks it inside its searches, passing it on to the
+solvers (`gptq`, `capture.collect`), so a Cancel takes effect within a second of work, not after a layer.
 The pipeline copies blocks, runs calibration through them (`quant.capture`), emits the events and
 assembles the model; a method never sees the loop.
 """
@@ -23,12 +25,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from dllm_studio.events import CancelToken
 from dllm_studio.models.base import DiffusionLM, LinearLayer
 from dllm_studio.quant.capture import Tap
 from dllm_studio.quant.grid import Grid, rtn
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
 
+ROUND_ROWS = 4096  # rows rounded between cancel checks (an LM head has 126464)
 # GPTQ's sequential stages inside a block, by role: each reads what the stages before it produce.
 STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 
@@ -48,8 +52,9 @@ class Method:
     hessian: ClassVar[bool] = False
     stages: ClassVar[tuple[tuple[str, ...], ...] | None] = None  # None: every linear at once
 
-    def __init__(self, model: DiffusionLM, recipe: QuantRecipe) -> None:
+    def __init__(self, model: DiffusionLM, recipe: QuantRecipe, cancel: CancelToken | None = None) -> None:
         self.model, self.recipe = model, recipe
+        self.cancel = cancel or CancelToken()
         # Weight-and-activation settings round weights per output channel on a symmetric grid, which integer
         # kernels take with per-token activation scales; weight-only ones use the recipe's groups and grid.
         per_channel = recipe.per_channel
@@ -88,8 +93,16 @@ class Method:
     def round(self, linear: nn.Linear, layer: LinearLayer, tap: Tap | None) -> nn.Module:
         """The quantized form of one linear; `tap` holds its (transformed) calibration inputs, None for the
         LM head, whose inputs lie outside the blocks."""
-        q, scales, zeros = rtn(linear.weight.detach().float(), self.grid, self.group_size)
-        return self.quant_linear(linear, q, scales, zeros)
+        return self.quant_linear(linear, *self.round_to_nearest(linear.weight.detach()))
+
+    def round_to_nearest(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """(q, scales, zeros) of round-to-nearest on the method's grid, ROUND_ROWS rows at a time with a cancel
+        check before each: every row is rounded on its own, so the codes are those of one call."""
+        parts = []
+        for rows in w.split(ROUND_ROWS):
+            self.cancel.check()
+            parts.append(rtn(rows.float(), self.grid, self.group_size))
+        return [torch.cat(tensors) for tensors in zip(*parts)]
 
     def at_bits(self, bits: int) -> Method:
         """This method rounding onto a `bits`-bit grid (a mixed-precision plan's layer, `quant.budget`): a sibling
@@ -99,7 +112,8 @@ class Method:
             return self
         siblings = self.__dict__.setdefault("_siblings", {})
         if bits not in siblings:
-            siblings[bits] = type(self)(self.model, dataclasses.replace(self.recipe, wbits=bits, layer_bits=()))
+            siblings[bits] = type(self)(self.model, dataclasses.replace(self.recipe, wbits=bits, layer_bits=()),
+                                        self.cancel)
         return siblings[bits]
 
     def outside(self) -> dict[str, nn.Module]:

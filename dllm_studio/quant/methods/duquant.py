@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from dllm_studio.events import CancelToken
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.grid import rtn
@@ -27,13 +28,15 @@ SEARCH_TOKENS = 256  # calibration rows the greedy rotations are searched on (ea
 WEIGHT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)  # per-row range shrinks searched for the weights (DuQuant's swc 0.8)
 
 
-def outlier_transform(x: torch.Tensor, weights: list[torch.Tensor], alpha: float | None) -> InputTransform:
-    """DuQuant's transform for an input x (tokens, in) read by linears of these weights."""
+def outlier_transform(x: torch.Tensor, weights: list[torch.Tensor], alpha: float | None,
+                      cancel: CancelToken | None = None) -> InputTransform:
+    """DuQuant's transform for an input x (tokens, in) read by linears of these weights; `cancel` is checked
+    per greedy rotation step."""
     in_features = x.shape[-1]
     s = smoothing(x.abs().amax(0), weights, alpha) if alpha else None
     xs = x if s is None else x / s
     block = math.gcd(in_features, BLOCK)  # e.g. a 352-wide MLP gets blocks of 32
-    r1, perm, r2 = rotation.duquant(search_rows(xs), block=block, steps=STEPS)
+    r1, perm, r2 = rotation.duquant(search_rows(xs), block=block, steps=STEPS, cancel=cancel)
     return InputTransform(in_features, smooth=s, rotation1=r1, perm=perm, rotation2=r2)
 
 
@@ -59,10 +62,12 @@ def search_rows(x: torch.Tensor) -> torch.Tensor:
     return x[torch.cat([top, spread])]
 
 
-def clipped_rtn(w: torch.Tensor, grid, group_size):
+def clipped_rtn(w: torch.Tensor, grid, group_size, cancel: CancelToken | None = None):
     """Round-to-nearest with each row's range shrunk by the clip in WEIGHT_CLIPS that minimises its error."""
     best = None
     for clip in WEIGHT_CLIPS:
+        if cancel is not None:
+            cancel.check()
         q, scales, zeros = rtn(w, grid, group_size, torch.full((w.shape[0], 1), clip, device=w.device))
         err = ((q.float() - zeros) * scales - w).pow(2).sum(1)
         if best is None:
@@ -89,7 +94,7 @@ class DuQuant(Method):
     def prepare_block(self, block, taps):
         for group in shared_inputs(block):
             weights = [block.module.get_submodule(n).weight for n in group]
-            transform = outlier_transform(taps[group[0]].inputs(), weights, self.recipe.migration)
+            transform = outlier_transform(taps[group[0]].inputs(), weights, self.recipe.migration, self.cancel)
             for name in group:
                 transform_linear(block.module, name, transform)
 
@@ -101,7 +106,8 @@ class DuQuant(Method):
     def round(self, linear, layer, tap):
         if tap is None:  # the LM head: no transform, plain round-to-nearest
             return super().round(linear, layer, tap)
-        return self.quant_linear(linear, *clipped_rtn(linear.weight.detach().float(), self.grid, self.group_size))
+        return self.quant_linear(linear, *clipped_rtn(linear.weight.detach().float(), self.grid, self.group_size,
+                                                    self.cancel))
 
 
 METHOD = DuQuant

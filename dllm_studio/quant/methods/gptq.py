@@ -16,7 +16,8 @@ class GPTQ(Method):
             return super().round(linear, layer, tap)
         # The tap's Hessian is not read after the rounding: the solver takes it over and factors it in place.
         q, scales, zeros, g_idx = gptq(linear.weight, tap.hessian.take(), self.grid, self.group_size,
-                                       damp=self.recipe.damp, act_order=self.recipe.act_order, consume=True)
+                                       damp=self.recipe.damp, act_order=self.recipe.act_order, consume=True,
+                                       cancel=self.cancel)
         return self.quant_linear(linear, q, scales, zeros, g_idx=g_idx)
 
 

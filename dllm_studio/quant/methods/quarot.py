@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dllm_studio.errors import QuantizationError
+from dllm_studio.events import CancelToken
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.methods.gptq import GPTQ
@@ -28,11 +29,12 @@ from dllm_studio.quant.transforms import InputTransform
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")
 WRITERS = ("o", "down")
 NORM_STAGES = ("q", "gate")  # the stages whose producer is a norm (its gain is fused into the readers)
+OUTSIDE_ROWS = 4096  # embedding and head rows rotated between cancel checks (an 8B's vocabulary is 126464)
 
 
 class QuaRot(GPTQ):
-    def __init__(self, model, recipe):
-        super().__init__(model, recipe)
+    def __init__(self, model, recipe, cancel=None):
+        super().__init__(model, recipe, cancel)
         check_rotatable(model)
         generator = torch.Generator().manual_seed(recipe.seed)
         self.Q = rotation.random_hadamard(model.hidden_size, generator).to(model.device)
@@ -50,7 +52,7 @@ class QuaRot(GPTQ):
         return (x.float() @ self.Q.T).to(x.dtype)
 
     def prepare_block(self, block, taps):
-        rotate_block(self.model, block.module, block.linears, self.Q)
+        rotate_block(self.model, block.module, block.linears, self.Q, self.cancel)
         self.roles = {name: layer.role for name, layer in block.linears.items()}
 
     def transform_label(self, name):
@@ -62,7 +64,7 @@ class QuaRot(GPTQ):
         return "randomized Hadamard", "the residual stream, rotated offline"
 
     def outside(self):
-        return rotate_outside(self.model, self.Q)
+        return rotate_outside(self.model, self.Q, self.cancel)
 
 
 def check_rotatable(model) -> None:
@@ -92,8 +94,10 @@ def _left(linear: nn.Module, Q: torch.Tensor) -> None:  # a writer: W <- Qᵀ W 
         linear.bias.data = (linear.bias.float() @ Q).to(linear.bias.dtype)
 
 
-def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor) -> None:
-    """Steps 1-4 on one block (in place); `linears`: local name -> LinearLayer, every linear of the block."""
+def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor, cancel: CancelToken | None = None) -> None:
+    """Steps 1-4 on one block (in place); `linears`: local name -> LinearLayer, every linear of the block. `cancel` is
+    checked before each linear's rotation (an 8B's MLP weight times Q takes seconds); a cancelled block copy is
+    dropped half rotated."""
     by_role = {}
     for name, layer in linears.items():
         by_role.setdefault(layer.role, []).append(name)
@@ -102,6 +106,8 @@ def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor) -> Non
         stage = READERS[:4] if first == "q" else READERS[4:]
         _fuse_gain(norm, [block.get_submodule(n) for r in stage for n in by_role.get(r, ())])
     for name, layer in linears.items():
+        if cancel is not None:
+            cancel.check()
         (_right if layer.role in READERS else _left)(block.get_submodule(name), Q)
     head_dim = getattr(model.module.config, "head_dim", None)
     if head_dim and by_role.get("v") and by_role.get("o"):
@@ -121,16 +127,25 @@ def rotate_block(model, block: nn.Module, linears: dict, Q: torch.Tensor) -> Non
         transform_linear(block, name, InputTransform(width, hadamard=rotation.hadamard_factor(width)))
 
 
-def rotate_outside(model, Q: torch.Tensor) -> dict[str, nn.Module]:
-    """The rotated embedding, the final norm with gain 1, and the head with that gain fused and Q applied."""
+def _right_rows(weight: torch.Tensor, Q: torch.Tensor, cancel: CancelToken | None) -> None:
+    """weight <- weight Q in place, OUTSIDE_ROWS rows at a time with a cancel check before each."""
+    for rows in weight.data.split(OUTSIDE_ROWS):
+        if cancel is not None:
+            cancel.check()
+        rows.copy_(rows.float() @ Q)
+
+
+def rotate_outside(model, Q: torch.Tensor, cancel: CancelToken | None = None) -> dict[str, nn.Module]:
+    """The rotated embedding, the final norm with gain 1, and the head with that gain fused and Q applied (copies:
+    the model's own stay as they were)."""
     embedding = copy.deepcopy(model.module.get_submodule(model.embedding_name))
-    embedding.weight.data = (embedding.weight.float() @ Q).to(embedding.weight.dtype)
+    _right_rows(embedding.weight, Q, cancel)
     norm = copy.deepcopy(model.module.get_submodule(model.final_norm_name))
     replaced = {model.embedding_name: embedding, model.final_norm_name: norm}
     heads = [copy.deepcopy(model.module.get_submodule(l.name)) for l in model.linear_layers() if l.role == "head"]
     _fuse_gain(norm, heads)
     for layer, head in zip([l for l in model.linear_layers() if l.role == "head"], heads):
-        _right(head, Q)
+        _right_rows(head.weight, Q, cancel)
         replaced[layer.name] = head
     return replaced
 

@@ -11,8 +11,8 @@ from dllm_studio.quant.methods.base import Method, fold_scales, scale_groups, sm
 
 
 class SmoothQuant(Method):
-    def __init__(self, model, recipe):
-        super().__init__(model, recipe)
+    def __init__(self, model, recipe, cancel=None):
+        super().__init__(model, recipe, cancel)
         self.smoothed: dict[str, str] = {}  # the block's linears (local names) -> the producer their scales went into
 
     def prepare_block(self, block, taps):

@@ -12,7 +12,7 @@ from dllm_studio.quant.twin_log import twin_log
 
 class TwinLog(Method):
     def round(self, linear, layer, tap):
-        codes, codebook = twin_log(linear.weight.detach().float(), self.recipe.wbits)
+        codes, codebook = twin_log(linear.weight.detach().float(), self.recipe.wbits, cancel=self.cancel)
         return self.codebook_linear(linear, codes, codebook)
 
 
