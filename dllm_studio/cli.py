@@ -621,7 +621,6 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[o
     (`quant.budget`: a line per block measured, then the bit map). Returns the recipe quantized with (its plan
     recorded), the profile, every event, and the export's report."""
     from dllm_studio import jobs
-    from dllm_studio.memory import preflight
     from dllm_studio.quant import runtimes
     from dllm_studio.quant.pipeline import check_supported, quantize, working_set
 
@@ -635,7 +634,7 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[o
     check_supported(described)
     if _streams(args, described, recipe):
         return _quantize_streaming(args, recipe, described)
-    preflight(f"Quantizing {args.model}", working_set(described, recipe), args.device, force=args.no_memory_check)
+    _preflight(f"Quantizing {args.model}", working_set(described, recipe), args)
     model = _load(args)
     events = []
     on_event = _quantize_printer(events)
@@ -647,6 +646,15 @@ def _quantize_and_export(args: argparse.Namespace, recipe, described) -> tuple[o
     _print_summary(recipe, result)
     profile = {"summary": result.summary, "layers": result.layers}
     return recipe, profile, events, _export(args, result.model, profile)
+
+
+def _preflight(what: str, parts: dict[str, int], args: argparse.Namespace) -> None:
+    """Refuse a run the free memory cannot hold (unless --no-memory-check); else say what it will need, on stderr."""
+    from dllm_studio.memory import available_bytes, human, largest_part, preflight
+
+    free = available_bytes(args.device)
+    needed = preflight(what, parts, args.device, force=args.no_memory_check, available=free)
+    print(f"memory: needs about {human(needed)} ({largest_part(parts)}); {human(free)} free", file=sys.stderr)
 
 
 def _streams(args: argparse.Namespace, described, recipe) -> bool:
@@ -679,13 +687,12 @@ def _streams(args: argparse.Namespace, described, recipe) -> bool:
 def _quantize_streaming(args: argparse.Namespace, recipe, described) -> tuple[object, dict, list[dict], dict]:
     """`_quantize_and_export` for a streaming run: the blocks go straight from the shards to --out."""
     from dllm_studio import jobs
-    from dllm_studio.memory import preflight
     from dllm_studio.quant.pipeline import working_set
     from dllm_studio.quant.streaming import FromShards, quantize_to_folder
 
     described = _load(args, device="meta", stages=False, whole=False)  # at the dtype one block at a time needs
-    preflight(f"Quantizing {args.model} streaming from its shards", working_set(described, recipe, streaming=True),
-              args.device, force=args.no_memory_check)
+    _preflight(f"Quantizing {args.model} streaming from its shards", working_set(described, recipe, streaming=True),
+               args)
     events = []
     printer = _quantize_printer(events)
 

@@ -91,6 +91,12 @@ def quantized_sizes(summary: dict, held_dtype) -> list[str]:
             size_change(summary["model_bytes_before"], summary["model_bytes_after"], held, "whole model")]
 
 
+def largest_part(parts: dict[str, int]) -> str:
+    """Which part of an estimate dominates, in words: "mostly Hessians and solver, 1.36 GB"."""
+    name = max(parts, key=parts.get)
+    return f"mostly {name}, {human(parts[name])}"
+
+
 def fit(needed: int, free: int) -> str:
     """How `needed` bytes sit in `free` memory: "fits" (under half of it), "tight" (under HEADROOM) or "won't fit"."""
     if needed <= 0.5 * free:

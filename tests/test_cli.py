@@ -178,6 +178,15 @@ def test_quantize_says_its_loading_stages_once(capsys, tmp_path):
     lines = err.splitlines()
     assert lines.count("ready") == 1 and sum(line.startswith("loading llada weights") for line in lines) == 1
     assert lines.count("reading weights 39/39") == 1  # not a terminal: only the finished count, once
+    from dllm_studio.memory import available_bytes, human, largest_part
+    from dllm_studio.models import load_model
+    from dllm_studio.quant.pipeline import working_set
+    from dllm_studio.quant.recipe import QuantRecipe
+
+    parts = working_set(load_model("demo", device="meta"), QuantRecipe(method="rtn", calib_samples=2, seq_len=32))
+    said = next(line for line in lines if line.startswith("memory: "))
+    assert said.startswith(f"memory: needs about {human(sum(parts.values()))} ({largest_part(parts)}); ")
+    assert said.endswith(" free") and human(available_bytes()).split()[1] in said
 
 
 def test_cli_errors_name_the_flag_that_changes_the_outcome(capsys, tmp_path):

@@ -364,3 +364,15 @@ def test_a_library_method_offers_its_activation_bits_and_no_grid_options(quantiz
     assert page.start_button.isEnabled() and "TORCHAO W8A8" in page.preflight.text()
     page.method.setCurrentIndex(page.method.findData("gptq"))
     assert page.group.isEnabled() and page.symmetric.isEnabled()
+
+
+def test_the_preflight_says_which_part_dominates(quantize_page):
+    from dllm_studio.memory import human
+    from dllm_studio.quant.pipeline import working_set
+
+    page = quantize_page
+    page.method.setCurrentIndex(page.method.findData("gptq"))
+    parts = working_set(page.session.model, page.recipe().validate())
+    del parts["model"]  # resident already
+    largest = max(parts, key=parts.get)
+    assert f"more memory (mostly {largest}, {human(parts[largest])})" in page.preflight.text()

@@ -554,9 +554,11 @@ class QuantizePage(QWidget):
                 verdict = memory.fit(needed, free)
             colour = FIT_COLORS[verdict]
             problem = self._output_problem() if streaming else None
+            largest = memory.largest_part({p: b for p, b in parts.items() if streaming or p != "model"})
             self.preflight.setText(
-                (f"Streaming holds about <b>{human(needed)}</b> at most (one block at a time); " if streaming else
-                 f"Needs about <b>{human(needed)}</b> more memory; ") + f"{human(free)} free: "
+                (f"Streaming holds about <b>{human(needed)}</b> at most (one block at a time; " if streaming else
+                 f"Needs about <b>{human(needed)}</b> more memory (") + f"{largest}); "
+                f"{human(free)} free: "
                 f"<span style='color:{colour}'><b>{verdict}</b></span>.<br>Result: {recipe.label}, "
                 + (f"bits planned per layer to {_target(recipe)} before quantizing."
                    if recipe.memory_budget is not None or recipe.target_bpw is not None else
