@@ -58,7 +58,8 @@ def cancel_latency(model, recipe, after: float) -> dict:
 
     def on_event(event) -> None:
         if type(event).__name__ != "MemorySample":
-            last[:] = [f"{type(event).__name__} {getattr(event, 'name', getattr(event, 'block', ''))}"]
+            where = getattr(event, "doing", None) or getattr(event, "name", getattr(event, "block", ""))
+            last[:] = [f"{type(event).__name__} {where}"]
 
     def work() -> None:
         try:
@@ -85,13 +86,14 @@ def cancel_latency(model, recipe, after: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", metavar="DIR", default="/work/bench20",
-                        help="where the checkpoint is built or found (default /work/bench20)")
+    parser.add_argument("--work", metavar="DIR", default=str(Path.home() / ".cache" / "dllm-bench"),
+                        help="where the checkpoint is built or found (default ~/.cache/dllm-bench)")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=4096)
     parser.add_argument("--mlp", type=int, default=12288)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--after", type=float, default=20.0, metavar="S", help="seconds into each run to cancel")
+    parser.add_argument("--after", type=float, nargs="+", default=[20.0], metavar="S",
+                        help="seconds into a run to cancel; several: a run per method for each")
     parser.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: those of {', '.join(OWN)} that exist")
     parser.add_argument("--calib", nargs=2, type=int, default=(32, 256), metavar=("SAMPLES", "SEQ"))
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: as the app)")
@@ -110,16 +112,17 @@ def main() -> None:
                              vocab=args.vocab, d_model=args.d_model, mlp=args.mlp)
     model = load_model(folder, check_memory=False)
     print(f"{folder}: {args.blocks} blocks, d_model {args.d_model}, MLP {args.mlp}, {model.dtype}; "
-          f"calibration {args.calib[0]} x {args.calib[1]}; cancel {args.after:g} s in")
+          f"calibration {args.calib[0]} x {args.calib[1]}; cancel {', '.join(f'{a:g}' for a in args.after)} s in")
     before = weights_hash(model)
     rows = []
-    for method in args.methods or [m for m in OWN if m in METHODS]:
-        row = cancel_latency(model, recipe_for(method, *args.calib), args.after)
+    runs = [(m, after) for m in args.methods or [m for m in OWN if m in METHODS] for after in args.after]
+    for method, after in runs:
+        row = {**cancel_latency(model, recipe_for(method, *args.calib), after), "after_s": after}
         row["weights_unchanged"] = weights_hash(model) == before
         rows.append(row)
         latency = (f"Cancelled {row['latency_s']:6.3f} s after cancel()" if "latency_s" in row
                    else f"{row['outcome']} before the cancel")
-        print(f"  {method:12} {row['setting']:6} {latency:34}  weights unchanged: "
+        print(f"  {method:12} {row['setting']:6} at {after:5g} s: {latency:34}  weights unchanged: "
               f"{'yes' if row['weights_unchanged'] else 'NO'}  (last event: {row['last_event']})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_units().line(), "threads": threads, "rows": rows}, indent=2))
