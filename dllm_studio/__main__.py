@@ -1,5 +1,3 @@
-import sys
+from dllm_studio.cli import entry
 
-from dllm_studio.cli import main
-
-sys.exit(main())
+entry()

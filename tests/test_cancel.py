@@ -236,6 +236,21 @@ def test_ctrl_c_during_a_cli_quantization_says_what_it_left(llada_dir, tmp_path,
         assert not partial.exists() and "interrupted: nothing was quantized or written." in err
 
 
+def test_the_program_leaves_at_once_after_ctrl_c_and_normally_otherwise(monkeypatch):
+    from dllm_studio import cli
+
+    left = []
+    monkeypatch.setattr(cli.os, "_exit", lambda status: left.append(status))
+    monkeypatch.setattr(cli, "main", lambda: 130)
+    with pytest.raises(SystemExit):  # were os._exit the real one, nothing after it would run
+        cli.entry()
+    assert left == [130]  # without Python's shutdown, which takes 1-2 s with torch loaded
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    with pytest.raises(SystemExit) as finished:
+        cli.entry()
+    assert finished.value.code == 0 and left == [130]  # a finished run shuts down as usual
+
+
 def test_round_to_nearest_by_rows_is_one_call_and_stops_between_chunks(llada, monkeypatch):
     from dllm_studio.quant.grid import rtn
     from dllm_studio.quant.methods import base
