@@ -77,6 +77,7 @@ OUTLIER_ALARM = 20.0
 MASSIVE_ABS = 100.0  # Sun et al. 2024 (arXiv:2402.17762): |x| > 100 ...
 MASSIVE_RATIO = 1000.0  # ... and > 1000x the median |x| of the token's own hidden state
 TOP_K = 8
+STATS_CHUNK = 1 << 21  # values per chunk of tokens the statistics look at (8 MB at fp32)
 
 
 class InputStats:
@@ -96,15 +97,24 @@ class InputStats:
 
     def add(self, x: torch.Tensor, masked: torch.Tensor | None = None) -> None:
         """x (B, T, C) or (N, C); masked (B, T) or (N,) bool: which tokens were mask tokens."""
-        a = x.detach().abs().reshape(-1, x.shape[-1]).float().cpu()
-        positions = torch.arange(x.shape[-2]).repeat(a.shape[0] // x.shape[-2]) if x.dim() == 3 else torch.arange(a.shape[0])
-        m = torch.zeros(a.shape[0], dtype=torch.bool) if masked is None else masked.reshape(-1).cpu()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        positions = torch.arange(x.shape[-2]).repeat(rows.shape[0] // x.shape[-2]) if x.dim() == 3 else \
+            torch.arange(rows.shape[0])
+        m = torch.zeros(rows.shape[0], dtype=torch.bool) if masked is None else masked.reshape(-1).cpu()
+        # A chunk of tokens at a time: on an 8B's down projection a whole batch's |x| in float64, squared, with its
+        # median's sorted copy, was ~0.6 GB of temporaries beside the Hessians.
+        step = max(1, STATS_CHUNK // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            self._add(rows[start:start + step], m[start:start + step], positions[start:start + step])
+
+    def _add(self, x: torch.Tensor, m: torch.Tensor, positions: torch.Tensor) -> None:
+        a = x.abs().float().cpu()
         self.absmax = torch.maximum(self.absmax, a.amax(0))
         if m.any():
             self.absmax_masked = torch.maximum(self.absmax_masked, a[m].amax(0))
         if (~m).any():
             self.absmax_unmasked = torch.maximum(self.absmax_unmasked, a[~m].amax(0))
-        self.sumsq += a.double().pow(2).sum(0)
+        self.sumsq += a.double().pow_(2).sum(0)
         self.tokens += a.shape[0]
         self.masked_tokens += int(m.sum())
         token_max = a.amax(1)

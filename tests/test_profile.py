@@ -32,3 +32,28 @@ def test_activation_outliers_per_block(llada):
         absmax = seen[r.name]
         assert r.top_channel == int(absmax.argmax()) and r.top_magnitude == float(absmax.max())
         assert r.outlier_ratio == pytest.approx(float(absmax.max() / absmax.median()))
+
+
+def test_input_statistics_by_chunks_of_tokens_equal_the_whole_batch_at_once(monkeypatch):
+    from dllm_studio import profile
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 16, generator=g)
+    x[1, 7, 5] = 5000.0  # a massive activation (in both adds), and the largest token
+    masked = torch.rand(3, 40, generator=g) < 0.4
+
+    def stats():
+        s = profile.InputStats(16)
+        s.add(x, masked)
+        s.add(x[:, :9] * 2, masked[:, :9])
+        return s
+
+    monkeypatch.setattr(profile, "STATS_CHUNK", 10 ** 9)
+    whole = stats()
+    monkeypatch.setattr(profile, "STATS_CHUNK", 5 * 16)  # five tokens a chunk: several per batch, one cut mid-sequence
+    chunked = stats()
+    for field in ("absmax", "absmax_masked", "absmax_unmasked"):
+        assert torch.equal(getattr(whole, field), getattr(chunked, field))
+    assert torch.allclose(whole.sumsq, chunked.sumsq, rtol=1e-12)
+    assert (whole.tokens, whole.masked_tokens, whole.massive) == (chunked.tokens, chunked.masked_tokens, 2)
+    assert whole.top_tokens == chunked.top_tokens and whole.top_tokens[0] == (10000.0, 7)
