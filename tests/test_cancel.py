@@ -256,7 +256,7 @@ def test_round_to_nearest_by_rows_is_one_call_and_stops_between_chunks(llada, mo
     from dllm_studio.quant.methods import base
     from dllm_studio.quant.methods.rtn import RTN
 
-    monkeypatch.setattr(base, "ROUND_ROWS", 24)
+    monkeypatch.setattr(base, "ROUND_ELEMENTS", 24 * 64)
     recipe = QuantRecipe(method="rtn", wbits=4, group_size=32)
     w = torch.randn(100, 64)
     whole = rtn(w, Grid(4), 32)

@@ -233,3 +233,15 @@ def test_cli_quantizes_with_a_rotation_and_prints_what_it_did(tmp_path, capsys):
     model = load_model(tmp_path / "q")
     assert model.quantization.clip == 0.85 and model.quantization.alpha == 0.4
     assert {m.act_clip for m in model.module.modules() if isinstance(m, QuantLinear)} == {0.85}
+
+
+def test_duquant_clipped_rounding_by_chunks_of_rows_equals_one_call(monkeypatch):
+    from dllm_studio.quant.grid import Grid
+    from dllm_studio.quant.methods import base, duquant
+
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 3, 64)
+    monkeypatch.setattr(base, "ROUND_ELEMENTS", 10 ** 9)
+    whole = duquant.clipped_rtn(w, Grid(4), None)
+    monkeypatch.setattr(base, "ROUND_ELEMENTS", 7 * 64)  # chunks of 7 rows, the last one short
+    chunked = duquant.clipped_rtn(w, Grid(4), None)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))

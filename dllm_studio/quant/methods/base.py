@@ -32,7 +32,13 @@ from dllm_studio.quant.grid import Grid, rtn
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
 
-ROUND_ROWS = 4096  # rows rounded between cancel checks (an LM head has 126464)
+ROUND_ELEMENTS = 1 << 24  # weights rounded between cancel checks: an LM head's 4096 rows of 4096 (it has 126464),
+# a down projection's 1365 rows of 12288, so its rounding temporaries are a few 64 MB chunks, not whole fp32 copies
+
+
+def row_chunks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`w` (out, in) in chunks of whole rows of about ROUND_ELEMENTS weights each."""
+    return w.split(max(1, ROUND_ELEMENTS // max(1, w.shape[1])))
 # GPTQ's sequential stages inside a block, by role: each reads what the stages before it produce.
 STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 
@@ -96,10 +102,10 @@ class Method:
         return self.quant_linear(linear, *self.round_to_nearest(linear.weight.detach()))
 
     def round_to_nearest(self, w: torch.Tensor) -> list[torch.Tensor]:
-        """(q, scales, zeros) of round-to-nearest on the method's grid, ROUND_ROWS rows at a time with a cancel
-        check before each: every row is rounded on its own, so the codes are those of one call."""
+        """(q, scales, zeros) of round-to-nearest on the method's grid, a chunk of rows at a time (`row_chunks`)
+        with a cancel check before each: every row is rounded on its own, so the codes are those of one call."""
         parts = []
-        for rows in w.split(ROUND_ROWS):
+        for rows in row_chunks(w):
             self.cancel.check()
             parts.append(rtn(rows.float(), self.grid, self.group_size))
         return [torch.cat(tensors) for tensors in zip(*parts)]

@@ -19,7 +19,7 @@ from dllm_studio.events import CancelToken
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.grid import rtn
-from dllm_studio.quant.methods.base import STAGES, Method, smoothing
+from dllm_studio.quant.methods.base import STAGES, Method, row_chunks, smoothing
 from dllm_studio.quant.transforms import InputTransform
 
 BLOCK = 128  # rotation block, as DuQuant's default
@@ -63,7 +63,13 @@ def search_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_rtn(w: torch.Tensor, grid, group_size, cancel: CancelToken | None = None):
-    """Round-to-nearest with each row's range shrunk by the clip in WEIGHT_CLIPS that minimises its error."""
+    """Round-to-nearest with each row's range shrunk by the clip in WEIGHT_CLIPS that minimises its error. Rows
+    choose alone, so a chunk of them at a time (`row_chunks`) gives the same codes with temporaries of a chunk."""
+    parts = [_clipped_rows(rows, grid, group_size, cancel) for rows in row_chunks(w)]
+    return [torch.cat(tensors) for tensors in zip(*parts)]
+
+
+def _clipped_rows(w: torch.Tensor, grid, group_size, cancel: CancelToken | None):
     best = None
     for clip in WEIGHT_CLIPS:
         if cancel is not None:
