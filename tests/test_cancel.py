@@ -280,3 +280,14 @@ def test_quarot_rotates_the_embedding_and_head_by_rows_with_checks(llada, monkey
     with pytest.raises(Cancelled):
         quarot.rotate_outside(llada, Q, token)
     assert token.checks == 3 and _unchanged(llada, before)  # stopped in the embedding's third chunk of rows
+
+
+def test_awq_searches_by_slices_of_rows_choose_what_one_slice_does(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 32, generator=g) * torch.linspace(0.2, 4, 32)
+    weights = [torch.randn(40, 32, generator=g), torch.randn(24, 32, generator=g)]
+    monkeypatch.setattr(awq, "CHUNK_MACS", 10 ** 12)
+    whole = awq.search_scale(x, weights, Grid(3), 16)
+    monkeypatch.setattr(awq, "CHUNK_MACS", 64 * 32 * 7)  # slices of 7 rows, each rounded on its own
+    assert torch.equal(awq.search_scale(x, weights, Grid(3), 16), whole)
+    assert not torch.equal(whole, torch.ones(32))  # a real choice among the alphas, not the identity

@@ -52,10 +52,10 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, group
         s = s / (s.max() * s.min()).sqrt()
         err, reference = 0.0, iter(references)
         for w in weights:
-            scaled = fake_quant(w.float() * s, grid, group_size) / s
-            for chunk in scaled.split(rows):
+            for chunk in w.split(rows):  # rows round alone: a slice at a time, never a whole scaled fp32 copy
                 cancel.check()
-                err += float((x @ chunk.T - next(reference)).pow(2).sum())
+                scaled = fake_quant(chunk.float() * s, grid, group_size) / s
+                err += float((x @ scaled.T - next(reference)).pow(2).sum())
         if err / outputs < best_err:
             best, best_err = s, err / outputs
     return best

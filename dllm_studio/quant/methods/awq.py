@@ -5,10 +5,21 @@ import torch
 
 from dllm_studio.quant import awq
 from dllm_studio.quant.grid import rtn
-from dllm_studio.quant.methods.base import Method, fold_scales, scale_groups
+from dllm_studio.quant.capture import SAMPLE_TOKENS
+from dllm_studio.quant.methods.base import STAGES, Method, fold_scales, row_chunks, scale_groups
 
 
 class AWQ(Method):
+    @classmethod
+    def working_bytes(cls, model, layers):
+        # The scale search keeps the fp32 outputs of every linear one scale feeds on the sampled inputs: on an 8B's
+        # MLP input, gate's and up's 2 x 12288 columns of 4096 rows (0.4 GB).
+        widths: dict[tuple, int] = {}
+        for layer in layers:
+            stage = next((i for i, roles in enumerate(STAGES) if layer.role in roles), layer.name)
+            widths[layer.block, stage] = widths.get((layer.block, stage), 0) + layer.out_features
+        return {"AWQ's reference outputs": SAMPLE_TOKENS * max(widths.values(), default=0) * 4}
+
     def prepare_block(self, block, taps):
         for producer, consumers, readers in scale_groups(self.model, block):
             s = awq.search_scale(taps[readers[0]].inputs(), [c.weight for c in consumers], self.grid, self.group_size,
@@ -18,10 +29,13 @@ class AWQ(Method):
     def round(self, linear, layer, tap):
         if tap is None or layer.role in awq.NO_CLIP_ROLES:
             return super().round(linear, layer, tap)
-        w = linear.weight.detach().float()
+        w = linear.weight.detach()
         clip = awq.search_clip(tap.inputs(), w, self.grid, self.group_size,
                                torch.Generator(w.device).manual_seed(self.recipe.seed), cancel=self.cancel)
-        return self.quant_linear(linear, *rtn(w, self.grid, self.group_size, clip))
+        rows = row_chunks(w)  # rows round alone; a chunk at a time keeps the temporaries small
+        parts = [rtn(chunk.float(), self.grid, self.group_size, shrink) for chunk, shrink in
+                 zip(rows, clip.split(rows[0].shape[0]))]
+        return self.quant_linear(linear, *(torch.cat(tensors) for tensors in zip(*parts)))
 
 
 METHOD = AWQ
