@@ -6,13 +6,18 @@ each side's clip percentile searched for the smallest error (`quant.twin_log`). 
 so each row stores them as a codebook its codes index (`QuantLinear.from_codebook`): decoding is exact.
 """
 
+from dllm_studio.quant import twin_log
 from dllm_studio.quant.methods.base import Method
-from dllm_studio.quant.twin_log import twin_log
 
 
 class TwinLog(Method):
+    @classmethod
+    def working_bytes(cls, model, layers):
+        largest = max((l.in_features * l.out_features for l in layers), default=0)
+        return {"twin-log search": min(largest, twin_log.CHUNK_ELEMENTS) * twin_log.SEARCH_BYTES}
+
     def round(self, linear, layer, tap):
-        codes, codebook = twin_log(linear.weight.detach().float(), self.recipe.wbits, cancel=self.cancel)
+        codes, codebook = twin_log.twin_log(linear.weight.detach().float(), self.recipe.wbits, cancel=self.cancel)
         return self.codebook_linear(linear, codes, codebook)
 
 
