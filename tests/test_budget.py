@@ -146,7 +146,7 @@ def test_cli_quantize_prints_the_plan_before_quantizing(capsys, tmp_path, demo_m
     plan = lines.index("bit plan (bits per layer, by block):")
     assert lines[plan - 1].startswith("sensitivity block   4/4")
     assert lines[plan + 1].startswith("  block 0  q ") and f"of a {target / 1e6:.2f} MB budget" in lines[plan + 6]
-    assert lines[plan + 7].startswith("block   1/4") and "RTN W2-4A16 mixed g128" in out
+    assert lines[plan + 7].startswith("  layer   1/28") and "RTN W2-4A16 mixed g128" in out  # then quantizing
     recipe = json.loads((tmp_path / "q" / "recipe.json").read_text())
     assert recipe["memory_budget"] == target and set(recipe["layer_bits"].values()) == {2, 3, 4}
     assert main(["quantize", "demo", "--method", "rtn", "--memory-budget", "5GB", "--format", "gptq",
