@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def cli_latency(folder: Path, recipe, after: float, out: Path) -> dict:
     command = [sys.executable, "-m", "dllm_studio.cli", "quantize", str(folder), "--method", recipe.method,
                "--wbits", str(recipe.wbits), "--abits", str(recipe.abits), "--calib-samples", str(recipe.calib_samples),
                "--seq-len", str(recipe.seq_len), "--out", str(out), "--streaming", "off", "--force"]
+    shutil.rmtree(out, ignore_errors=True)  # a folder left from an earlier run would pass for this one's output
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, progressing = [], threading.Event()
 

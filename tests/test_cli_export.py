@@ -54,7 +54,7 @@ def test_quantize_verify_shares_the_path_and_keeps_its_output(capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "quantize", "demo", *RECIPE, "--out", tmp_path / "q", "--verify")
     assert code == 0
     assert stdout.splitlines()[-2:] == [f"saved {tmp_path / 'q'} (native format)", IDENTICAL]
-    assert stdout.startswith("block   1/4")  # the quantizer's progress, as before
+    assert stdout.startswith("  layer   1/28") and "\nblock   1/4" in stdout  # the quantizer's progress, as before
 
 
 def test_native_folder_converts_to_gptq_and_back_with_identical_logits(capsys, tmp_path, native):
