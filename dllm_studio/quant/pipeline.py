@@ -329,7 +329,10 @@ def _transformed(layer: LinearLayer, before: InputStats, after: InputStats, tran
                             round(float(after.absmax.max()), 5), detail)
 
 
-def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, rows: int = 1024, *,
+ERROR_ROWS = 1024  # tokens per chunk of the error report
+
+
+def _relative_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, rows: int = ERROR_ROWS, *,
                     cancel: CancelToken | None = None) -> float:
     """||approx - reference|| / ||reference|| of the layer's outputs on `x` (tokens, in; at 16 bits or float32),
     `rows` tokens at a time so no output product the size of the whole sample is held (checking `cancel` each)."""
@@ -481,6 +484,11 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = Fa
         # codes for the widest layer; else the error report's fp32 weight and dequantized copy
         "Hessians and solver": (4 * max(3 * d * d, widest * widest) + 2 * widest * widest + 9 * largest
                                 if method.hessian else 8 * largest),
+        # the error report's chunk of tokens: the inputs at fp32 and rounded (with their activation quantizer's
+        # temporaries), the reference and approximate outputs and their difference squared
+        "error report": ERROR_ROWS * 4 * max((2 * l.in_features + 4 * l.out_features
+                                              + (3 * l.in_features if recipe.abits < 16 else 0) for l in linears),
+                                             default=0),
         **method.working_bytes(model, [l for l in linears if not recipe.skips(l.name, l.role)]),
     }
     if not streaming:
