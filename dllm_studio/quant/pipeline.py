@@ -480,15 +480,16 @@ def working_set(model: DiffusionLM, recipe: QuantRecipe, *, streaming: bool = Fa
         "calibration activations": tokens * d * max(itemsize, 4) * 3,
         # q/k/v, o, gate/up and down each read one input (a staged method samples one stage at a time)
         "sampled inputs": 2 * rows * (widest if staged else 3 * d + widest) + 4 * rows * widest,
-        # one stage's Hessians, factored in place beside a packed half copy, and the solver's fp32 weights and
-        # codes for the widest layer; else the error report's fp32 weight and dequantized copy
-        "Hessians and solver": (4 * max(3 * d * d, widest * widest) + 2 * widest * widest + 9 * largest
-                                if method.hessian else 8 * largest),
-        # the error report's chunk of tokens: the inputs at fp32 and rounded (with their activation quantizer's
-        # temporaries), the reference and approximate outputs and their difference squared
-        "error report": ERROR_ROWS * 4 * max((2 * l.in_features + 4 * l.out_features
-                                              + (3 * l.in_features if recipe.abits < 16 else 0) for l in linears),
-                                             default=0),
+        # Then each layer's rounding: for Hessian methods one stage's Hessians, factored in place beside a packed
+        # half copy, and the solver's fp32 weights and codes for the widest layer; after that (never both at once)
+        # the error report: the layer's fp32 weight and dequantized copy and its chunk of tokens (the inputs at fp32
+        # and rounded, with their activation quantizer's temporaries, the reference and approximate outputs and
+        # their difference squared).
+        ("Hessians and solver" if method.hessian else "error report"): max(
+            4 * max(3 * d * d, widest * widest) + 2 * widest * widest + 9 * largest if method.hessian else 0,
+            8 * largest + ERROR_ROWS * 4 * max((2 * l.in_features + 4 * l.out_features
+                                                + (3 * l.in_features if recipe.abits < 16 else 0) for l in linears),
+                                               default=0)),
         **method.working_bytes(model, [l for l in linears if not recipe.skips(l.name, l.role)]),
     }
     if not streaming:
