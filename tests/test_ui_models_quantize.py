@@ -376,3 +376,33 @@ def test_the_preflight_says_which_part_dominates(quantize_page):
     del parts["model"]  # resident already
     largest = max(parts, key=parts.get)
     assert f"more memory (mostly {largest}, {human(parts[largest])})" in page.preflight.text()
+
+
+def test_the_preflight_never_reads_the_weights_on_the_window_thread(qtbot, models_page, open_page, session, tmp_path,
+                                                                    llada_dir, monkeypatch):
+    import shutil
+    import threading
+
+    from dllm_studio import checkpoint
+    from test_checkpoint import poison
+    from ui.pages.quantize import QuantizePage
+
+    folder = shutil.copytree(llada_dir, tmp_path / "nan-model")
+    poison(folder)
+    with qtbot.waitSignal(models_page.loaded, timeout=30_000):
+        models_page.open(str(folder))
+    scans, real = [], checkpoint.nonfinite_tensors
+
+    def scan(tensors):  # reading every weight: seconds for an 8B, a frozen window if done on its thread
+        scans.append(threading.current_thread() is threading.main_thread())
+        return real(tensors)
+
+    monkeypatch.setattr("dllm_studio.quant.pipeline.nonfinite_tensors", scan)
+    page = open_page(QuantizePage)
+    page.samples.setValue(4)
+    page.seq_len.setValue(32)
+    assert scans == [] and "Needs about" in page.preflight.text()
+    with qtbot.waitSignal(session.job_failed, timeout=30_000) as failed:
+        page.start_button.click()
+    assert "holds NaN or infinite values" in failed.args[1]  # the run refused it, from its own thread
+    assert scans == [False]

@@ -209,10 +209,15 @@ def _changes_outside(model: DiffusionLM, recipe: QuantRecipe) -> bool:
             or any(l.role == "head" and not recipe.skips(l.name, l.role) for l in model.linear_layers()))
 
 
-def check_supported(model: DiffusionLM) -> None:
-    """Refuse, before any work, a family the block-by-block quantizer cannot take, or weights it cannot."""
+def check_supported(model: DiffusionLM, *, weights: bool = True) -> None:
+    """Refuse, before any work, a family the block-by-block quantizer cannot take, or weights it cannot.
+
+    `weights=False` checks the family only, at once: the weight check reads every weight (seconds for an 8B),
+    so a preflight redone as the user edits the recipe leaves it to the run, which does it on its own thread."""
     if model.not_quantizable:
         raise QuantizationError(f"{model.source} ({model.family}) cannot be quantized: {model.not_quantizable}.")
+    if not weights:
+        return
     bad = nonfinite_tensors(model.module.named_parameters())
     if bad:  # they would poison the calibration activations and GPTQ's Hessians
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

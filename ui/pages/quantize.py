@@ -537,7 +537,7 @@ class QuantizePage(QWidget):
             if model is None:
                 raise DllmError("Open a model on the Models page first.")
             recipe = self.recipe().validate()
-            check_supported(model)
+            check_supported(model, weights=False)  # the run checks the weights, off this thread
         except DllmError as exc:
             self.preflight.setText(f"<span style='color:{BAD}'>{exc}</span>")
         else:
