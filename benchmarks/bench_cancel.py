@@ -100,7 +100,10 @@ def cli_latency(folder: Path, recipe, after: float, out: Path) -> dict:
                "--wbits", str(recipe.wbits), "--abits", str(recipe.abits), "--calib-samples", str(recipe.calib_samples),
                "--seq-len", str(recipe.seq_len), "--out", str(out), "--streaming", "off", "--force"]
     shutil.rmtree(out, ignore_errors=True)  # a folder left from an earlier run would pass for this one's output
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A job started in the background by a shell inherits SIGINT ignored (POSIX), and Python then leaves it so:
+    # the child gets the default back, as a terminal's foreground command has it.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines, progressing = [], threading.Event()
 
     def read() -> None:
