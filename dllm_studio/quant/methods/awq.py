@@ -6,7 +6,7 @@ import torch
 from dllm_studio.quant import awq
 from dllm_studio.quant.grid import rtn
 from dllm_studio.quant.capture import SAMPLE_TOKENS
-from dllm_studio.quant.methods.base import STAGES, Method, fold_scales, row_chunks, scale_groups
+from dllm_studio.quant.methods.base import Method, by_rows, fold_scales, scale_groups, stage_of
 
 
 class AWQ(Method):
@@ -16,8 +16,8 @@ class AWQ(Method):
         # MLP input, gate's and up's 2 x 12288 columns of 4096 rows (0.4 GB).
         widths: dict[tuple, int] = {}
         for layer in layers:
-            stage = next((i for i, roles in enumerate(STAGES) if layer.role in roles), layer.name)
-            widths[layer.block, stage] = widths.get((layer.block, stage), 0) + layer.out_features
+            key = layer.block, stage_of(layer)
+            widths[key] = widths.get(key, 0) + layer.out_features
         return {"AWQ's reference outputs": SAMPLE_TOKENS * max(widths.values(), default=0) * 4}
 
     def prepare_block(self, block, taps):
@@ -32,10 +32,8 @@ class AWQ(Method):
         w = linear.weight.detach()
         clip = awq.search_clip(tap.inputs(), w, self.grid, self.group_size,
                                torch.Generator(w.device).manual_seed(self.recipe.seed), cancel=self.cancel)
-        rows = row_chunks(w)  # rows round alone; a chunk at a time keeps the temporaries small
-        parts = [rtn(chunk.float(), self.grid, self.group_size, shrink) for chunk, shrink in
-                 zip(rows, clip.split(rows[0].shape[0]))]
-        return self.quant_linear(linear, *(torch.cat(tensors) for tensors in zip(*parts)))
+        return self.quant_linear(linear, *by_rows(lambda rows, shrink: rtn(rows.float(), self.grid, self.group_size,
+                                                                           shrink), w, clip))
 
 
 METHOD = AWQ

@@ -39,6 +39,20 @@ ROUND_ELEMENTS = 1 << 24  # weights rounded between cancel checks: an LM head's 
 def row_chunks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`w` (out, in) in chunks of whole rows of about ROUND_ELEMENTS weights each."""
     return w.split(max(1, ROUND_ELEMENTS // max(1, w.shape[1])))
+
+
+def by_rows(round_rows, w: torch.Tensor, *aligned: torch.Tensor) -> list[torch.Tensor]:
+    """`round_rows(rows, *their rows of aligned)` per chunk of `row_chunks(w)`, each of its results concatenated:
+    the same as one call on all of `w` when every row rounds alone, with temporaries of a chunk."""
+    chunks = row_chunks(w)
+    rows = chunks[0].shape[0] if chunks else 1
+    parts = [round_rows(chunk, *others) for chunk, *others in zip(chunks, *(a.split(rows) for a in aligned))]
+    return [torch.cat(tensors) for tensors in zip(*parts)]
+
+
+def stage_of(layer) -> int | str:
+    """The index in STAGES of the stage `layer` belongs to (linears of one stage read one input); else its name."""
+    return next((i for i, roles in enumerate(STAGES) if layer.role in roles), layer.name)
 # GPTQ's sequential stages inside a block, by role: each reads what the stages before it produce.
 STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 
@@ -104,11 +118,11 @@ class Method:
     def round_to_nearest(self, w: torch.Tensor) -> list[torch.Tensor]:
         """(q, scales, zeros) of round-to-nearest on the method's grid, a chunk of rows at a time (`row_chunks`)
         with a cancel check before each: every row is rounded on its own, so the codes are those of one call."""
-        parts = []
-        for rows in row_chunks(w):
+        def round_rows(rows):
             self.cancel.check()
-            parts.append(rtn(rows.float(), self.grid, self.group_size))
-        return [torch.cat(tensors) for tensors in zip(*parts)]
+            return rtn(rows.float(), self.grid, self.group_size)
+
+        return by_rows(round_rows, w)
 
     def at_bits(self, bits: int) -> Method:
         """This method rounding onto a `bits`-bit grid (a mixed-precision plan's layer, `quant.budget`): a sibling

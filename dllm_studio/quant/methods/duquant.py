@@ -19,7 +19,7 @@ from dllm_studio.events import CancelToken
 from dllm_studio.quant import rotation
 from dllm_studio.quant.capture import transform_linear
 from dllm_studio.quant.grid import rtn
-from dllm_studio.quant.methods.base import STAGES, Method, row_chunks, smoothing
+from dllm_studio.quant.methods.base import STAGES, Method, by_rows, smoothing, stage_of
 from dllm_studio.quant.transforms import InputTransform
 
 BLOCK = 128  # rotation block, as DuQuant's default
@@ -65,8 +65,7 @@ def search_rows(x: torch.Tensor) -> torch.Tensor:
 def clipped_rtn(w: torch.Tensor, grid, group_size, cancel: CancelToken | None = None):
     """Round-to-nearest with each row's range shrunk by the clip in WEIGHT_CLIPS that minimises its error. Rows
     choose alone, so a chunk of them at a time (`row_chunks`) gives the same codes with temporaries of a chunk."""
-    parts = [_clipped_rows(rows, grid, group_size, cancel) for rows in row_chunks(w)]
-    return [torch.cat(tensors) for tensors in zip(*parts)]
+    return by_rows(lambda rows: _clipped_rows(rows, grid, group_size, cancel), w)
 
 
 def _clipped_rows(w: torch.Tensor, grid, group_size, cancel: CancelToken | None):
@@ -87,8 +86,7 @@ def _clipped_rows(w: torch.Tensor, grid, group_size, cancel: CancelToken | None)
 
 def rotation_bytes(layers) -> dict[str, int]:
     """Two fp32 block rotations of (in / block) x block x block per distinct input, kept with the quantized model."""
-    inputs = {(l.block, next((i for i, roles in enumerate(STAGES) if l.role in roles), l.name)): l.in_features
-              for l in layers}
+    inputs = {(l.block, stage_of(l)): l.in_features for l in layers}
     return {"rotation matrices": sum(2 * width * math.gcd(width, BLOCK) * 4 for width in inputs.values())}
 
 
