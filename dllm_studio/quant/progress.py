@@ -41,14 +41,25 @@ def prepare_cost(rows: int, shapes: list[tuple[int, int]]) -> float:
     return rows * sum(n_in * n_out for n_in, n_out in shapes)
 
 
+# GPTQ's phases in multiply-adds of a blocked matmul, from their times measured apart (quant.gptq's solver on
+# LLaDA-8B's shapes, 2 AVX2 cores): the three LAPACK factorizations took about one in^3 between them, the error
+# pushed onward a block at a time out x in^2, and each column's update of the rest of its 128-column block,
+# elementwise and memory-bound, as much a weight as a matmul 12k wide (q: 1.6 s factoring, 5.4 s sweeping;
+# down: 36 s and 24 s). With 1024 sampled rows they put q / gate / down at 7.2 / 19 / 61 s against the measured
+# 7.6 / 22.7 / 62 (a down projection 8.2 q's; weights without the sweep's term, in^3 at a third, said 11.8).
+FACTORIZATION = 1.0
+COLUMN_SWEEP = 12_000
+
+
 def rounding_cost(n_in: int, n_out: int, rows: int, hessian: bool) -> float:
-    """Rounding one linear and measuring its error on the sampled rows (rows x in x out). With a Hessian (GPTQ):
-    the column-by-column error feedback into every row (out x in²) and the Hessian's factorizations (in³, at a
-    third: LAPACK's blocked kernels run them several times faster than the column sweep; the weights 1 : 1/3
-    reproduce LLaDA-8B's measured 8 s attention, 22 s gate/up and 66 s down projections); without (RTN and the
-    grids like it): one pass over the weights (out x in)."""
-    solve = n_out * n_in * n_in + n_in ** 3 / 3 if hessian else n_out * n_in
-    return solve + rows * n_in * n_out
+    """Rounding one linear and measuring its error: the error report multiplies the sampled rows by the weights
+    twice (the reference and the rounded layer: 2 x rows x in x out). With a Hessian (GPTQ) the solver's sweep
+    and factorizations (above); without (RTN and the grids like it) one pass over the weights (out x in)."""
+    if hessian:
+        solve = n_out * n_in * (n_in + COLUMN_SWEEP) + FACTORIZATION * n_in ** 3
+    else:
+        solve = n_out * n_in
+    return solve + 2 * rows * n_in * n_out
 
 
 class WorkMeter:
