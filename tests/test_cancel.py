@@ -163,13 +163,14 @@ def test_duquant_w4a4_stops_inside_its_rotation_search(llada, monkeypatch):
     assert _unchanged(llada, before)
 
 
-def test_twin_log_checks_per_chunk_of_rows(monkeypatch):
+def test_twin_log_checks_per_chunk_of_rows_and_between_the_sides_of_its_search(monkeypatch):
     monkeypatch.setattr(twin_log, "CHUNK_ELEMENTS", 4 * 64)  # four rows of 64 a chunk
-    chunks, real = [], twin_log._rows
-    monkeypatch.setattr(twin_log, "_rows", lambda w, levels: (chunks.append(w.shape[0]), real(w, levels))[1])
-    with pytest.raises(Cancelled):
-        twin_log.twin_log(torch.randn(16, 64), 4, cancel=CancelAt(3))
-    assert chunks == [4, 4]  # two of the four chunks searched
+    searched, real = [], twin_log._Side.errors
+    monkeypatch.setattr(twin_log._Side, "errors", lambda side, *a: (searched.append(side.sorted.shape[0]),
+                                                                    real(side, *a))[1])
+    with pytest.raises(Cancelled):  # checks: chunk 1, its two sides, chunk 2, its first side, then the second's
+        twin_log.twin_log(torch.randn(16, 64), 4, cancel=CancelAt(6))
+    assert searched == [4, 4, 4]  # the first chunk's two sides, the second's first: its other side never started
 
 
 @pytest.mark.gui

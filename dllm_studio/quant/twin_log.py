@@ -40,17 +40,16 @@ MIN_STEP = 1e-8  # a side whose range is one value gets a step this small in log
 
 def twin_log(w: torch.Tensor, bits: int, *, cancel: CancelToken | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """TLQ of w (out, in): codes uint8 (out, in) in [0, 2^bits) and the codebook fp16 (out, 2^bits); `cancel` is
-    checked per chunk of rows (about a second of search each)."""
+    checked per chunk of rows and between the stages of its search (a chunk took 2-4 s on one contended thread)."""
     if w.dim() != 2 or not 2 <= bits <= 8:
         raise ValueError(f"twin_log takes a 2-D weight and 2 to 8 bits, not shape {tuple(w.shape)} at {bits} bits")
     w = w.detach().float()
     codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     codebook = torch.empty(w.shape[0], 1 << bits, dtype=torch.float16, device=w.device)
     rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
+    cancel = cancel or CancelToken()
     for r0 in range(0, w.shape[0], rows):
-        if cancel is not None:
-            cancel.check()
-        codes[r0:r0 + rows], codebook[r0:r0 + rows] = _rows(w[r0:r0 + rows], 1 << (bits - 1))
+        codes[r0:r0 + rows], codebook[r0:r0 + rows] = _rows(w[r0:r0 + rows], 1 << (bits - 1), cancel)
     return codes, codebook
 
 
@@ -116,8 +115,10 @@ class _Side:
         return (s2 - 2 * value * s1 + value.square() * n).sum(-1)
 
 
-def _rows(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and codebook of a chunk of rows, `levels` per sign."""
+def _rows(w: torch.Tensor, levels: int, cancel: CancelToken) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and codebook of a chunk of rows, `levels` per sign; `cancel` is checked before the sort and each side's
+    search."""
+    cancel.check()
     a = w.abs()
     etas = torch.tensor(ETAS, device=w.device)[:, None] * (w.square().mean(1).sqrt() / ETA_RMS)  # (etas, rows)
     # One sort of w gives both sides' magnitudes in order: the negatives reversed from its start, the positives
@@ -131,6 +132,7 @@ def _rows(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     sides = _Side(pos, npos[:, 0], positives), _Side(neg, nneg[:, 0], negatives)
     chosen, total = [], 0
     for side in sides:  # the error splits by sign, so each side keeps its own best percentile
+        cancel.check()
         step, zero = side.grids(etas, levels)
         err, best = side.errors(step, zero, etas, levels).min(1)  # over percentiles: (etas, rows)
         chosen.append((step.gather(1, best[:, None])[:, 0], zero.gather(1, best[:, None])[:, 0]))
