@@ -9,11 +9,12 @@ import torch
 from dllm_studio import jobs
 from dllm_studio.errors import Cancelled
 from dllm_studio.events import CancelToken, LayerQuantized
-from dllm_studio.quant import awq, capture, rotation, twin_log
+from dllm_studio.quant import awq, capture, pipeline, rotation, twin_log
 from dllm_studio.quant.calibration import calibration_batch
 from dllm_studio.quant.gptq import BLOCK, Hessian, gptq
-from dllm_studio.quant.grid import Grid
+from dllm_studio.quant.grid import Grid, rtn
 from dllm_studio.quant.pipeline import quantize
+from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
 
 FAST = dict(group_size=32, calib_samples=8, seq_len=64)
@@ -171,6 +172,19 @@ def test_twin_log_checks_per_chunk_of_rows_and_between_the_sides_of_its_search(m
     with pytest.raises(Cancelled):  # checks: chunk 1, its two sides, chunk 2, its first side, then the second's
         twin_log.twin_log(torch.randn(16, 64), 4, cancel=CancelAt(6))
     assert searched == [4, 4, 4]  # the first chunk's two sides, the second's first: its other side never started
+
+
+def test_the_error_report_checks_per_chunk_of_work_not_of_a_fixed_token_count(monkeypatch):
+    linear = torch.nn.Linear(64, 32, bias=False)
+    qlinear = QuantLinear.from_codes(*rtn(linear.weight.detach(), Grid(4), 32), 4, 32)
+    x = torch.randn(100, 64)
+    whole = pipeline._relative_error(linear, qlinear, x, rows=100)
+    monkeypatch.setattr(pipeline, "ERROR_MADDS", 2 * 64 * 32 * 10)  # ten tokens' two products a chunk
+    counting = CancelAt(0)
+    assert pipeline._relative_error(linear, qlinear, x, cancel=counting) == pytest.approx(whole, rel=1e-5)
+    assert counting.checks == 10
+    with pytest.raises(Cancelled):
+        pipeline._relative_error(linear, qlinear, x, cancel=CancelAt(4))
 
 
 @pytest.mark.gui
