@@ -14,7 +14,8 @@ from dllm_studio.errors import Cancelled
 from dllm_studio.events import BlockQuantized, CancelToken, LayerQuantized, Progress
 from dllm_studio.models import load_model
 from dllm_studio.quant.pipeline import quantize
-from dllm_studio.quant.progress import Unit, WorkMeter, forward_cost, rounding_cost
+from dllm_studio.quant.gptq import solver_cost
+from dllm_studio.quant.progress import Unit, WorkMeter, error_report_cost, forward_cost
 from dllm_studio.quant.recipe import QuantRecipe
 from dllm_studio.quant.streaming import quantize_to_folder
 
@@ -53,8 +54,8 @@ def llada_8b_units(blocks: int, run: Measured = ISSUE) -> list[Unit]:
             units.append(Unit((b, stage), "forward", "/".join(stage),
                               forward_cost(tokens, PARAMS, run.seq_len, D, hessians),
                               f"block {b + 1}: calibrating {'/'.join(stage)}"))
-            units += [Unit((b, r), "round", r, rounding_cost(*SHAPES[r], run.rows, True), f"block {b + 1}: rounding {r}")
-                      for r in stage]
+            units += [Unit((b, r), "round", r, solver_cost(*SHAPES[r]) + error_report_cost(*SHAPES[r], run.rows),
+                           f"block {b + 1}: rounding {r}") for r in stage]
         units.append(Unit((b, "output"), "forward", "output", forward_cost(tokens, PARAMS, run.seq_len, D),
                           "next inputs"))
     return units

@@ -148,3 +148,18 @@ def test_recipe_round_trips_through_json():
     assert QuantRecipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.skips("model.transformer.blocks.0.ff_out", "down")
     assert not recipe.skips("model.transformer.blocks.0.q_proj", "q")
+
+
+def test_stored_bytes_are_counted_without_repacking_codes_a_kernel_holds(monkeypatch):
+    from dllm_studio.quant import qlinear as qlinear_module
+
+    linear = torch.nn.Linear(256, 64, bias=True)
+    layer = QuantLinear.from_codes(*rtn(linear.weight.detach(), Grid(4), 128), 4, 128, bias=linear.bias)
+    from dllm_studio.quant.kernels.int4 import Int4
+
+    layer.release_codes(Int4(layer))  # as the kernel dispatch does on CPU: the kernel holds the only copy of the codes
+    expected = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    repacked = []
+    monkeypatch.setattr(qlinear_module, "pack", lambda *a: repacked.append(a))
+    assert layer.codes_source is not None and layer.nbytes() == expected and not repacked
+    assert set(layer.stored_tensors()) == set(layer.state_dict())

@@ -17,6 +17,14 @@ from dllm_studio.events import CancelToken
 from dllm_studio.quant.grid import Grid
 
 BLOCK = 128
+# The solver's phases in multiply-adds of a blocked matmul (`solver_cost`), from their times measured apart on
+# LLaDA-8B's shapes (2 AVX2 cores): the three LAPACK factorizations took about one in^3 between them, the error
+# pushed onward a block at a time out x in^2, and each column's update of the rest of its BLOCK columns,
+# elementwise and memory-bound, as much a weight as a matmul 12k wide (q: 1.6 s factoring, 5.4 s sweeping; down:
+# 36 s and 24 s). With the error report on 1024 rows they put q / gate / down at 7.2 / 19 / 61 s against the
+# measured 7.6 / 22.7 / 62 (a down projection 8.2 q's; without the sweep's term, in^3 at a third, 11.8).
+FACTORIZATION = 1.0
+COLUMN_SWEEP = 12_000
 
 
 CHUNK = 1024  # rows of a 16-bit batch converted to float at a time (a whole batch at fp32 is 8 x 256 x in x 4 bytes)
@@ -103,6 +111,11 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int | None, *
         Q = Q[:, inverse]
         g_idx = (inverse // size).to(torch.int32)  # column c sat at position inverse[c] of the sweep
     return Q, scales, zeros, g_idx
+
+
+def solver_cost(n_in: int, n_out: int) -> float:
+    """The work of `gptq` on an (n_out, n_in) weight, for the run's progress (`quant.progress`)."""
+    return n_out * n_in * (n_in + COLUMN_SWEEP) + FACTORIZATION * n_in ** 3
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, cancel: CancelToken | None = None) -> torch.Tensor:

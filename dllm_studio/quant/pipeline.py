@@ -45,7 +45,7 @@ from dllm_studio.quant.calibration import calibration_batch
 from dllm_studio.quant.capture import BATCH, SAMPLE_TOKENS
 from dllm_studio.quant.kernels.base import fake_quantize_activations
 from dllm_studio.quant.methods.base import Block, Method
-from dllm_studio.quant.progress import Unit, WorkMeter, forward_cost, prepare_cost, rounding_cost
+from dllm_studio.quant.progress import Unit, WorkMeter, error_report_cost, forward_cost
 from dllm_studio.quant.qlinear import QuantLinear
 from dllm_studio.quant.recipe import QuantRecipe
 
@@ -256,8 +256,7 @@ def _block_units(method: Method, index: int, linears: list[LinearLayer], batch: 
     units = []
     if _prepares(method):
         units += [forward("untouched", "reading the untouched block"),
-                  Unit((index, "prepare"), "prepare", "", prepare_cost(rows, [(l.in_features, l.out_features)
-                                                                              for l in layers.values()]),
+                  Unit((index, "prepare"), "prepare", "", method.search_cost(list(layers.values()), rows),
                        f"{here}: {method.recipe.method} search")]
         if method.transforms:
             units.append(forward("transformed", "reading the transformed block"))
@@ -266,7 +265,7 @@ def _block_units(method: Method, index: int, linears: list[LinearLayer], batch: 
         hessians = [layers[n].in_features for n in stage] if method.hessian else ()
         units.append(forward(f"calibrate {roles}", f"calibrating {roles}", hessians))
         units += [Unit((index, "round", n), "round", layers[n].role,
-                       rounding_cost(layers[n].in_features, layers[n].out_features, rows, method.hessian),
+                       method.round_cost(layers[n], rows) + error_report_cost(layers[n].in_features, layers[n].out_features, rows),
                        f"{here}: rounding {n.rsplit('.', 1)[-1]}") for n in stage]
     return units + [output]
 
@@ -433,7 +432,7 @@ def summarize(original: DiffusionLM, quantized: DiffusionLM, recipe: QuantRecipe
     qlayers = [m for m in quantized.module.modules() if isinstance(m, QuantLinear) or runtimes.method_of(m)]
     weights = sum(m.in_features * m.out_features for m in qlayers)
     held = {id(t): t for m in qlayers if isinstance(m, QuantLinear)  # a shared transform counts once
-            for name, t in m.state_dict(keep_vars=True).items() if name != "bias"}
+            for name, t in m.stored_tensors().items() if name != "bias"}
     packed = (sum(t.numel() * t.element_size() for t in held.values())
               + sum(runtimes.stored_bytes(m) for m in qlayers if not isinstance(m, QuantLinear)))
     source_bytes = weights * original.dtype.itemsize

@@ -1,7 +1,8 @@
 """How far a quantization run is, measured in work rather than in counts, and how long the rest will take.
 
-A run is planned up front as units, each with a cost estimated from shapes (multiply-adds, constant factors
-dropped): a block's calibration forwards, the method's prepare (its searches) and each linear's rounding. The
+A run is planned up front as units, each with a cost estimated from shapes (multiply-adds of a blocked matmul):
+a block's calibration forwards (`forward_cost`), the method's prepare (its searches: `Method.search_cost`) and
+each linear's rounding (`Method.round_cost`, GPTQ's solver for instance, and the error report). The
 seconds a unit of cost takes (its rate) are learned from the measured time of finished units alike: the same
 kind and role first (GPTQ's down projections from down projections), then the same kind, then every unit. So
 an 8 s attention layer and a 66 s MLP layer weigh what they take, and the estimate sharpens as kinds finish.
@@ -34,32 +35,9 @@ def forward_cost(tokens: int, block_params: int, seq_len: int, hidden: int, hess
     return tokens * (block_params + 2 * seq_len * hidden + sum(n * n for n in hessians))
 
 
-def prepare_cost(rows: int, shapes: list[tuple[int, int]]) -> float:
-    """A method's searches over a block (AWQ's and SmoothQuant's scales, QuaRot's and DuQuant's rotations): each
-    candidate re-evaluates the block's linears on the sampled rows; the number of candidates is the method's
-    constant, which the measured rate absorbs."""
-    return rows * sum(n_in * n_out for n_in, n_out in shapes)
-
-
-# GPTQ's phases in multiply-adds of a blocked matmul, from their times measured apart (quant.gptq's solver on
-# LLaDA-8B's shapes, 2 AVX2 cores): the three LAPACK factorizations took about one in^3 between them, the error
-# pushed onward a block at a time out x in^2, and each column's update of the rest of its 128-column block,
-# elementwise and memory-bound, as much a weight as a matmul 12k wide (q: 1.6 s factoring, 5.4 s sweeping;
-# down: 36 s and 24 s). With 1024 sampled rows they put q / gate / down at 7.2 / 19 / 61 s against the measured
-# 7.6 / 22.7 / 62 (a down projection 8.2 q's; weights without the sweep's term, in^3 at a third, said 11.8).
-FACTORIZATION = 1.0
-COLUMN_SWEEP = 12_000
-
-
-def rounding_cost(n_in: int, n_out: int, rows: int, hessian: bool) -> float:
-    """Rounding one linear and measuring its error: the error report multiplies the sampled rows by the weights
-    twice (the reference and the rounded layer: 2 x rows x in x out). With a Hessian (GPTQ) the solver's sweep
-    and factorizations (above); without (RTN and the grids like it) one pass over the weights (out x in)."""
-    if hessian:
-        solve = n_out * n_in * (n_in + COLUMN_SWEEP) + FACTORIZATION * n_in ** 3
-    else:
-        solve = n_out * n_in
-    return solve + 2 * rows * n_in * n_out
+def error_report_cost(n_in: int, n_out: int, rows: int) -> float:
+    """The error report after a linear is rounded: the sampled rows through the reference and the rounded layer."""
+    return 2 * rows * n_in * n_out
 
 
 class WorkMeter:

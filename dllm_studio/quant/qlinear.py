@@ -191,7 +191,21 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Bytes of what it stores."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors its state dict saves, by name, as held: to count bytes without the state dict's repacking of
+        codes a kernel holds (`stored_qweight`: a pass over the weight, seconds for an 8B's layer), `qweight` is then
+        a meta tensor of the stored shape."""
+        held = {name: t for name, t in self.named_parameters()}
+        for prefix, module in self.named_modules():
+            held.update({f"{prefix}.{name}" if prefix else name: t for name, t in module._buffers.items()
+                         if t is not None and name not in module._non_persistent_buffers_set})
+        if self.codes_source is not None:
+            held["qweight"] = torch.empty(self.out_features, packed_size(self.in_features, self.bits),
+                                          dtype=torch.uint8, device="meta")
+        return held
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -20,6 +20,13 @@ class AWQ(Method):
             widths[key] = widths.get(key, 0) + layer.out_features
         return {"AWQ's reference outputs": SAMPLE_TOKENS * max(widths.values(), default=0) * 4}
 
+    def search_cost(self, layers, rows):  # every alpha scales, rounds and re-evaluates each stage's linears
+        return len(awq.ALPHAS) * super().search_cost(layers, rows)
+
+    def round_cost(self, layer, rows):  # with a clip search: every shrink re-evaluates the layer on its tokens
+        clip = 0 if layer.role in awq.NO_CLIP_ROLES else len(awq.CLIP_SHRINKS) * min(rows, awq.CLIP_TOKENS)
+        return (1 + clip) * super().round_cost(layer, rows)
+
     def prepare_block(self, block, taps):
         for producer, consumers, readers in scale_groups(self.model, block):
             s = awq.search_scale(taps[readers[0]].inputs(), [c.weight for c in consumers], self.grid, self.group_size,

@@ -93,6 +93,16 @@ class Method:
         the linears it quantizes; `model` may live on meta."""
         return {}
 
+    def search_cost(self, layers: list[LinearLayer], rows: int) -> float:
+        """Work of `prepare_block` over one block's `layers` with `rows` sampled tokens, in multiply-adds of a
+        blocked matmul (the run's progress weighs it by this, `quant.progress`): by default one pass of the rows
+        through every linear."""
+        return rows * sum(l.in_features * l.out_features for l in layers)
+
+    def round_cost(self, layer: LinearLayer, rows: int) -> float:
+        """Work of `round` on one linear, in the same units: by default one pass over its weights."""
+        return layer.in_features * layer.out_features
+
     def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the first block, as the method's model will see it."""
         return x

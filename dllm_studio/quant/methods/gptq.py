@@ -3,13 +3,16 @@
 The solver is `quant.gptq` (QuaRot rounds its rotated weights with it too).
 """
 
-from dllm_studio.quant.gptq import gptq
+from dllm_studio.quant.gptq import gptq, solver_cost
 from dllm_studio.quant.methods.base import STAGES, Method
 
 
 class GPTQ(Method):
     hessian = True
     stages = STAGES
+
+    def round_cost(self, layer, rows):
+        return solver_cost(layer.in_features, layer.out_features)
 
     def round(self, linear, layer, tap):
         if tap is None:  # the LM head: no inputs to weigh the rounding with
