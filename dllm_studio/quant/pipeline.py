@@ -250,6 +250,11 @@ def _block_units(method: Method, index: int, linears: list[LinearLayer], batch: 
         return Unit((index, step), "forward", step, forward_cost(tokens, params, seq_len, hidden, hessians),
                     f"{here}: {doing}")
 
+    def rounding(layer: LinearLayer) -> Unit:  # the method's own work, then the error report on the sampled rows
+        cost = method.round_cost(layer, rows) + error_report_cost(layer.in_features, layer.out_features, rows)
+        return Unit((index, "round", layer.name), "round", layer.role, cost,
+                    f"{here}: rounding {layer.name.rsplit('.', 1)[-1]}")
+
     output = forward("output", "computing the next block's inputs")
     if not layers:
         return [output]
@@ -264,9 +269,7 @@ def _block_units(method: Method, index: int, linears: list[LinearLayer], batch: 
         roles = "/".join(dict.fromkeys(layers[n].role for n in stage))
         hessians = [layers[n].in_features for n in stage] if method.hessian else ()
         units.append(forward(f"calibrate {roles}", f"calibrating {roles}", hessians))
-        units += [Unit((index, "round", n), "round", layers[n].role,
-                       method.round_cost(layers[n], rows) + error_report_cost(layers[n].in_features, layers[n].out_features, rows),
-                       f"{here}: rounding {n.rsplit('.', 1)[-1]}") for n in stage]
+        units += [rounding(layers[n]) for n in stage]
     return units + [output]
 
 
